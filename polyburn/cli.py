@@ -1,0 +1,214 @@
+"""``polyburn run`` / ``polyburn validate``: the command line.
+
+``run`` starts the Prefect flow on whatever Prefect API is configured (``PREFECT_API_URL``), or on
+Prefect's ephemeral API when none is (no server to start; ~15 s of start-up). ``validate`` needs no
+Prefect at all. Exit codes: 0 all items ok, 1 some item failed, 2 bad options or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from polyburn.errors import ConfigError, PolyburnError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, PolyburnError) as exc:
+        print(f"polyburn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("polyburn: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polyburn", description="Dataloop polygon annotations to exact segmentation masks."
+    )
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="burn masks from SOURCE into DEST")
+    run.add_argument("source", metavar="SOURCE", help="export folder or dataloop://<dataset>")
+    run.add_argument("dest", metavar="DEST", help="folder, s3://bucket/prefix or dataloop://")
+    run.add_argument(
+        "--mode", default="semantic", help="comma-separated: semantic,instance,binary"
+    )
+    run.add_argument("--labels", metavar="FILE", help="label map JSON {label: id}")
+    run.add_argument("--format", default="png", choices=["png", "tif", "npy"])
+    run.add_argument("--draw-order", default="file", choices=["file", "area"])
+    run.add_argument("--batch-size", type=int, default=100)
+    run.add_argument("--max-pixels", type=int, default=None)
+    run.add_argument("--strict", action="store_true", help="fail the flow run on any failure")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.set_defaults(handler=_run)
+
+    validate = sub.add_parser("validate", help="report geometry problems without writing masks")
+    validate.add_argument("source", metavar="SOURCE")
+    validate.add_argument("--max-pixels", type=int, default=None)
+    validate.add_argument("--json", action="store_true", help="one JSON record per item")
+    validate.set_defaults(handler=_validate)
+    return parser
+
+
+def _parameters(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from polyburn.params import MaskOptions, RunParameters
+
+    options: dict[str, Any] = {
+        "modes": [m.strip() for m in args.mode.split(",") if m.strip()],
+        "format": args.format,
+        "draw_order": args.draw_order,
+    }
+    if args.max_pixels is not None:
+        options["max_pixels"] = args.max_pixels
+    try:
+        return RunParameters(
+            source=args.source,
+            destination=args.dest,
+            labels=args.labels,
+            options=MaskOptions(**options),
+            batch_size=args.batch_size,
+            strict=args.strict,
+        )
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(exc)) from None
+
+
+def _validation_message(exc) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "parameters"
+    return f"invalid {where}: {first['msg']}"
+
+
+def _run(args: argparse.Namespace) -> int:
+    params = _parameters(args)
+    _check_before_prefect(params)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+    from flows.polygons_to_masks import polygons_to_masks
+    from polyburn import progress
+
+    bar = None if args.no_progress or not sys.stderr.isatty() else _ProgressBar()
+    progress.set_listener(bar.update if bar else None)
+    started = time.perf_counter()
+    try:
+        state = polygons_to_masks(params, return_state=True)
+    finally:
+        progress.set_listener(None)
+        if bar:
+            bar.close()
+    try:
+        summary = state.result(raise_on_failure=False)
+    except Exception as exc:  # noqa: BLE001 - the flow crashed before producing a summary
+        print(f"polyburn: run failed: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(summary, dict):
+        print(f"polyburn: run failed: {state.message or summary}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary, params.destination, time.perf_counter() - started)
+    return 1 if summary["failed"] else 0
+
+
+def _check_before_prefect(params) -> None:
+    """Fail in a second, not after Prefect's start-up, on a missing source or a bad label map."""
+    from polyburn.labels import load_label_map
+    from polyburn.sources import open_source
+
+    if params.labels:
+        load_label_map(params.labels)
+    if not params.source.startswith("dataloop://"):
+        open_source(params.source)
+
+
+def _print_summary(summary: dict, destination: str, seconds: float) -> None:
+    print(
+        f"{summary['items']} items: {summary['ok']} ok, {summary['failed']} failed | "
+        f"{summary['annotations']} annotations, {summary['repairs']} repairs, "
+        f"{summary['rejected']} rejected, {sum(summary['skipped_by_type'].values())} skipped "
+        f"(not polygon/binary) | {summary['outputs_written']} files written | {seconds:.1f} s"
+    )
+    if summary["repairs_by_kind"]:
+        kinds = ", ".join(f"{k} {v}" for k, v in summary["repairs_by_kind"].items())
+        print(f"repairs: {kinds}")
+    for failure in summary["failures"]:
+        print(f"FAILED {failure['error']}")
+    print(f"masks, label_map.json and manifest.jsonl in {destination}")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from polyburn.dataloop_json import DEFAULT_MAX_PIXELS
+    from polyburn.params import MaskOptions
+    from polyburn.pipeline import process_item
+    from polyburn.sources import open_source
+
+    source = open_source(args.source)
+    options = MaskOptions(max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+    failed = problems = repairs = items = 0
+    for ref in source.list_items():
+        record = process_item(ref, source, None, options, {})
+        items += 1
+        failed += record["status"] != "ok"
+        if args.json:
+            print(json.dumps(record, ensure_ascii=False, sort_keys=True))
+            continue
+        if record["error"]:
+            print(f"FAILED {record['error']}")
+        for problem in record.get("problems", []):
+            problems += 1
+            field = f" [{problem['field']}]" if problem.get("field") else ""
+            print(f"REJECTED {record['path']} annotation {problem['annotation']}{field}: "
+                  f"{problem['reason']}")
+        for repair in record.get("repairs", []):
+            repairs += 1
+            area = ""
+            if repair["area_before"] is not None:
+                area = f" (area {repair['area_before']} -> {repair['area_after']})"
+            print(f"REPAIRED {record['path']} annotation {repair['annotation']}: "
+                  f"{repair['kind']}{area} {repair['detail']}".rstrip())
+    if not args.json:
+        print(f"{items} items: {failed} failed, {problems} annotations rejected, "
+              f"{repairs} repairs")
+    return 1 if failed or problems else 0
+
+
+class _ProgressBar:
+    """A rich progress bar on stderr (rich comes with Prefect)."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self._progress = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        self._task = self._progress.add_task("burning", total=None)
+        self._progress.start()
+
+    def update(self, done: int, total: int) -> None:
+        self._progress.update(self._task, completed=done, total=total)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

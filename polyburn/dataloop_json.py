@@ -1,0 +1,314 @@
+"""Parse Dataloop item JSON (export files and API responses) into :class:`~polyburn.model.Item`.
+
+Accepted shapes (see ``shared/docs/dataloop.md`` §2–3):
+
+* item ``id`` or ``_id``; ``filename``; ``metadata.system.width`` / ``height`` (required, positive
+  integers); ``annotations`` as a list of annotation objects (missing means none);
+* annotation ``id`` or ``_id``; ``type``; ``label``; ``metadata.system.objectId`` as int, digit
+  string or missing;
+* ``segment`` coordinates as a list of rings of ``{"x", "y"}`` points (ring 0 the exterior, the
+  rest holes), or the legacy flat list of points (one ring);
+* ``binary`` coordinates as a ``data:image/png;base64,...`` URI (or ``{"data": uri}``); a pixel is
+  set where alpha > 127 (RGBA/LA), or where the value is non-zero for images without alpha.
+
+Other annotation types are counted in ``Item.skipped``. Annotations written by polyburn itself
+(``metadata.user.polyburn`` present) are never read back as input.
+
+Item-level problems raise :class:`~polyburn.errors.ItemError`; annotation-level problems become
+:class:`~polyburn.model.Problem` records on the item, so one broken annotation never takes its item
+down.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from polyburn.errors import ItemError
+from polyburn.model import Annotation, Item, Problem
+
+POLYGON = "segment"
+BINARY = "binary"
+PIXEL_TYPES = (POLYGON, BINARY)
+POLYBURN_MARKER = "polyburn"
+DEFAULT_MAX_PIXELS = 100_000_000
+_PNG_URI_PREFIX = "data:image/png;base64,"
+
+
+def decode_json(raw: bytes, item: str) -> Any:
+    """Decode UTF-8 JSON bytes; a truncated, invalid or non-UTF-8 file raises ItemError."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ItemError(item, f"file is not UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ItemError(
+            item, f"invalid or truncated JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except RecursionError:
+        raise ItemError(item, "JSON nested too deeply") from None
+
+
+def parse_item(
+    data: Any,
+    path: str,
+    *,
+    revision: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Item:
+    """Turn one item's JSON into an :class:`Item`.
+
+    Parameters
+    ----------
+    data : Any
+        The decoded JSON of one item.
+    path : str
+        The item's path (no extension, no leading slash); used in every error message.
+    revision : str, optional
+        A content hash of the item's annotations; computed from ``data`` when omitted.
+    max_pixels : int
+        Largest ``width * height`` accepted, to bound the memory a mask may take.
+
+    Raises
+    ------
+    ItemError
+        The item is not an object, or its size is missing, not a positive integer, or too large.
+    """
+    if not isinstance(data, Mapping):
+        raise ItemError(path, f"item JSON must be an object, not {type(data).__name__}")
+    item_id = _text(data.get("id")) or _text(data.get("_id")) or path
+    system = _mapping(_mapping(data.get("metadata")).get("system"))
+    width = _dimension(system, "width", path)
+    height = _dimension(system, "height", path)
+    if width * height > max_pixels:
+        raise ItemError(
+            path,
+            f"image of {width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}",
+            "metadata.system",
+        )
+    raw_annotations = data.get("annotations", [])
+    if raw_annotations is None:
+        raw_annotations = []
+    if not isinstance(raw_annotations, list):
+        raise ItemError(
+            path,
+            f"'annotations' must be a list, not {type(raw_annotations).__name__}",
+            "annotations",
+        )
+    if revision is None:
+        revision = annotations_revision(raw_annotations)
+
+    annotations: list[Annotation] = []
+    problems: list[Problem] = []
+    skipped: Counter[str] = Counter()
+    for index, raw in enumerate(raw_annotations):
+        try:
+            parsed = _parse_annotation(raw, index, width, height)
+        except _AnnotationRejected as rejected:
+            problems.append(rejected.problem)
+            continue
+        if isinstance(parsed, str):
+            skipped[parsed] += 1
+        else:
+            annotations.append(parsed)
+    return Item(
+        item_id=item_id,
+        path=path,
+        width=width,
+        height=height,
+        annotations=annotations,
+        skipped=dict(skipped),
+        problems=problems,
+        revision=revision,
+        filename=_text(data.get("filename")),
+    )
+
+
+def annotations_revision(raw_annotations: Any) -> str:
+    """A stable sha256 of the annotations' JSON (key order does not matter)."""
+    canonical = json.dumps(raw_annotations, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def object_id(value: Any) -> int | None:
+    """``metadata.system.objectId`` as an int, or None when missing or not a whole number."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+class _AnnotationRejected(Exception):
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.reason)
+        self.problem = problem
+
+
+def _parse_annotation(raw: Any, index: int, width: int, height: int) -> Annotation | str:
+    if not isinstance(raw, Mapping):
+        raise _AnnotationRejected(
+            Problem(f"annotation must be an object, not {type(raw).__name__}", f"#{index}")
+        )
+    annotation_id = _text(raw.get("id")) or _text(raw.get("_id")) or f"#{index}"
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise _AnnotationRejected(Problem("missing or non-string 'type'", annotation_id, "type"))
+    metadata = _mapping(raw.get("metadata"))
+    if POLYBURN_MARKER in _mapping(metadata.get("user")):
+        return f"{kind} (written by polyburn)"
+    if kind not in PIXEL_TYPES:
+        return kind
+    label = raw.get("label")
+    if not isinstance(label, str) or not label:
+        raise _AnnotationRejected(Problem("missing or empty 'label'", annotation_id, "label"))
+    annotation = Annotation(
+        annotation_id=annotation_id,
+        label=label,
+        type=kind,
+        index=index,
+        object_id=object_id(_mapping(metadata.get("system")).get("objectId")),
+    )
+    coordinates = raw.get("coordinates")
+    if kind == POLYGON:
+        annotation.rings = _parse_rings(coordinates, annotation_id)
+    else:
+        annotation.mask = _decode_binary(coordinates, annotation_id, width, height)
+    return annotation
+
+
+def _parse_rings(coordinates: Any, annotation_id: str) -> list[np.ndarray]:
+    if not isinstance(coordinates, list) or not coordinates:
+        raise _AnnotationRejected(
+            Problem("polygon has no coordinates", annotation_id, "coordinates")
+        )
+    if isinstance(coordinates[0], Mapping):  # legacy flat list of points: a single ring
+        coordinates = [coordinates]
+    rings = []
+    for r, ring in enumerate(coordinates):
+        if not isinstance(ring, list):
+            raise _AnnotationRejected(
+                Problem(f"ring {r} is not a list of points", annotation_id, f"coordinates[{r}]")
+            )
+        rings.append(_ring_array(ring, annotation_id, r))
+    return rings
+
+
+def _ring_array(ring: list, annotation_id: str, r: int) -> np.ndarray:
+    """(N, 2) float64 of x, y; a point whose x or y is not a number becomes NaN (repaired later)."""
+    try:
+        return np.array([(p["x"], p["y"]) for p in ring], dtype=np.float64).reshape(-1, 2)
+    except (TypeError, KeyError, ValueError, OverflowError):
+        pass
+    out = np.empty((len(ring), 2), dtype=np.float64)
+    for i, point in enumerate(ring):
+        if isinstance(point, Mapping):
+            out[i] = (_number(point.get("x")), _number(point.get("y")))
+        elif isinstance(point, list | tuple) and len(point) >= 2:
+            out[i] = (_number(point[0]), _number(point[1]))
+        else:
+            raise _AnnotationRejected(
+                Problem(
+                    f"point {i} of ring {r} is not an {{x, y}} object",
+                    annotation_id,
+                    f"coordinates[{r}][{i}]",
+                )
+            )
+    return out
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        return math.nan
+    if isinstance(value, int | float):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.nan
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return math.nan
+    return math.nan
+
+
+def _decode_binary(coordinates: Any, annotation_id: str, width: int, height: int) -> np.ndarray:
+    if isinstance(coordinates, Mapping):
+        coordinates = coordinates.get("data")
+    if not isinstance(coordinates, str) or not coordinates.startswith(_PNG_URI_PREFIX):
+        raise _AnnotationRejected(
+            Problem("binary mask is not a PNG data URI", annotation_id, "coordinates")
+        )
+    try:
+        png = base64.b64decode(coordinates[len(_PNG_URI_PREFIX) :], validate=False)
+        with Image.open(io.BytesIO(png)) as image:
+            if image.format != "PNG":
+                raise ValueError("not a PNG")
+            if image.width * image.height > width * height:
+                raise ValueError(f"{image.width}x{image.height} is larger than the item")
+            image.load()
+            mask = _alpha_mask(image)
+    except (OSError, ValueError, binascii.Error, Image.DecompressionBombError) as exc:
+        raise _AnnotationRejected(
+            Problem(f"binary mask cannot be decoded: {exc}", annotation_id, "coordinates")
+        ) from None
+    if mask.shape != (height, width):
+        raise _AnnotationRejected(
+            Problem(
+                f"binary mask is {mask.shape[1]}x{mask.shape[0]}, item is {width}x{height}",
+                annotation_id,
+                "coordinates",
+            )
+        )
+    return mask
+
+
+def _alpha_mask(image: Image.Image) -> np.ndarray:
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        return np.asarray(image.convert("RGBA"))[:, :, 3] > 127
+    return np.asarray(image.convert("L")) > 0
+
+
+def _dimension(system: Mapping, name: str, path: str) -> int:
+    value = system.get(name)
+    field = f"metadata.system.{name}"
+    if value is None:
+        raise ItemError(path, f"image {name} is missing", field)
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ItemError(path, f"image {name} must be a number, not {value!r:.40}", field)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ItemError(path, f"image {name} must be a number, not {value!r:.40}", field) from None
+    if not math.isfinite(number) or not number.is_integer() or number <= 0:
+        raise ItemError(path, f"image {name} must be a positive integer, not {value!r:.40}", field)
+    return int(number)
+
+
+def _mapping(value: Any) -> Mapping:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return ""

@@ -1,0 +1,23 @@
+"""Where masks go. A destination is one module; :func:`open_destination` picks it from a URI."""
+
+from __future__ import annotations
+
+from polyburn.destinations.base import Destination, OutputRecord
+
+
+def open_destination(uri: str, **options) -> Destination:
+    """``s3://bucket/prefix`` → S3, ``dataloop://dataset`` → Dataloop, anything else → a folder."""
+    if uri.startswith("s3://"):
+        from polyburn.destinations.s3 import S3Destination
+
+        return S3Destination.from_uri(uri, **options)
+    if uri.startswith("dataloop://"):
+        from polyburn.destinations.dataloop import DataloopDestination
+
+        return DataloopDestination.from_uri(uri, **options)
+    from polyburn.destinations.local import LocalDestination
+
+    return LocalDestination(uri)
+
+
+__all__ = ["Destination", "OutputRecord", "open_destination"]

@@ -1,0 +1,121 @@
+"""The destination contract and the shared logic of file-like destinations (folder, S3)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from polyburn.encode import CONTENT_TYPES, EXTENSIONS, JSON_CONTENT_TYPE, BINARY_PALETTE, encode_mask
+from polyburn.keys import safe_relpath, safe_segment
+from polyburn.masks import ItemMasks
+from polyburn.model import Item
+
+LABEL_MAP_KEY = "label_map.json"
+MANIFEST_KEY = "manifest.jsonl"
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """One object written (or found already identical) for an item."""
+
+    key: str
+    sha256: str
+    size: int
+    written: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "sha256": self.sha256, "bytes": self.size, "written": self.written}
+
+
+class Destination(ABC):
+    """Receives each item's masks, the label map and, last, the run manifest."""
+
+    uri: str
+
+    @abstractmethod
+    def publish_item(
+        self, item: Item, masks: ItemMasks, fmt: str, palette: Sequence[int] | None
+    ) -> list[OutputRecord]:
+        """Store the masks of one item idempotently; returns what is stored for it."""
+
+    @abstractmethod
+    def read_text(self, key: str) -> str | None:
+        """A small text object (label map, manifest) of an earlier run, or None."""
+
+    @abstractmethod
+    def write_text(self, key: str, text: str) -> OutputRecord:
+        """Store a small text object atomically."""
+
+    def remove(self, keys: Sequence[str]) -> None:  # noqa: B027 - optional for destinations
+        """Delete outputs an item no longer produces (e.g. a label removed from it)."""
+
+    def close(self) -> None:  # noqa: B027 - optional for destinations
+        """Release connections."""
+
+
+class FileDestination(Destination):
+    """A destination that stores bytes under keys mirroring the item path."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str]) -> bool:
+        """Store ``data`` at ``key`` unless identical content is already there.
+
+        Returns True when bytes were written, False when the stored object already had them.
+        """
+
+    @abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """The bytes at ``key``, or None when absent."""
+
+    def read_text(self, key: str) -> str | None:
+        data = self.get(key)
+        return None if data is None else data.decode("utf-8")
+
+    def write_text(self, key: str, text: str) -> OutputRecord:
+        data = text.encode("utf-8")
+        content_type = "application/x-ndjson" if key.endswith(".jsonl") else JSON_CONTENT_TYPE
+        written = self.put(key, data, content_type, {})
+        return OutputRecord(key, sha256(data), len(data), written)
+
+    def publish_item(
+        self, item: Item, masks: ItemMasks, fmt: str, palette: Sequence[int] | None
+    ) -> list[OutputRecord]:
+        records = []
+        for key, data, content_type in mask_files(item, masks, fmt, palette):
+            metadata = {"item-id": item.item_id, "revision": item.revision, "sha256": sha256(data)}
+            written = self.put(key, data, content_type, metadata)
+            records.append(OutputRecord(key, sha256(data), len(data), written))
+        return records
+
+
+def mask_files(
+    item: Item, masks: ItemMasks, fmt: str, palette: Sequence[int] | None
+) -> list[tuple[str, bytes, str]]:
+    """(key, bytes, content type) of every file an item's masks make, in a fixed order.
+
+    Keys: ``semantic/<path><ext>``, ``instance/<path><ext>`` with ``instance/<path>.json`` (the id
+    table), ``binary/<label>/<path><ext>``.
+    """
+    path = safe_relpath(item.path)
+    ext, content_type = EXTENSIONS[fmt], CONTENT_TYPES[fmt]
+    files = []
+    if masks.semantic is not None:
+        files.append((f"semantic/{path}{ext}", encode_mask(masks.semantic, fmt, palette), content_type))
+    if masks.instance is not None:
+        files.append((f"instance/{path}{ext}", encode_mask(masks.instance, fmt), content_type))
+        table = json.dumps(
+            {"item": item.item_id, "instances": masks.instance_table}, ensure_ascii=False, indent=1
+        )
+        files.append((f"instance/{path}.json", table.encode("utf-8"), JSON_CONTENT_TYPE))
+    for label, mask in masks.binary.items():
+        key = f"binary/{safe_segment(label)}/{path}{ext}"
+        files.append((key, encode_mask(mask, fmt, BINARY_PALETTE), content_type))
+    return files
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

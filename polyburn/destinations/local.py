@@ -1,0 +1,70 @@
+"""A local folder destination with atomic writes (temp file in the same folder + rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from polyburn.destinations.base import FileDestination
+
+
+class LocalDestination(FileDestination):
+    """Writes under ``root``; a crash never leaves a half-written file at a final name.
+
+    Masks are renamed into place without ``fsync`` (safe against a killed process; a power loss
+    may lose the newest masks, which the manifest then does not list). Text objects (label map,
+    manifest) are fsynced before the rename.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"key {key!r} escapes the destination folder")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str]) -> bool:
+        path = self._path(key)
+        if _same_content(path, data):
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                if not metadata:  # label map and manifest: make them durable
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return True
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def remove(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            with contextlib.suppress(FileNotFoundError):
+                self._path(key).unlink()
+
+
+def _same_content(path: Path, data: bytes) -> bool:
+    try:
+        if path.stat().st_size != len(data):
+            return False
+        return hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()
+    except FileNotFoundError:
+        return False

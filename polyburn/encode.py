@@ -1,0 +1,100 @@
+"""Encode mask arrays into file bytes (pure; deterministic for the same input).
+
+* ``png``: palette-mode PNG for uint8 label masks (indices in the data, colours in the palette, so
+  ``np.asarray(Image.open(f))`` gives the ids back); 16-bit greyscale PNG for uint16 masks.
+* ``tif``: single-band GeoTIFF through rasterio (identity transform, no CRS, DEFLATE), with the
+  palette as colour table for uint8.
+* ``npy``: ``numpy.save`` format.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+Format = Literal["png", "tif", "npy"]
+FORMATS: tuple[str, ...] = ("png", "tif", "npy")
+EXTENSIONS = {"png": ".png", "tif": ".tif", "npy": ".npy"}
+CONTENT_TYPES = {"png": "image/png", "tif": "image/tiff", "npy": "application/x-npy"}
+JSON_CONTENT_TYPE = "application/json"
+PNG_COMPRESS_LEVEL = 1
+BINARY_PALETTE = [0, 0, 0, 255, 255, 255] + [0, 0, 0] * 254
+
+
+def encode_mask(mask: np.ndarray, fmt: Format, palette: Sequence[int] | None = None) -> bytes:
+    """Encode a 2-D uint8 or uint16 mask.
+
+    ``palette`` (768 ints) is used for uint8 masks in ``png`` and ``tif``; without it uint8 PNGs
+    are plain greyscale. Raises ValueError for other dtypes or formats.
+    """
+    if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"mask must be 2-D uint8 or uint16, not {mask.ndim}-D {mask.dtype}")
+    if fmt == "png":
+        return _png(mask, palette)
+    if fmt == "tif":
+        return _tif(mask, palette)
+    if fmt == "npy":
+        buffer = io.BytesIO()
+        np.save(buffer, mask, allow_pickle=False)
+        return buffer.getvalue()
+    raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
+
+
+def decode_mask(data: bytes, fmt: Format) -> np.ndarray:
+    """Read back what :func:`encode_mask` wrote, as the stored ids."""
+    if fmt == "png":
+        with Image.open(io.BytesIO(data)) as image:
+            array = np.asarray(image)
+            return array.astype(np.uint16) if image.mode.startswith("I") else array
+    if fmt == "npy":
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if fmt == "tif":
+        from rasterio.errors import NotGeoreferencedWarning
+        from rasterio.io import MemoryFile
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with MemoryFile(data) as memfile, memfile.open() as dataset:
+                return dataset.read(1)
+    raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
+
+
+def _png(mask: np.ndarray, palette: Sequence[int] | None) -> bytes:
+    buffer = io.BytesIO()
+    if mask.dtype == np.uint8:
+        image = Image.fromarray(mask, mode=None)
+        if palette is not None:
+            image = image.convert("L") if image.mode != "L" else image
+            image.putpalette(list(palette), rawmode="RGB")  # mode L + palette → mode P
+    else:
+        image = Image.fromarray(mask.astype("<u2", copy=False))  # mode I;16
+    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def _tif(mask: np.ndarray, palette: Sequence[int] | None) -> bytes:
+    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.io import MemoryFile
+
+    profile = {
+        "driver": "GTiff",
+        "height": mask.shape[0],
+        "width": mask.shape[1],
+        "count": 1,
+        "dtype": mask.dtype.name,
+        "compress": "deflate",
+    }
+    with warnings.catch_warnings(), MemoryFile() as memfile:
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with memfile.open(**profile) as dataset:
+            dataset.write(mask, 1)
+            if palette is not None and mask.dtype == np.uint8:
+                dataset.write_colormap(
+                    1, {i: tuple(palette[3 * i : 3 * i + 3]) + (255,) for i in range(256)}
+                )
+        return memfile.read()

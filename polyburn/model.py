@@ -1,0 +1,110 @@
+"""Typed records that cross the boundaries of the pipeline.
+
+source --ItemRef--> loader --Item--> repair --RepairedAnnotation--> burn --ItemMasks--> destination
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import shapely
+
+
+@dataclass(frozen=True)
+class ItemRef:
+    """A pointer to one item, cheap to list and to pass between tasks.
+
+    ``path`` is the item's path inside its dataset without extension and without a leading slash
+    (``folder/img_001``); outputs mirror it. ``locator`` is what the source needs to load the item
+    (a file path for a local export, an item id for Dataloop).
+    """
+
+    item_id: str
+    path: str
+    locator: str
+
+
+@dataclass
+class Annotation:
+    """One pixel annotation of an item, as parsed, before any repair.
+
+    ``rings`` holds the polygon rings for ``type == "segment"`` (ring 0 the exterior, the rest
+    holes), each a float64 (N, 2) array of x, y in continuous image coordinates. ``mask`` holds the
+    decoded bool (H, W) mask for ``type == "binary"``.
+    """
+
+    annotation_id: str
+    label: str
+    type: str
+    index: int
+    object_id: int | None = None
+    rings: list[np.ndarray] = field(default_factory=list)
+    mask: np.ndarray | None = None
+
+
+@dataclass
+class Repair:
+    """A change made to an annotation's geometry; machine-readable for the manifest."""
+
+    kind: str
+    annotation_id: str
+    area_before: float | None = None
+    area_after: float | None = None
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "annotation": self.annotation_id,
+            "area_before": _round(self.area_before),
+            "area_after": _round(self.area_after),
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Problem:
+    """A rejected annotation, or a failed item when ``annotation_id`` is None."""
+
+    reason: str
+    annotation_id: str | None = None
+    field: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"annotation": self.annotation_id, "field": self.field, "reason": self.reason}
+
+
+@dataclass
+class Item:
+    """An item with its parsed annotations. ``skipped`` counts non-pixel annotation types."""
+
+    item_id: str
+    path: str
+    width: int
+    height: int
+    annotations: list[Annotation]
+    skipped: dict[str, int] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    revision: str = ""
+    filename: str = ""
+
+
+@dataclass
+class Shape:
+    """A repaired annotation ready to burn: a valid (Multi)Polygon clipped to the image, or a mask."""
+
+    annotation: Annotation
+    geometry: shapely.Geometry | None = None
+    mask: np.ndarray | None = None
+
+    @property
+    def area(self) -> float:
+        if self.geometry is not None:
+            return float(self.geometry.area)
+        return float(np.count_nonzero(self.mask)) if self.mask is not None else 0.0
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 4)

@@ -1,0 +1,78 @@
+"""The typed parameters of a polyburn run: one model for the CLI, the flow and the Prefect UI."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from polyburn.dataloop_json import DEFAULT_MAX_PIXELS
+
+Mode = Literal["semantic", "instance", "binary"]
+
+
+class MaskOptions(BaseModel):
+    """How masks are burned and encoded; everything that changes the output bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modes: list[Mode] = Field(
+        default=["semantic"],
+        min_length=1,
+        description="Masks to write: semantic (class ids), instance (uint16 object ids) and/or "
+        "binary (one 0/1 mask per label).",
+    )
+    format: Literal["png", "tif", "npy"] = Field(
+        default="png",
+        description="png: palette PNG (semantic, uint8) or 16-bit PNG; tif: GeoTIFF; npy: numpy.",
+    )
+    draw_order: Literal["file", "area"] = Field(
+        default="file",
+        description="Overlaps: 'file' paints in annotation order (later wins); 'area' paints "
+        "larger areas first so small objects stay on top.",
+    )
+    max_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS,
+        gt=0,
+        description="Largest width x height accepted for an item (guards memory).",
+    )
+
+    @field_validator("modes")
+    @classmethod
+    def _unique_modes(cls, modes: list[str]) -> list[str]:
+        return list(dict.fromkeys(modes))
+
+
+class RunParameters(BaseModel):
+    """A whole run: where from, where to, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        default="examples/export",
+        description="A local Dataloop JSON export folder, or dataloop://<dataset-id>.",
+    )
+    destination: str = Field(
+        default="masks",
+        description="A local folder, s3://bucket/prefix, or dataloop://[<dataset-id>].",
+    )
+    labels: str | None = Field(
+        default=None,
+        description="Path of a JSON label map {label: id}; default: reuse the destination's, "
+        "else the sorted labels, 1-based.",
+    )
+    options: MaskOptions = Field(default_factory=MaskOptions)
+    batch_size: int = Field(
+        default=100, ge=1, le=10_000, description="Items per Prefect task run."
+    )
+    strict: bool = Field(
+        default=False,
+        description="Fail the run when any item fails (default: complete and report failures).",
+    )
+
+    @field_validator("source", "destination")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()

@@ -1,0 +1,190 @@
+"""One item from source to destination, and the run-level steps around it. Prefect-free."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from polyburn.destinations import Destination
+from polyburn.destinations.base import LABEL_MAP_KEY, MANIFEST_KEY
+from polyburn.errors import ConfigError, ItemError, PolyburnError
+from polyburn.geometry import repair_item
+from polyburn.labels import (
+    dump_label_map,
+    extend_label_map,
+    load_label_map,
+    palette,
+    parse_label_map,
+    semantic_dtype,
+)
+from polyburn.masks import build_masks
+from polyburn.model import Item, ItemRef
+from polyburn.params import MaskOptions
+from polyburn.sources import Source
+
+log = logging.getLogger("polyburn")
+
+
+def process_item(
+    ref: ItemRef,
+    source: Source,
+    destination: Destination | None,
+    options: MaskOptions,
+    label_map: Mapping[str, int],
+    colours: Mapping[str, tuple[int, int, int]] | None = None,
+    previous_keys: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Load, repair, burn and publish one item; never raises for a problem of this item.
+
+    Returns the item's manifest record: ``status`` ("ok" or "failed"), ``error`` (one line),
+    counts, every repair and rejected annotation, and the outputs with their sha256. With
+    ``destination=None`` nothing is burned (validation only). Outputs listed in
+    ``previous_keys`` that the item no longer produces are removed.
+    """
+    record: dict[str, Any] = {
+        "item": ref.item_id,
+        "path": ref.path,
+        "status": "ok",
+        "error": None,
+    }
+    started = time.perf_counter()
+    try:
+        item = source.load(ref, options.max_pixels)
+        record.update(_describe(item))
+        shapes, repairs, problems = repair_item(item)
+        record["repairs"] = [r.as_dict() for r in repairs]
+        record["problems"] += [p.as_dict() for p in problems]
+        record["shapes"] = len(shapes)
+        if destination is not None:
+            masks = build_masks(
+                item,
+                shapes,
+                options.modes,
+                label_map,
+                semantic_dtype(label_map),
+                options.draw_order,
+            )
+            pal = palette(label_map, colours)
+            outputs = destination.publish_item(item, masks, options.format, pal)
+            record["outputs"] = [o.as_dict() for o in outputs]
+            stale = sorted(set(previous_keys) - {o.key for o in outputs})
+            if stale:
+                destination.remove(stale)
+    except ItemError as exc:
+        record.update(status="failed", error=str(exc))
+    except PolyburnError as exc:
+        record.update(status="failed", error=f"{ref.path}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - one item never takes the run down
+        log.debug("unexpected error on %s", ref.path, exc_info=True)
+        record.update(status="failed", error=f"{ref.path}: {type(exc).__name__}: {exc}")
+    record["seconds"] = round(time.perf_counter() - started, 4)
+    return record
+
+
+def _describe(item: Item) -> dict[str, Any]:
+    return {
+        "item": item.item_id,
+        "revision": item.revision,
+        "width": item.width,
+        "height": item.height,
+        "annotations": len(item.annotations),
+        "skipped": item.skipped,
+        "problems": [p.as_dict() for p in item.problems],
+    }
+
+
+def scan_labels(refs: Iterable[ItemRef], source: Source, max_pixels: int) -> set[str]:
+    """Labels of the pixel annotations of the given items (unreadable items are skipped here and
+    reported when they are processed)."""
+    labels: set[str] = set()
+    for ref in refs:
+        try:
+            item = source.load(ref, max_pixels)
+        except PolyburnError:
+            continue
+        labels.update(a.label for a in item.annotations)
+    return labels
+
+
+def resolve_label_map(
+    labels_file: str | None,
+    destination: Destination,
+    found: Iterable[str] | None,
+    declared: Mapping[str, Any] | None = None,
+) -> dict[str, int]:
+    """The label map of a run.
+
+    A user file wins. Otherwise the map already at the destination is reused and extended with
+    labels it lacks (declared by the source, e.g. a Dataloop ontology, or ``found`` in the items),
+    so ids never change for a destination.
+    """
+    if labels_file:
+        return load_label_map(labels_file)
+    existing_text = destination.read_text(LABEL_MAP_KEY)
+    existing = (
+        parse_label_map(existing_text, f"{destination.uri}/{LABEL_MAP_KEY}")
+        if existing_text
+        else {}
+    )
+    wanted = set(found or ()) | set(declared or ())
+    label_map = extend_label_map(existing, wanted)
+    if not label_map:
+        raise ConfigError("no labels found in the source and no label map given")
+    return label_map
+
+
+def write_label_map(destination: Destination, label_map: Mapping[str, int]) -> None:
+    destination.write_text(LABEL_MAP_KEY, dump_label_map(label_map))
+
+
+def previous_outputs(destination: Destination) -> dict[str, list[str]]:
+    """Item path → output keys, from the manifest of the previous run (empty when none)."""
+    text = destination.read_text(MANIFEST_KEY)
+    previous: dict[str, list[str]] = {}
+    for line in (text or "").splitlines():
+        try:
+            record = json.loads(line)
+            previous[record["path"]] = [o["key"] for o in record.get("outputs", [])]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return previous
+
+
+def write_manifest(destination: Destination, records: Sequence[Mapping[str, Any]]) -> None:
+    """The run manifest, one JSON line per item sorted by path; written last, atomically."""
+    lines = [
+        json.dumps(record, ensure_ascii=False, sort_keys=True)
+        for record in sorted(records, key=lambda r: r["path"])
+    ]
+    destination.write_text(MANIFEST_KEY, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def summarize(records: Sequence[Mapping[str, Any]], seconds: float) -> dict[str, Any]:
+    """Counts over a run's item records."""
+    repairs: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    for record in records:
+        repairs.update(r["kind"] for r in record.get("repairs", []))
+        skipped.update(record.get("skipped", {}))
+    failed = [r for r in records if r["status"] != "ok"]
+    return {
+        "items": len(records),
+        "ok": len(records) - len(failed),
+        "failed": len(failed),
+        "annotations": sum(r.get("annotations", 0) for r in records),
+        "shapes": sum(r.get("shapes", 0) for r in records),
+        "repairs": sum(repairs.values()),
+        "repairs_by_kind": dict(sorted(repairs.items())),
+        "rejected": sum(len(r.get("problems", [])) for r in records),
+        "skipped_by_type": dict(sorted(skipped.items())),
+        "outputs_written": sum(
+            1 for r in records for o in r.get("outputs", []) if o.get("written")
+        ),
+        "seconds": round(seconds, 3),
+        "failures": [{"path": r["path"], "error": r["error"]} for r in failed],
+    }
+

@@ -1,0 +1,37 @@
+"""Where items come from. :func:`open_source` picks the source from a URI."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from polyburn.model import Item, ItemRef
+
+
+class Source(Protocol):
+    """Lists items cheaply and loads one item (with its annotations) at a time."""
+
+    uri: str
+
+    def list_items(self) -> Iterator[ItemRef]:
+        """Every item of the source, in a stable order."""
+
+    def load(self, ref: ItemRef, max_pixels: int) -> Item:
+        """The item with parsed annotations; raises ItemError when it cannot be read."""
+
+    def labels(self) -> dict[str, tuple[int, int, int]] | None:
+        """The labels the source declares (with colours), or None when it declares none."""
+
+
+def open_source(uri: str, **options) -> Source:
+    """``dataloop://<dataset-id>`` → Dataloop; anything else → a local export folder."""
+    if uri.startswith("dataloop://"):
+        from polyburn.sources.dataloop import DataloopSource
+
+        return DataloopSource.from_uri(uri, **options)
+    from polyburn.sources.local import LocalSource
+
+    return LocalSource(uri)
+
+
+__all__ = ["Source", "open_source"]

@@ -1,0 +1,47 @@
+"""A folder in Dataloop's JSON export layout (``json/<dir>/<name>.json``) or a folder of item
+JSON files. Item paths are the file paths relative to the ``json`` folder (or to the given
+folder), without the ``.json`` extension; they are what the outputs mirror."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from polyburn.dataloop_json import decode_json, parse_item
+from polyburn.errors import ConfigError, ItemError
+from polyburn.model import Item, ItemRef
+
+
+class LocalSource:
+    def __init__(self, root: str | os.PathLike) -> None:
+        path = Path(root)
+        if not path.is_dir():
+            raise ConfigError(f"source folder {root} does not exist or is not a folder")
+        self.root = path / "json" if (path / "json").is_dir() else path
+        self.uri = str(path)
+
+    def list_items(self) -> Iterator[ItemRef]:
+        files = []
+        for folder, dirs, names in os.walk(self.root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files.extend(
+                Path(folder, n) for n in names if n.endswith(".json") and not n.startswith(".")
+            )
+        for file in sorted(files):
+            rel = file.relative_to(self.root).as_posix()[: -len(".json")]
+            yield ItemRef(item_id="", path=rel, locator=str(file))
+
+    def load(self, ref: ItemRef, max_pixels: int) -> Item:
+        try:
+            raw = Path(ref.locator).read_bytes()
+        except OSError as exc:
+            raise ItemError(ref.path, f"cannot read {ref.locator}: {exc.strerror}") from None
+        data = decode_json(raw, ref.path)
+        return parse_item(
+            data, ref.path, revision=hashlib.sha256(raw).hexdigest(), max_pixels=max_pixels
+        )
+
+    def labels(self) -> None:
+        return None
