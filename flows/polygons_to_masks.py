@@ -38,7 +38,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     destination = destination_for(params.destination)
     options = params.options
 
-    refs = list_items(params.source)
+    refs = list_items(params.source, params.item_filter, params.updated_since)
     batches = chunk(refs, params.batch_size)
     logger.info("%d items from %s in %d batches", len(refs), params.source, len(batches))
 

@@ -40,10 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="burn masks from SOURCE into DEST")
     run.add_argument("source", metavar="SOURCE", help="export folder or dataloop://<dataset>")
     run.add_argument("dest", metavar="DEST", help="folder, s3://bucket/prefix or dataloop://")
-    run.add_argument(
-        "--mode", default="semantic", help="comma-separated: semantic,instance,binary"
-    )
+    run.add_argument("--mode", default="semantic", help="comma-separated: semantic,instance,binary")
     run.add_argument("--labels", metavar="FILE", help="label map JSON {label: id}")
+    run.add_argument("--filter", metavar="DQL-JSON", help="Dataloop: extra DQL item filter")
+    run.add_argument(
+        "--updated-since", metavar="ISO-TIME", help="only items changed after this time"
+    )
     run.add_argument("--format", default="png", choices=["png", "tif", "npy"])
     run.add_argument("--draw-order", default="file", choices=["file", "area"])
     run.add_argument("--batch-size", type=int, default=100)
@@ -64,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 def _parameters(args: argparse.Namespace):
     from pydantic import ValidationError
 
-    from polyburn.params import MaskOptions, RunParameters
+    from polyburn.params import RunParameters
 
     options: dict[str, Any] = {
         "modes": [m.strip() for m in args.mode.split(",") if m.strip()],
@@ -78,8 +80,10 @@ def _parameters(args: argparse.Namespace):
             source=args.source,
             destination=args.dest,
             labels=args.labels,
-            options=MaskOptions(**options),
+            options=options,
             batch_size=args.batch_size,
+            item_filter=args.filter,
+            updated_since=args.updated_since,
             strict=args.strict,
         )
     except ValidationError as exc:
@@ -89,7 +93,7 @@ def _parameters(args: argparse.Namespace):
 def _validation_message(exc) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "parameters"
-    return f"invalid {where}: {first['msg']}"
+    return f"invalid {where} ({first.get('input')!r:.60}): {first['msg']}"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -133,7 +137,7 @@ def _check_before_prefect(params) -> None:
     if params.labels:
         load_label_map(params.labels)
     if not params.source.startswith("dataloop://"):
-        open_source(params.source)
+        open_source(params.source, params.item_filter, params.updated_since)
 
 
 def _print_summary(summary: dict, destination: str, seconds: float) -> None:
@@ -172,18 +176,21 @@ def _validate(args: argparse.Namespace) -> int:
         for problem in record.get("problems", []):
             problems += 1
             field = f" [{problem['field']}]" if problem.get("field") else ""
-            print(f"REJECTED {record['path']} annotation {problem['annotation']}{field}: "
-                  f"{problem['reason']}")
+            print(
+                f"REJECTED {record['path']} annotation {problem['annotation']}{field}: "
+                f"{problem['reason']}"
+            )
         for repair in record.get("repairs", []):
             repairs += 1
             area = ""
             if repair["area_before"] is not None:
                 area = f" (area {repair['area_before']} -> {repair['area_after']})"
-            print(f"REPAIRED {record['path']} annotation {repair['annotation']}: "
-                  f"{repair['kind']}{area} {repair['detail']}".rstrip())
+            print(
+                f"REPAIRED {record['path']} annotation {repair['annotation']}: "
+                f"{repair['kind']}{area} {repair['detail']}".rstrip()
+            )
     if not args.json:
-        print(f"{items} items: {failed} failed, {problems} annotations rejected, "
-              f"{repairs} repairs")
+        print(f"{items} items: {failed} failed, {problems} annotations rejected, {repairs} repairs")
     return 1 if failed or problems else 0
 
 

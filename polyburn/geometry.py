@@ -2,7 +2,9 @@
 
 The contract (per annotation, in this order):
 
-1. non-finite vertices (NaN, ±inf) are dropped — repair ``non_finite_vertices``;
+1. non-finite vertices (NaN, ±inf) are dropped — repair ``non_finite_vertices``; so are vertices
+   beyond ±``MAX_COORDINATE`` (garbage such as 1e308, whose products overflow) — repair
+   ``out_of_range_vertices``;
 2. consecutive duplicate vertices are dropped — repair ``duplicate_vertices`` (the closing
    duplicate of a closed ring is the normal form and is not reported);
 3. a ring with fewer than 3 distinct vertices or zero area is degenerate: an exterior rejects the
@@ -31,6 +33,7 @@ from shapely.geometry.polygon import orient
 from polyburn.model import Annotation, Item, Problem, Repair, Shape
 
 SAFE_COORDINATE = float(2**24)
+MAX_COORDINATE = float(2**30)
 
 
 def repair_item(item: Item) -> tuple[list[Shape], list[Repair], list[Problem]]:
@@ -86,15 +89,19 @@ class _Rejected(Exception):
     pass
 
 
-def clean_ring(ring: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """Drop non-finite and consecutive duplicate vertices and the closing duplicate.
+def clean_ring(ring: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    """Drop non-finite, out-of-range and consecutive duplicate vertices and the closing duplicate.
 
-    Returns the open ring and the number of non-finite and of duplicate vertices dropped.
+    Returns the open ring and the numbers of non-finite, out-of-range and duplicate vertices
+    dropped.
     """
     finite = np.isfinite(ring).all(axis=1)
     non_finite = int(len(ring) - finite.sum())
-    if non_finite:
-        ring = ring[finite]
+    with np.errstate(invalid="ignore"):
+        in_range = finite & (np.abs(ring) <= MAX_COORDINATE).all(axis=1)
+    out_of_range = int(finite.sum() - in_range.sum())
+    if non_finite or out_of_range:
+        ring = ring[in_range]
     if len(ring) > 1:
         keep = np.ones(len(ring), dtype=bool)
         keep[1:] = (ring[1:] != ring[:-1]).any(axis=1)
@@ -104,7 +111,7 @@ def clean_ring(ring: np.ndarray) -> tuple[np.ndarray, int, int]:
         duplicates = 0
     if len(ring) > 1 and (ring[0] == ring[-1]).all():
         ring = ring[:-1]
-    return ring, non_finite, duplicates
+    return ring, non_finite, out_of_range, duplicates
 
 
 def collinear(ring: np.ndarray) -> bool:
@@ -124,13 +131,21 @@ def _assemble(annotation: Annotation, repairs: list[Repair]) -> shapely.Polygon:
         raise _Rejected("polygon has no rings")
     cleaned = []
     for r, raw in enumerate(annotation.rings):
-        ring, non_finite, duplicates = clean_ring(raw)
+        ring, non_finite, out_of_range, duplicates = clean_ring(raw)
         if non_finite:
             repairs.append(
                 Repair(
                     "non_finite_vertices",
                     aid,
                     detail=f"ring {r}: dropped {non_finite} NaN/inf vertices",
+                )
+            )
+        if out_of_range:
+            repairs.append(
+                Repair(
+                    "out_of_range_vertices",
+                    aid,
+                    detail=f"ring {r}: dropped {out_of_range} vertices beyond ±{MAX_COORDINATE:g}",
                 )
             )
         if duplicates:

@@ -24,7 +24,9 @@ MAX_ID = 65535
 def validate_label_map(data: Any, origin: str = "label map") -> dict[str, int]:
     """Check a decoded label map; raises ConfigError naming the offending entry."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{origin}: must be a JSON object {{label: id}}, not {type(data).__name__}")
+        raise ConfigError(
+            f"{origin}: must be a JSON object {{label: id}}, not {type(data).__name__}"
+        )
     checked: dict[str, int] = {}
     for label, value in data.items():
         if not isinstance(label, str) or not label:
@@ -83,8 +85,9 @@ def semantic_dtype(label_map: Mapping[str, int]) -> np.dtype:
     return np.dtype(np.uint8) if max(label_map.values(), default=0) <= 255 else np.dtype(np.uint16)
 
 
-def palette(label_map: Mapping[str, int], colours: Mapping[str, tuple[int, int, int]] | None = None
-            ) -> list[int]:
+def palette(
+    label_map: Mapping[str, int], colours: Mapping[str, tuple[int, int, int]] | None = None
+) -> list[int]:
     """A 256-entry RGB palette (flat list of 768 ints) for palette-mode PNGs.
 
     Index i gets the PASCAL VOC colour of i, except where a label with id i has a colour in

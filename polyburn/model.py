@@ -93,7 +93,7 @@ class Item:
 
 @dataclass
 class Shape:
-    """A repaired annotation ready to burn: a valid (Multi)Polygon clipped to the image, or a mask."""
+    """A repaired annotation ready to burn: a valid (Multi)Polygon, or a bool mask."""
 
     annotation: Annotation
     geometry: shapely.Geometry | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -62,9 +63,15 @@ class RunParameters(BaseModel):
         "else the sorted labels, 1-based.",
     )
     options: MaskOptions = Field(default_factory=MaskOptions)
-    batch_size: int = Field(
-        default=100, ge=1, le=10_000, description="Items per Prefect task run."
+    item_filter: str | None = Field(
+        default=None,
+        description="Dataloop sources: a DQL filter (JSON) ANDed with the item query.",
     )
+    updated_since: datetime | None = Field(
+        default=None,
+        description="Only items whose annotations changed after this time (incremental runs).",
+    )
+    batch_size: int = Field(default=100, ge=1, le=10_000, description="Items per Prefect task run.")
     strict: bool = Field(
         default=False,
         description="Fail the run when any item fails (default: complete and report failures).",

@@ -187,4 +187,3 @@ def summarize(records: Sequence[Mapping[str, Any]], seconds: float) -> dict[str,
         "seconds": round(seconds, 3),
         "failures": [{"path": r["path"], "error": r["error"]} for r in failed],
     }
-

@@ -14,6 +14,7 @@ conformance suite); rasterio is the reference and the fallback.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -22,10 +23,14 @@ import shapely
 from affine import Affine
 from rasterio import features
 from rasterio.enums import MergeAlg
+from rasterio.errors import NotGeoreferencedWarning
 
 from polyburn.model import Shape
 
 DrawOrder = Literal["file", "area"]
+
+# Pixel space is meant: the identity transform is not a forgotten georeference.
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module=r"rasterio\.features")
 
 ENGINES = ("kernel", "rasterio")
 ENGINE = os.environ.get("POLYBURN_ENGINE", "rasterio")

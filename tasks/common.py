@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from datetime import datetime
 from functools import lru_cache
 
 from polyburn.destinations import Destination, open_destination
@@ -13,8 +14,8 @@ _lock = threading.Lock()
 
 
 @lru_cache(maxsize=16)
-def _source(uri: str) -> Source:
-    return open_source(uri)
+def _source(uri: str, item_filter: str | None, updated_since: datetime | None) -> Source:
+    return open_source(uri, item_filter, updated_since)
 
 
 @lru_cache(maxsize=16)
@@ -22,10 +23,12 @@ def _destination(uri: str) -> Destination:
     return open_destination(uri)
 
 
-def source_for(uri: str) -> Source:
-    """One source object per URI and process (clients are reused across batches)."""
+def source_for(
+    uri: str, item_filter: str | None = None, updated_since: datetime | None = None
+) -> Source:
+    """One source object per URI (and filter) and process; clients are reused across batches."""
     with _lock:
-        return _source(uri)
+        return _source(uri, item_filter, updated_since)
 
 
 def destination_for(uri: str) -> Destination:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
@@ -19,9 +21,11 @@ from tasks.common import retry_if_transient, source_for
     retry_condition_fn=retry_if_transient,
     cache_policy=NO_CACHE,
 )
-def list_items(source_uri: str) -> list[ItemRef]:
-    """Every item of the source, in a stable order."""
-    return list(source_for(source_uri).list_items())
+def list_items(
+    source_uri: str, item_filter: str | None = None, updated_since: datetime | None = None
+) -> list[ItemRef]:
+    """Every item of the source (matching the filter), in a stable order."""
+    return list(source_for(source_uri, item_filter, updated_since).list_items())
 
 
 @task(

@@ -9,7 +9,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from polyburn.encode import CONTENT_TYPES, EXTENSIONS, JSON_CONTENT_TYPE, BINARY_PALETTE, encode_mask
+from polyburn.encode import (
+    BINARY_PALETTE,
+    CONTENT_TYPES,
+    EXTENSIONS,
+    JSON_CONTENT_TYPE,
+    encode_mask,
+)
 from polyburn.keys import safe_relpath, safe_segment
 from polyburn.masks import ItemMasks
 from polyburn.model import Item
@@ -104,7 +110,9 @@ def mask_files(
     ext, content_type = EXTENSIONS[fmt], CONTENT_TYPES[fmt]
     files = []
     if masks.semantic is not None:
-        files.append((f"semantic/{path}{ext}", encode_mask(masks.semantic, fmt, palette), content_type))
+        files.append(
+            (f"semantic/{path}{ext}", encode_mask(masks.semantic, fmt, palette), content_type)
+        )
     if masks.instance is not None:
         files.append((f"instance/{path}{ext}", encode_mask(masks.instance, fmt), content_type))
         table = json.dumps(

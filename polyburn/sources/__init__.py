@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Protocol
 
+from polyburn.errors import ConfigError
 from polyburn.model import Item, ItemRef
 
 
@@ -23,15 +25,23 @@ class Source(Protocol):
         """The labels the source declares (with colours), or None when it declares none."""
 
 
-def open_source(uri: str, **options) -> Source:
-    """``dataloop://<dataset-id>`` → Dataloop; anything else → a local export folder."""
+def open_source(
+    uri: str, item_filter: str | None = None, updated_since: datetime | None = None
+) -> Source:
+    """``dataloop://<dataset-id>`` → Dataloop; anything else → a local export folder.
+
+    ``item_filter`` (a DQL JSON string) is for Dataloop only; ``updated_since`` keeps the items
+    whose annotations changed after that time (file modification time for a local export).
+    """
     if uri.startswith("dataloop://"):
         from polyburn.sources.dataloop import DataloopSource
 
-        return DataloopSource.from_uri(uri, **options)
+        return DataloopSource.from_uri(uri, item_filter=item_filter, updated_since=updated_since)
+    if item_filter:
+        raise ConfigError("--filter applies to dataloop:// sources only")
     from polyburn.sources.local import LocalSource
 
-    return LocalSource(uri)
+    return LocalSource(uri, updated_since=updated_since)
 
 
 __all__ = ["Source", "open_source"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 from polyburn.dataloop_json import decode_json, parse_item
@@ -15,8 +16,9 @@ from polyburn.model import Item, ItemRef
 
 
 class LocalSource:
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, updated_since: datetime | None = None) -> None:
         path = Path(root)
+        self.updated_since = updated_since.timestamp() if updated_since else None
         if not path.is_dir():
             raise ConfigError(f"source folder {root} does not exist or is not a folder")
         self.root = path / "json" if (path / "json").is_dir() else path
@@ -30,6 +32,8 @@ class LocalSource:
                 Path(folder, n) for n in names if n.endswith(".json") and not n.startswith(".")
             )
         for file in sorted(files):
+            if self.updated_since is not None and file.stat().st_mtime <= self.updated_since:
+                continue
             rel = file.relative_to(self.root).as_posix()[: -len(".json")]
             yield ItemRef(item_id="", path=rel, locator=str(file))
 

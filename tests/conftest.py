@@ -1,0 +1,31 @@
+"""Shared fixtures. Servers start once per test session, never per test."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Keep Prefect's and dtlpy's state out of the user's home, before either is imported.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="polyburn-prefect-"))
+os.environ.setdefault("DATALOOP_PATH", tempfile.mkdtemp(prefix="polyburn-dtlpy-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+
+from tests.support.gate_fixtures import *  # noqa: E402,F403
+from tests.support.oracle import EXAMPLES  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (the test harness's temporary server), started once per session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def examples():
+    return EXAMPLES

@@ -1,0 +1,106 @@
+"""Independent oracles for the tests: they read the raw JSON with ``json`` and burn with rasterio
+or a brute-force even-odd crossing test, sharing no code with polyburn's parser or burner."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import shapely
+from affine import Affine
+from PIL import Image
+from rasterio import features
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def raw_rings(annotation: dict) -> list[np.ndarray]:
+    """The rings of a segment annotation with non-finite/missing vertices dropped."""
+    coordinates = annotation["coordinates"]
+    if coordinates and isinstance(coordinates[0], dict):
+        coordinates = [coordinates]
+    rings = []
+    for ring in coordinates:
+        points = []
+        for p in ring:
+            x, y = p.get("x"), p.get("y")
+            numeric = isinstance(x, int | float) and isinstance(y, int | float)
+            if numeric and math.isfinite(x) and math.isfinite(y):
+                points.append((float(x), float(y)))
+        if len(set(points)) >= 3:
+            rings.append(np.array(points))
+    return rings
+
+
+def rasterio_oracle(rings: list[np.ndarray], height: int, width: int) -> np.ndarray:
+    """bool mask: rasterio's fill of the raw rings (even-odd over all rings, no repair)."""
+    polygon = shapely.Polygon(rings[0], rings[1:])
+    return features.rasterize(
+        [(polygon, 1)], out_shape=(height, width), transform=Affine.identity(), dtype="uint8"
+    ).astype(bool)
+
+
+def crossing_oracle(rings: list[np.ndarray], height: int, width: int) -> np.ndarray:
+    """bool mask: pixel (r, c) is set iff its centre has an odd crossing number over all rings.
+
+    Only meaningful when no pixel centre lies exactly on an edge (then every rule agrees).
+    """
+    cy, cx = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    inside = np.zeros((height, width), dtype=bool)
+    for ring in rings:
+        x0, y0 = ring[:, 0], ring[:, 1]
+        x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+        for a, b, c, d in zip(x0, y0, x1, y1, strict=True):
+            if b == d:
+                continue
+            straddle = (b > cy) != (d > cy)
+            x_at = a + (cy - b) * (c - a) / (d - b)
+            inside ^= straddle & (cx < x_at)
+    return inside
+
+
+def min_centre_edge_distance(rings: list[np.ndarray], height: int, width: int) -> float:
+    """Smallest distance from any pixel centre to any ring edge (0 means a tie exists)."""
+    centres = shapely.points(
+        (np.mgrid[0:height, 0:width][::-1].reshape(2, -1).T + 0.5).astype(np.float64)
+    )
+    boundary = shapely.Polygon(rings[0], rings[1:]).boundary
+    return float(shapely.distance(centres, boundary).min())
+
+
+def decode_binary(uri: str) -> np.ndarray:
+    png = base64.b64decode(uri.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))[:, :, 3] > 127
+
+
+def expected_semantic(item_json: dict, label_map: dict[str, int]) -> np.ndarray:
+    """The semantic mask of an exported item, in file order, from the raw JSON."""
+    system = item_json["metadata"]["system"]
+    h, w = system["height"], system["width"]
+    out = np.zeros((h, w), dtype=np.uint8)
+    for annotation in item_json["annotations"]:
+        if annotation["type"] == "segment":
+            rings = raw_rings(annotation)
+            if not rings:
+                continue
+            mask = rasterio_oracle(rings, h, w)
+        elif annotation["type"] == "binary":
+            mask = decode_binary(annotation["coordinates"])
+        else:
+            continue
+        out[mask] = label_map[annotation["label"]]
+    return out
+
+
+def load_export(folder: Path) -> dict[str, dict]:
+    """item path → raw item JSON for every file under ``folder/json``."""
+    root = folder / "json"
+    return {
+        p.relative_to(root).as_posix()[:-5]: json.loads(p.read_text())
+        for p in sorted(root.rglob("*.json"))
+    }

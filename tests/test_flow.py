@@ -1,0 +1,240 @@
+"""The polygons-to-masks flow on a real Prefect API (the test harness), end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from flows.polygons_to_masks import polygons_to_masks
+from polyburn.cli import main
+from polyburn.encode import decode_mask
+from polyburn.params import MaskOptions, RunParameters
+from tests.support.oracle import (
+    EXAMPLES,
+    decode_binary,
+    expected_semantic,
+    load_export,
+    rasterio_oracle,
+    raw_rings,
+)
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+ALL_MODES = ["semantic", "instance", "binary"]
+
+
+def run(source, dest, **kwargs):
+    options = MaskOptions(**kwargs.pop("options", {"modes": ALL_MODES}))
+    state = polygons_to_masks(
+        RunParameters(source=str(source), destination=str(dest), options=options, **kwargs),
+        return_state=True,
+    )
+    return state, state.result(raise_on_failure=False)
+
+
+def manifest(dest):
+    return [json.loads(line) for line in (dest / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    dest = tmp_path_factory.mktemp("example-masks")
+    state, summary = run(EXAMPLES / "export", dest, batch_size=5)
+    return dest, state, summary
+
+
+def test_example_run_completes_with_every_item_ok(example_run):
+    dest, state, summary = example_run
+    assert state.is_completed()
+    assert summary["items"] == 12 and summary["failed"] == 0
+    assert summary["repairs_by_kind"].keys() >= {
+        "made_valid",
+        "non_finite_vertices",
+        "clipped",
+        "duplicate_vertices",
+        "degenerate_hole",
+    }
+    assert summary["skipped_by_type"] == {"box": 1, "class": 1, "ellipse": 1, "point": 1}
+
+
+def test_label_map_is_the_sorted_labels_one_based(example_run):
+    dest, _, _ = example_run
+    label_map = json.loads((dest / "label_map.json").read_text())
+    items = load_export(EXAMPLES / "export")
+    labels = sorted(
+        {
+            a["label"]
+            for i in items.values()
+            for a in i["annotations"]
+            if a["type"] in ("segment", "binary")
+        }
+    )
+    assert label_map == {label: k for k, label in enumerate(labels, start=1)}
+
+
+def test_semantic_masks_are_pixel_exact_against_the_rasterio_oracle(example_run):
+    dest, _, _ = example_run
+    label_map = json.loads((dest / "label_map.json").read_text())
+    for path, item_json in load_export(EXAMPLES / "export").items():
+        got = decode_mask((dest / "semantic" / f"{path}.png").read_bytes(), "png")
+        assert (got == expected_semantic(item_json, label_map)).all(), path
+
+
+def test_instance_and_binary_masks_are_pixel_exact(example_run):
+    dest, _, _ = example_run
+    for path, item_json in load_export(EXAMPLES / "export").items():
+        h = item_json["metadata"]["system"]["height"]
+        w = item_json["metadata"]["system"]["width"]
+        instance = decode_mask((dest / "instance" / f"{path}.png").read_bytes(), "png")
+        table = json.loads((dest / "instance" / f"{path}.json").read_text())["instances"]
+        expected = np.zeros((h, w), np.uint16)
+        per_label: dict[str, np.ndarray] = {}
+        k = 0
+        for a in item_json["annotations"]:
+            if a["type"] == "segment":
+                mask = rasterio_oracle(raw_rings(a), h, w)
+            elif a["type"] == "binary":
+                mask = decode_binary(a["coordinates"])
+            else:
+                continue
+            k += 1
+            expected[mask] = k
+            assert table[k - 1]["annotation"] == a.get("id", a.get("_id"))
+            per_label[a["label"]] = per_label.get(a["label"], np.zeros((h, w), bool)) | mask
+        assert (instance == expected).all(), path
+        assert len(table) == k
+        for label, mask in per_label.items():
+            got = decode_mask((dest / "binary" / label / f"{path}.png").read_bytes(), "png")
+            assert (got == mask).all(), (path, label)
+
+
+def test_manifest_lists_every_item_with_checksummed_outputs(example_run):
+    import hashlib
+
+    dest, _, _ = example_run
+    records = manifest(dest)
+    assert [r["path"] for r in records] == sorted(load_export(EXAMPLES / "export"))
+    for record in records:
+        assert record["status"] == "ok" and record["revision"]
+        for output in record["outputs"]:
+            data = (dest / output["key"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == output["sha256"]
+            assert len(data) == output["bytes"]
+    nan_item = next(r for r in records if r["path"] == "street/scene_004")
+    assert [r["kind"] for r in nan_item["repairs"]] == ["non_finite_vertices"] * 2
+    assert not list(dest.rglob("*.part"))
+
+
+def test_rerun_writes_nothing_and_a_changed_item_rewrites_only_itself(tmp_path, example_run):
+    source = tmp_path / "export"
+    shutil.copytree(EXAMPLES / "export", source)
+    dest = tmp_path / "masks"
+    _, first = run(source, dest)
+    assert first["outputs_written"] > 0
+    _, second = run(source, dest)
+    assert second["outputs_written"] == 0 and second["failed"] == 0
+
+    # Drop the only person annotation of scene_003: its masks change, its person mask goes.
+    path = source / "json" / "street" / "scene_003.json"
+    item = json.loads(path.read_text())
+    item["annotations"] = [a for a in item["annotations"] if a["label"] != "person"]
+    path.write_text(json.dumps(item))
+    assert (dest / "binary/person/street/scene_003.png").exists()
+    _, third = run(source, dest)
+    changed = [r for r in manifest(dest) if any(o["written"] for o in r["outputs"])]
+    assert [r["path"] for r in changed] == ["street/scene_003"]
+    assert not (dest / "binary/person/street/scene_003.png").exists()
+    assert json.loads((dest / "label_map.json").read_text())["person"] == 5  # ids stay put
+
+
+def test_broken_items_fail_alone_and_are_reported(tmp_path):
+    dest = tmp_path / "masks"
+    state, summary = run(
+        EXAMPLES / "broken",
+        dest,
+        labels=str(EXAMPLES / "broken" / "labels.json"),
+        options={"modes": ["semantic"]},
+    )
+    assert state.is_completed()
+    errors = {f["path"]: f["error"] for f in summary["failures"]}
+    assert set(errors) == {"no_size", "truncated", "unknown_label"}
+    assert errors["no_size"] == "no_size [metadata.system.width]: image width is missing"
+    assert errors["truncated"].startswith("truncated: invalid or truncated JSON")
+    assert "'spaceship'" in errors["unknown_label"]
+    records = {r["path"]: r for r in manifest(dest)}
+    assert records["ok_item"]["status"] == "ok"
+    assert records["ok_item"]["problems"][0]["reason"].startswith("exterior ring 0 has 2 distinct")
+    assert (dest / "semantic" / "ok_item.png").exists()
+    assert len(records) == 4
+
+
+def test_strict_mode_fails_the_flow_run(tmp_path):
+    state, summary = run(
+        EXAMPLES / "broken", tmp_path / "m", strict=True, options={"modes": ["semantic"]}
+    )
+    assert state.is_failed()
+    assert summary["failed"] == 2  # without a label map every label gets an id
+
+
+def test_cli_run_exit_codes_and_summary(tmp_path, capsys):
+    assert main(["run", str(EXAMPLES / "export"), str(tmp_path / "a"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "12 items: 12 ok, 0 failed" in out and "repairs:" in out
+    code = main(
+        [
+            "run",
+            str(EXAMPLES / "broken"),
+            str(tmp_path / "b"),
+            "--no-progress",
+            "--labels",
+            str(EXAMPLES / "broken" / "labels.json"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAILED no_size [metadata.system.width]: image width is missing" in out
+    assert "Traceback" not in out
+
+
+def test_cli_rejects_bad_options_before_starting_anything(tmp_path, capsys):
+    assert main(["run", str(EXAMPLES / "export"), str(tmp_path), "--mode", "semantic,rainbow"]) == 2
+    assert "invalid options.modes" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing"), str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "labels.json").write_text('{"car": "one"}')
+    assert (
+        main(
+            [
+                "run",
+                str(EXAMPLES / "export"),
+                str(tmp_path),
+                "--labels",
+                str(tmp_path / "labels.json"),
+            ]
+        )
+        == 2
+    )
+    assert "id of 'car' must be an integer" in capsys.readouterr().err
+
+
+def test_cli_validate_reports_without_writing(tmp_path, capsys):
+    assert main(["validate", str(EXAMPLES / "broken")]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED truncated: invalid or truncated JSON" in out
+    assert "REJECTED ok_item annotation" in out
+    assert "4 items: 2 failed, 1 annotations rejected" in out
+
+
+@pytest.mark.parametrize("fmt", ["tif", "npy"])
+def test_other_formats_hold_the_same_pixels(tmp_path, example_run, fmt):
+    dest, _, _ = example_run
+    _, summary = run(
+        EXAMPLES / "export", tmp_path / fmt, options={"modes": ["semantic"], "format": fmt}
+    )
+    assert summary["failed"] == 0
+    for png in (dest / "semantic").rglob("*.png"):
+        rel = png.relative_to(dest / "semantic").with_suffix(f".{fmt}")
+        got = decode_mask((tmp_path / fmt / "semantic" / rel).read_bytes(), fmt)
+        assert (got == decode_mask(png.read_bytes(), "png")).all()
