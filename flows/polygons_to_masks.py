@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.variables import Variable
 
 from polyburn import progress
+from polyburn.destinations import resolve_destination_uri
+from polyburn.destinations.base import MANIFEST_KEY
+from polyburn.model import ItemRef
 from polyburn.params import RunParameters
 from polyburn.pipeline import previous_outputs, resolve_label_map, summarize
+from polyburn.report import failures_markdown, previews_markdown, summary_table
 from tasks.common import destination_for, source_for
 from tasks.items import collect_labels, list_items
 from tasks.masks import burn_batch
 from tasks.publish import publish_label_map, publish_manifest
+
+PREVIEW_ITEMS = 4
+DESTINATION_TOKEN_KEY = ".polyburn/destination-id"
 
 
 def chunk(seq: list, size: int) -> list[list]:
@@ -23,22 +42,125 @@ def chunk(seq: list, size: int) -> list[list]:
     return [seq[i : i + size] for i in range(0, len(seq), size)]
 
 
+def watermark_name(source: str, destination: str) -> str:
+    """The Prefect Variable holding the incremental watermark of a source → destination pair."""
+    digest = hashlib.sha256(f"{source}\n{destination}".encode()).hexdigest()[:16]
+    return f"polyburn-watermark-{digest}"
+
+
+def _item_filter(params: RunParameters) -> str | None:
+    """The DQL filter of a Dataloop run, with ``item_ids`` folded in as ``id $in [...]``."""
+    if not params.item_ids or not params.source.startswith("dataloop://"):
+        return params.item_filter
+    by_id = {"id": {"$in": list(params.item_ids)}}
+    if not params.item_filter:
+        return json.dumps(by_id)
+    return json.dumps({"$and": [json.loads(params.item_filter), by_id]})
+
+
+def _destination_token(destination) -> str:
+    """A random id stored in the destination; a wiped destination gets a new one, so cached
+    batches are not taken for outputs that no longer exist."""
+    token = (destination.read_text(DESTINATION_TOKEN_KEY) or "").strip()
+    if not token:
+        token = uuid.uuid4().hex
+        destination.write_text(DESTINATION_TOKEN_KEY, token + "\n")
+    return token
+
+
+def submit_batches(
+    params: RunParameters,
+    batches: list[list[ItemRef]],
+    label_map: dict[str, int],
+    colours: dict[str, tuple[int, int, int]] | None,
+    previous: dict[str, list[str]],
+    token: str,
+) -> list[dict[str, Any]]:
+    """Submit one ``burn-batch`` task per batch on the current flow's task runner and collect
+    them as they finish, updating a progress artifact. Returns one ``{"records", "attempts",
+    "cached"}`` per batch."""
+    total = sum(len(b) for b in batches)
+    artifact_id = create_progress_artifact(
+        progress=0.0, key="polyburn-progress", description=f"{total} items"
+    )
+    futures = [
+        burn_batch.submit(
+            params.source,
+            params.destination,
+            batch,
+            params.options,
+            label_map,
+            colours,
+            {ref.path: previous[ref.path] for ref in batch if ref.path in previous},
+            PREVIEW_ITEMS if k == 0 else 0,
+            token,
+        )
+        for k, batch in enumerate(batches)
+    ]
+    results: list[dict[str, Any]] = []
+    done = 0
+    progress.report(0, total)
+    for future in as_completed(futures):
+        result = dict(future.result())
+        result["cached"] = future.state.name == "Cached"
+        results.append(result)
+        done += len(result["records"])
+        progress.report(done, total)
+        update_progress_artifact(artifact_id, 100.0 * done / max(total, 1))
+    return results
+
+
+burn_batches = flow(name="burn-batches", log_prints=False)(submit_batches)
+
+
+def _task_runner(params: RunParameters):
+    if params.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if params.dask_address:
+            return DaskTaskRunner(address=params.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1})
+    return ThreadPoolTaskRunner()
+
+
 @flow(name="polygons-to-masks", log_prints=False, validate_parameters=True)
 def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     """Turn the polygon and binary annotations of every item of ``params.source`` into masks at
     ``params.destination``, with a label map beside them and a manifest written last.
 
-    Items are processed in batches of ``params.batch_size`` (one task run each). A failed item is
-    reported in the manifest and the summary; the run fails only in ``strict`` mode.
+    Items are processed in batches of ``params.batch_size`` (one task run each; a batch whose
+    items, options and label map did not change is taken from Prefect's cache). A failed item is
+    reported in the manifest, the summary and the artifacts; the run fails only in ``strict``
+    mode. With ``incremental``, only items changed since the last fully successful incremental
+    run are processed, and the watermark (a Prefect Variable) advances only when no item failed.
     """
     params = params or RunParameters()
+    # "dataloop://" alone = the source's dataset; tasks then get the full URI
+    params = params.model_copy(
+        update={"destination": resolve_destination_uri(params.destination, params.source)}
+    )
     logger = get_run_logger()
     started = time.perf_counter()
-    source = source_for(params.source)
+    run_started_at = datetime.now(UTC)
+
+    watermark = watermark_name(params.source, params.destination)
+    since = params.updated_since
+    if params.incremental:
+        stored = Variable.get(watermark, default=None)
+        if stored:
+            stored_at = datetime.fromisoformat(stored)
+            since = max(since, stored_at) if since else stored_at
+        logger.info("incremental run: items changed since %s", since or "the beginning")
+
+    item_filter = _item_filter(params)
+    source = source_for(params.source, item_filter, since)
     destination = destination_for(params.destination)
     options = params.options
 
-    refs = list_items(params.source, params.item_filter, params.updated_since)
+    refs = list_items(params.source, item_filter, since)
+    if params.item_ids and not params.source.startswith("dataloop://"):
+        wanted = set(params.item_ids)
+        refs = [ref for ref in refs if ref.path in wanted or ref.item_id in wanted]
     batches = chunk(refs, params.batch_size)
     logger.info("%d items from %s in %d batches", len(refs), params.source, len(batches))
 
@@ -50,41 +172,69 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     label_map = resolve_label_map(params.labels, destination, found, declared)
     publish_label_map(params.destination, label_map)
     colours = dict(declared) if declared else None
-
+    token = _destination_token(destination)
     previous = previous_outputs(destination)
-    futures = [
-        burn_batch.submit(
-            params.source,
-            params.destination,
-            batch,
-            options,
-            label_map,
-            colours,
-            {ref.path: previous[ref.path] for ref in batch if ref.path in previous},
-        )
-        for batch in batches
-    ]
+
+    # Threads run in this flow; another runner needs a subflow (a task runner is per flow).
+    run_batches = submit_batches
+    if params.task_runner != "threads":
+        run_batches = burn_batches.with_options(task_runner=_task_runner(params))
+    results = run_batches(params, batches, label_map, colours, previous, token) if batches else []
+
     records: list[dict] = []
-    progress.report(0, len(refs))
-    for future in as_completed(futures):
-        records.extend(future.result())
-        progress.report(len(records), len(refs))
+    previews: list[tuple[str, bytes]] = []
+    retries = cached = 0
+    for result in results:
+        retries += result["attempts"] - 1
+        cached += result["cached"]
+        for record in result["records"]:
+            if result["cached"]:
+                for output in record.get("outputs", []):
+                    output["written"] = False
+            preview = record.pop("preview", None)
+            if preview:
+                previews.append((record["path"], _b64decode(preview)))
+        records.extend(result["records"])
 
     publish_manifest(params.destination, records)
     summary = summarize(records, time.perf_counter() - started)
-    summary["label_map"] = label_map
+    summary.update(label_map=label_map, retries=retries, cached_batches=cached)
+    _publish_artifacts(summary, params, sorted(previews)[:PREVIEW_ITEMS])
     logger.info(
-        "%d items: %d ok, %d failed; %d annotations, %d repairs, %d rejected",
+        "%d items: %d ok, %d failed; %d annotations, %d repairs, %d rejected; %d batches cached",
         summary["items"],
         summary["ok"],
         summary["failed"],
         summary["annotations"],
         summary["repairs"],
         summary["rejected"],
+        cached,
     )
     for failure in summary["failures"][:20]:
         logger.warning("failed: %s", failure["error"])
+    if params.incremental and not summary["failed"]:
+        Variable.set(watermark, run_started_at.isoformat(), overwrite=True)
     if summary["failed"] and params.strict:
         return Failed(message=f"{summary['failed']} item(s) failed", data=summary)
-    message = f"{summary['ok']} ok, {summary['failed']} failed"
-    return Completed(message=message, data=summary)
+    return Completed(message=f"{summary['ok']} ok, {summary['failed']} failed", data=summary)
+
+
+def _publish_artifacts(summary: dict, params: RunParameters, previews) -> None:
+    manifest = f"{params.destination.rstrip('/')}/{MANIFEST_KEY}"
+    create_table_artifact(
+        key="polyburn-summary", table=summary_table(summary), description="Run counts"
+    )
+    create_markdown_artifact(
+        key="polyburn-failures",
+        markdown=failures_markdown(summary, manifest),
+        description="Failed items",
+    )
+    create_markdown_artifact(
+        key="polyburn-preview", markdown=previews_markdown(previews), description="Mask previews"
+    )
+
+
+def _b64decode(text: str) -> bytes:
+    import base64
+
+    return base64.b64decode(text)

@@ -18,12 +18,15 @@ class ItemRef:
 
     ``path`` is the item's path inside its dataset without extension and without a leading slash
     (``folder/img_001``); outputs mirror it. ``locator`` is what the source needs to load the item
-    (a file path for a local export, an item id for Dataloop).
+    (a file path for a local export, an item id for Dataloop). ``revision`` is a cheap change
+    marker known at listing time (file size and mtime, or the item's ``updatedAt``); empty when
+    unknown, which disables result caching for the batch holding the item.
     """
 
     item_id: str
     path: str
     locator: str
+    revision: str = ""
 
 
 @dataclass

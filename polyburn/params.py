@@ -71,6 +71,25 @@ class RunParameters(BaseModel):
         default=None,
         description="Only items whose annotations changed after this time (incremental runs).",
     )
+    item_ids: list[str] | None = Field(
+        default=None,
+        description="Only these items (Dataloop item ids, or item paths of a local export); "
+        "used by event-triggered runs.",
+    )
+    incremental: bool = Field(
+        default=False,
+        description="Only items changed since the last successful incremental run of this "
+        "source and destination (a watermark kept in a Prefect Variable).",
+    )
+    task_runner: Literal["threads", "dask"] = Field(
+        default="threads",
+        description="threads: this process; dask: a distributed cluster (see dask_address).",
+    )
+    dask_address: str | None = Field(
+        default=None,
+        description="Scheduler address of an existing Dask cluster (tcp://host:8786); without it "
+        "a local cluster is started.",
+    )
     batch_size: int = Field(default=100, ge=1, le=10_000, description="Items per Prefect task run.")
     strict: bool = Field(
         default=False,

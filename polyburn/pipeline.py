@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -24,6 +25,7 @@ from polyburn.labels import (
 from polyburn.masks import build_masks
 from polyburn.model import Item, ItemRef
 from polyburn.params import MaskOptions
+from polyburn.report import preview_png
 from polyburn.sources import Source
 
 log = logging.getLogger("polyburn")
@@ -37,13 +39,16 @@ def process_item(
     label_map: Mapping[str, int],
     colours: Mapping[str, tuple[int, int, int]] | None = None,
     previous_keys: Sequence[str] = (),
+    preview: bool = False,
 ) -> dict[str, Any]:
     """Load, repair, burn and publish one item; never raises for a problem of this item.
 
     Returns the item's manifest record: ``status`` ("ok" or "failed"), ``error`` (one line),
     counts, every repair and rejected annotation, and the outputs with their sha256. With
     ``destination=None`` nothing is burned (validation only). Outputs listed in
-    ``previous_keys`` that the item no longer produces are removed.
+    ``previous_keys`` that the item no longer produces are removed. With ``preview``, the record
+    also holds ``preview``: a small colourised PNG (base64) of the item's first mask, over the
+    image when the source has it; callers remove it before writing the manifest.
     """
     record: dict[str, Any] = {
         "item": ref.item_id,
@@ -74,6 +79,8 @@ def process_item(
             stale = sorted(set(previous_keys) - {o.key for o in outputs})
             if stale:
                 destination.remove(stale)
+            if preview:
+                record["preview"] = _preview(ref, source, masks, pal)
     except ItemError as exc:
         record.update(status="failed", error=str(exc))
     except PolyburnError as exc:
@@ -83,6 +90,21 @@ def process_item(
         record.update(status="failed", error=f"{ref.path}: {type(exc).__name__}: {exc}")
     record["seconds"] = round(time.perf_counter() - started, 4)
     return record
+
+
+def _preview(ref: ItemRef, source: Source, masks, pal) -> str | None:
+    mask = masks.semantic if masks.semantic is not None else masks.instance
+    if mask is None and masks.binary:
+        mask = next(iter(masks.binary.values()))
+    if mask is None:
+        return None
+    image_of = getattr(source, "image", None)
+    try:
+        image = image_of(ref) if image_of else None
+        return base64.b64encode(preview_png(mask, pal, image)).decode("ascii")
+    except Exception:  # noqa: BLE001 - a preview never fails an item
+        log.debug("no preview for %s", ref.path, exc_info=True)
+        return None
 
 
 def _describe(item: Item) -> dict[str, Any]:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
 from prefect import task
-from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 from prefect.tasks import exponential_backoff
 
 from polyburn.model import ItemRef
@@ -12,13 +17,52 @@ from polyburn.pipeline import process_item
 from tasks.common import destination_for, retry_if_transient, source_for
 
 
+def _code_version() -> str:
+    """A hash of polyburn's own code: a change of code invalidates every cached batch."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("polyburn", "tasks"):
+        for file in sorted((root / folder).rglob("*.py")):
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+CODE_VERSION = _code_version()
+
+
+def batch_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    """Cache key of a batch: what its output depends on — the items' revisions, the options,
+    the label map, the source and destination (with the destination's identity token, so a
+    wiped destination is refilled) and the code version. None (no caching) when an item's
+    revision is unknown."""
+    refs: list[ItemRef] = parameters["refs"]
+    if not refs or any(not ref.revision for ref in refs):
+        return None
+    payload = {
+        "code": CODE_VERSION,
+        "source": parameters["source_uri"],
+        "destination": parameters["destination_uri"],
+        "token": parameters.get("destination_token"),
+        "items": [(ref.item_id, ref.path, ref.revision) for ref in refs],
+        "options": parameters["options"].model_dump(mode="json"),
+        "labels": sorted(parameters["label_map"].items()),
+        "colours": sorted((parameters.get("colours") or {}).items()),
+        "previews": parameters.get("previews", 0),
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return "polyburn-batch-" + hashlib.sha256(text.encode()).hexdigest()
+
+
 @task(
     name="burn-batch",
+    tags=["polyburn-burn"],
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
     retry_condition_fn=retry_if_transient,
-    cache_policy=NO_CACHE,
+    cache_key_fn=batch_cache_key,
+    persist_result=True,
+    cache_result_in_memory=False,
 )
 def burn_batch(
     source_uri: str,
@@ -28,12 +72,18 @@ def burn_batch(
     label_map: dict[str, int],
     colours: dict[str, tuple[int, int, int]] | None = None,
     previous: dict[str, list[str]] | None = None,
-) -> list[dict]:
-    """Process each item of the batch; an item's failure is in its record, not an exception."""
+    previews: int = 0,
+    destination_token: str | None = None,
+) -> dict[str, Any]:
+    """Process each item of the batch; an item's failure is in its record, not an exception.
+
+    Returns ``{"records": [...], "attempts": n}``. The first ``previews`` items also get a small
+    preview PNG in their record.
+    """
     source = source_for(source_uri)
     destination = destination_for(destination_uri)
     previous = previous or {}
-    return [
+    records = [
         process_item(
             ref,
             source,
@@ -42,6 +92,8 @@ def burn_batch(
             label_map,
             colours,
             previous.get(ref.path, ()),
+            preview=k < previews,
         )
-        for ref in refs
+        for k, ref in enumerate(refs)
     ]
+    return {"records": records, "attempts": task_run.run_count or 1}

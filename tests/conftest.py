@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 
 from tests.support.gate_fixtures import *  # noqa: E402,F403
 from tests.support.oracle import EXAMPLES  # noqa: E402
+from tests.support.s3_fixtures import *  # noqa: E402,F403
 
 
 @pytest.fixture(scope="session")

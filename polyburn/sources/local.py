@@ -4,11 +4,15 @@ folder), without the ``.json`` extension; they are what the outputs mirror."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from polyburn.dataloop_json import decode_json, parse_item
 from polyburn.errors import ConfigError, ItemError
@@ -32,10 +36,12 @@ class LocalSource:
                 Path(folder, n) for n in names if n.endswith(".json") and not n.startswith(".")
             )
         for file in sorted(files):
-            if self.updated_since is not None and file.stat().st_mtime <= self.updated_since:
+            stat = file.stat()
+            if self.updated_since is not None and stat.st_mtime <= self.updated_since:
                 continue
             rel = file.relative_to(self.root).as_posix()[: -len(".json")]
-            yield ItemRef(item_id="", path=rel, locator=str(file))
+            revision = f"{stat.st_size}-{stat.st_mtime_ns}"
+            yield ItemRef(item_id="", path=rel, locator=str(file), revision=revision)
 
     def load(self, ref: ItemRef, max_pixels: int) -> Item:
         try:
@@ -48,4 +54,15 @@ class LocalSource:
         )
 
     def labels(self) -> None:
+        return None
+
+    def image(self, ref: ItemRef) -> np.ndarray | None:
+        """The item's image as (H, W, 3) uint8 when the export has it beside the JSON
+        (``items/<path>.<ext>``, Dataloop's download layout), else None."""
+        items = self.root.parent / "items" if self.root.name == "json" else None
+        if items is None or not items.is_dir():
+            return None
+        for candidate in sorted(items.glob(f"{glob.escape(ref.path)}.*")):
+            with Image.open(candidate) as image:
+                return np.asarray(image.convert("RGB"))
         return None
