@@ -181,6 +181,10 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         run_batches = burn_batches.with_options(task_runner=_task_runner(params))
     results = run_batches(params, batches, label_map, colours, previous, token) if batches else []
 
+    refs_by_path = {ref.path: ref for ref in refs}
+    results = _retry_cached_failures(
+        params, results, refs_by_path, label_map, colours, previous, token
+    )
     records: list[dict] = []
     previews: list[tuple[str, bytes]] = []
     retries = cached = 0
@@ -217,6 +221,35 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     if summary["failed"] and params.strict:
         return Failed(message=f"{summary['failed']} item(s) failed", data=summary)
     return Completed(message=f"{summary['ok']} ok, {summary['failed']} failed", data=summary)
+
+
+def _retry_cached_failures(params, results, refs_by_path, label_map, colours, previous, token):
+    """Items that failed in a batch now served from the cache are processed again (the failure
+    may have been transient); their fresh records replace the cached ones."""
+    refs = [
+        refs_by_path[record["path"]]
+        for result in results
+        if result["cached"]
+        for record in result["records"]
+        if record["status"] != "ok"
+    ]
+    if not refs:
+        return results
+    fresh = burn_batch.with_options(refresh_cache=True, cache_key_fn=None)(
+        params.source,
+        params.destination,
+        refs,
+        params.options,
+        label_map,
+        colours,
+        {ref.path: previous[ref.path] for ref in refs if ref.path in previous},
+        0,
+        token,
+    )
+    replaced = {r["path"]: r for r in fresh["records"]}
+    for result in results:
+        result["records"] = [replaced.get(r["path"], r) for r in result["records"]]
+    return results + [{"records": [], "attempts": fresh["attempts"], "cached": False}]
 
 
 def _publish_artifacts(summary: dict, params: RunParameters, previews) -> None:

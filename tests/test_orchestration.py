@@ -1,0 +1,179 @@
+"""Prefect's part: parameters, caching and resumption, artifacts, incremental runs, task runners.
+All on a real Prefect API (the session's test harness)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+from prefect.artifacts import Artifact
+from prefect.exceptions import ParameterTypeError
+from prefect.variables import Variable
+
+from flows.polygons_to_masks import polygons_to_masks, watermark_name
+from polyburn.params import MaskOptions, RunParameters
+from tests.support.oracle import EXAMPLES
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def run(**kwargs):
+    state = polygons_to_masks(RunParameters(**kwargs), return_state=True)
+    return state, state.result(raise_on_failure=False)
+
+
+@pytest.fixture
+def export(tmp_path):
+    source = tmp_path / "export"
+    shutil.copytree(EXAMPLES / "export", source)
+    return source
+
+
+def test_bad_parameters_are_rejected_before_any_work_naming_the_field(tmp_path):
+    bad = {
+        "source": str(EXAMPLES / "export"),
+        "destination": str(tmp_path / "m"),
+        "options": {"modes": ["semantic", "rainbow"]},
+    }
+    with pytest.raises(ParameterTypeError, match="modes"):
+        polygons_to_masks(params=bad)
+    with pytest.raises(ParameterTypeError, match="batch_size"):
+        polygons_to_masks(params={**bad, "options": {}, "batch_size": 0})
+    assert not (tmp_path / "m").exists()
+
+
+def test_parameter_schema_has_defaults_and_descriptions_for_the_ui():
+    schema = polygons_to_masks.parameters.model_dump()
+    definitions = schema["definitions"]
+    run_parameters = definitions["RunParameters"]["properties"]
+    assert run_parameters["batch_size"]["default"] == 100
+    assert "description" in run_parameters["destination"]
+    assert definitions["MaskOptions"]["properties"]["modes"]["default"] == ["semantic"]
+
+
+def test_rerun_is_served_from_cache_and_redoes_only_what_changed(export, tmp_path):
+    dest = tmp_path / "masks"
+    _, first = run(source=str(export), destination=str(dest), batch_size=4)
+    assert first["cached_batches"] == 0 and first["outputs_written"] > 0
+
+    started = time.perf_counter()
+    _, second = run(source=str(export), destination=str(dest), batch_size=4)
+    assert second["cached_batches"] == 3 and second["outputs_written"] == 0
+    assert second["items"] == 12 and second["failed"] == 0
+    assert time.perf_counter() - started < 10
+
+    # One changed item: only its batch runs again.
+    item = export / "json" / "street" / "scene_002.json"
+    item.write_text(item.read_text().replace('"x": 280,', '"x": 279,'))
+    _, third = run(source=str(export), destination=str(dest), batch_size=4)
+    assert third["cached_batches"] == 2
+    written = {o["key"] for r in third_records(dest) for o in r["outputs"] if o["written"]}
+    assert written == {"semantic/street/scene_002.png"}
+
+    # A wiped destination is refilled, not taken from the cache.
+    shutil.rmtree(dest)
+    _, fourth = run(source=str(export), destination=str(dest), batch_size=4)
+    assert fourth["cached_batches"] == 0
+    assert (dest / "semantic" / "street" / "scene_002.png").exists()
+
+
+def third_records(dest):
+    return [json.loads(line) for line in (dest / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_run_artifacts_show_counts_failures_progress_and_previews(tmp_path):
+    state, summary = run(
+        source=str(EXAMPLES / "broken"),
+        destination=str(tmp_path / "m"),
+        labels=str(EXAMPLES / "broken" / "labels.json"),
+    )
+    flow_run_id = state.state_details.flow_run_id
+    table = Artifact.get("polyburn-summary")
+    assert table.flow_run_id == flow_run_id
+    rows = {row["metric"]: row["value"] for row in json.loads(table.data)}
+    assert rows["items"] == 4 and rows["items failed"] == 3 and rows["annotations rejected"] == 1
+    failures = Artifact.get("polyburn-failures")
+    assert "`no_size`" in failures.data and "image width is missing" in failures.data
+    assert "manifest.jsonl" in failures.data
+    progress = Artifact.get("polyburn-progress")
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    preview = Artifact.get("polyburn-preview")
+    assert preview.data.count("data:image/png;base64,") == 1  # the one item that burned
+
+
+def test_incremental_runs_process_only_changed_items(export, tmp_path):
+    dest = tmp_path / "masks"
+    name = watermark_name(str(export), str(dest))
+    _, first = run(source=str(export), destination=str(dest), incremental=True)
+    assert first["items"] == 12
+    mark = Variable.get(name)
+    assert mark is not None
+    time.sleep(0.05)
+    item = export / "json" / "indoor" / "room_001.json"
+    item.write_text(item.read_text())  # touched: changed since the watermark
+    _, second = run(source=str(export), destination=str(dest), incremental=True)
+    assert second["items"] == 1
+    assert Variable.get(name) > mark
+
+
+def test_item_ids_limit_a_run_to_those_items(tmp_path):
+    _, summary = run(
+        source=str(EXAMPLES / "export"),
+        destination=str(tmp_path / "m"),
+        item_ids=["street/scene_003", "fields/plot_001"],
+    )
+    assert summary["items"] == 2
+    assert sorted(p.name for p in (tmp_path / "m" / "semantic").rglob("*.png")) == [
+        "plot_001.png",
+        "scene_003.png",
+    ]
+
+
+def test_dask_runner_gives_output_identical_to_threads(tmp_path):
+    pytest.importorskip("prefect_dask")
+    from distributed import LocalCluster
+
+    options = MaskOptions(modes=["semantic", "instance", "binary"])
+    _, threads = run(
+        source=str(EXAMPLES / "export"),
+        destination=str(tmp_path / "threads"),
+        options=options,
+        batch_size=3,
+    )
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        _, dask = run(
+            source=str(EXAMPLES / "export"),
+            destination=str(tmp_path / "dask"),
+            options=options,
+            batch_size=3,
+            task_runner="dask",
+            dask_address=cluster.scheduler_address,
+        )
+    assert dask["failed"] == threads["failed"] == 0
+    a = sorted(p.relative_to(tmp_path / "threads") for p in (tmp_path / "threads").rglob("*"))
+    b = sorted(p.relative_to(tmp_path / "dask") for p in (tmp_path / "dask").rglob("*"))
+    assert a == b
+    for rel in a:
+        if rel.suffix == ".png" or rel.name.endswith(".json") and "instance" in rel.parts:
+            threads_bytes = (tmp_path / "threads" / rel).read_bytes()
+            assert threads_bytes == (tmp_path / "dask" / rel).read_bytes()
+
+
+def test_failed_items_of_a_cached_batch_are_processed_again(tmp_path):
+    """A failure that is not in the input (here: the destination path was blocked) must not be
+    replayed from the cache once the cause is gone."""
+    dest = tmp_path / "masks"
+    blocker = dest / "semantic" / "street" / "scene_001.png"
+    blocker.mkdir(parents=True)
+    _, first = run(source=str(EXAMPLES / "export"), destination=str(dest))
+    assert [f["path"] for f in first["failures"]] == ["street/scene_001"]
+    blocker.rmdir()
+    _, second = run(source=str(EXAMPLES / "export"), destination=str(dest))
+    assert second["cached_batches"] == 1
+    assert second["failed"] == 0 and blocker.is_file()
+    records = {r["path"]: r for r in third_records(dest)}
+    assert records["street/scene_001"]["status"] == "ok"
