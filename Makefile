@@ -22,4 +22,5 @@ lint: $(BIN)/polyburn
 	$(BIN)/ruff format --check . && $(BIN)/ruff check .
 
 bench: $(BIN)/polyburn
-	$(BIN)/python -m bench
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python bench/burn_kernel.py

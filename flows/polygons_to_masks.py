@@ -155,6 +155,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     item_filter = _item_filter(params)
     source = source_for(params.source, item_filter, since)
     destination = destination_for(params.destination)
+    destination.recover()
     options = params.options
 
     refs = list_items(params.source, item_filter, since)

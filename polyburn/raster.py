@@ -8,7 +8,9 @@ transform, ``all_touched=False`` and ``MergeAlg.replace``; holes stay holes. Sha
 the order given, later wins. Binary (mask) shapes are painted in the same order.
 
 The fast path is :mod:`polyburn.kernel` (a numba scanline proven identical to rasterio on the
-conformance suite); rasterio is the reference and the fallback.
+conformance suite and on thousands of randomized, tie-heavy polygons; 5-10x faster than
+rasterio on full images); rasterio is the reference, and the fallback for coordinates the kernel
+does not reproduce GDAL on (``kernel.needs_reference``). ``POLYBURN_ENGINE=rasterio`` forces it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ DrawOrder = Literal["file", "area"]
 warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module=r"rasterio\.features")
 
 ENGINES = ("kernel", "rasterio")
-ENGINE = os.environ.get("POLYBURN_ENGINE", "rasterio")
+ENGINE = os.environ.get("POLYBURN_ENGINE", "kernel")
 
 
 def order_shapes(shapes: Sequence[Shape], order: DrawOrder = "file") -> list[Shape]:
@@ -100,10 +102,11 @@ def burn_geometries(
             polygons.extend(parts)
             values.extend([value] * len(parts))
         coords, ring_offsets, polygon_ring_offsets = _kernel.polygons_to_arrays(polygons)
-        _kernel.burn_polygons(
-            out, coords, ring_offsets, polygon_ring_offsets, np.asarray(values, dtype=np.int64)
-        )
-        return out
+        if not _kernel.needs_reference(coords):
+            _kernel.burn_polygons(
+                out, coords, ring_offsets, polygon_ring_offsets, np.asarray(values, np.int64)
+            )
+            return out
     return features.rasterize(
         pairs,
         out=out,

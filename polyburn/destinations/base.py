@@ -56,6 +56,9 @@ class Destination(ABC):
     def write_text(self, key: str, text: str) -> OutputRecord:
         """Store a small text object atomically."""
 
+    def recover(self) -> None:  # noqa: B027 - optional for destinations
+        """Clean up what a killed earlier run left behind (temp files, unfinished uploads)."""
+
     def remove(self, keys: Sequence[str]) -> None:  # noqa: B027 - optional for destinations
         """Delete outputs an item no longer produces (e.g. a label removed from it)."""
 

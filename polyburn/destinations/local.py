@@ -35,7 +35,9 @@ class LocalDestination(FileDestination):
         if _same_content(path, data):
             return False
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX
+        )
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -55,10 +57,46 @@ class LocalDestination(FileDestination):
         except FileNotFoundError:
             return None
 
+    def recover(self) -> None:
+        """Delete temp files of writers that are no longer running (a killed run's leftovers).
+
+        Temp files carry the writer's pid; files of a live process on this host are kept.
+        """
+        if not self.root.is_dir():
+            return
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                if name.startswith(".") and name.endswith(_TEMP_SUFFIX):
+                    pid = _writer_pid(name)
+                    if pid is None or not _alive(pid):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(folder, name))
+
     def remove(self, keys: Sequence[str]) -> None:
         for key in keys:
             with contextlib.suppress(FileNotFoundError):
                 self._path(key).unlink()
+
+
+_TEMP_SUFFIX = ".part"
+
+
+def _writer_pid(name: str) -> int | None:
+    parts = name.split(".")
+    for part in parts[2:]:
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _same_content(path: Path, data: bytes) -> bool:
