@@ -10,12 +10,19 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 from PIL import Image
+
+try:  # ISA-L deflate: same format as zlib, several times faster
+    from isal import isal_zlib as _deflate
+except ImportError:  # pragma: no cover - platforms without isal wheels
+    _deflate = zlib
 
 Format = Literal["png", "tif", "npy"]
 FORMATS: tuple[str, ...] = ("png", "tif", "npy")
@@ -23,6 +30,7 @@ EXTENSIONS = {"png": ".png", "tif": ".tif", "npy": ".npy"}
 CONTENT_TYPES = {"png": "image/png", "tif": "image/tiff", "npy": "application/x-npy"}
 JSON_CONTENT_TYPE = "application/json"
 PNG_COMPRESS_LEVEL = 1
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BINARY_PALETTE = [0, 0, 0, 255, 255, 255] + [0, 0, 0] * 254
 
 
@@ -65,16 +73,33 @@ def decode_mask(data: bytes, fmt: Format) -> np.ndarray:
 
 
 def _png(mask: np.ndarray, palette: Sequence[int] | None) -> bytes:
-    buffer = io.BytesIO()
-    if mask.dtype == np.uint8:
-        image = Image.fromarray(mask, mode=None)
-        if palette is not None:
-            image = image.convert("L") if image.mode != "L" else image
-            image.putpalette(list(palette), rawmode="RGB")  # mode L + palette → mode P
-    else:
-        image = Image.fromarray(mask.astype("<u2", copy=False))  # mode I;16
-    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
+    """A PNG written directly: no filter (label masks compress well without one), one IDAT
+    compressed with ISA-L's deflate (5-7x faster than zlib level 1, and smaller) when available.
+
+    uint8 with a palette → colour type 3 (palette); uint8 without → 0 (grey, 8 bit); uint16 →
+    0 (grey, 16 bit, big-endian as PNG requires).
+    """
+    height, width = mask.shape
+    depth = 8 * mask.itemsize
+    rows = np.empty((height, 1 + width * mask.itemsize), dtype=np.uint8)
+    rows[:, 0] = 0  # filter type "None" on every row
+    rows[:, 1:].view(f">u{mask.itemsize}")[:] = mask
+    colour_type = 3 if palette is not None and mask.dtype == np.uint8 else 0
+    chunks = [_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0))]
+    if colour_type == 3:
+        chunks.append(_chunk(b"PLTE", np.asarray(palette[:768], dtype=np.uint8).tobytes()))
+    chunks.append(_chunk(b"IDAT", _deflate.compress(rows, PNG_COMPRESS_LEVEL)))
+    chunks.append(_chunk(b"IEND", b""))
+    return _PNG_SIGNATURE + b"".join(chunks)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+    )
 
 
 def _tif(mask: np.ndarray, palette: Sequence[int] | None) -> bytes:

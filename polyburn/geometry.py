@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import numpy as np
 import shapely
-from shapely.geometry.polygon import orient
 
 from polyburn.model import Annotation, Item, Problem, Repair, Shape
 
@@ -39,49 +38,43 @@ MAX_COORDINATE = float(2**30)
 def repair_item(item: Item) -> tuple[list[Shape], list[Repair], list[Problem]]:
     """Repair every annotation of an item; returns shapes in file order, repairs and rejections.
 
-    Never raises for bad geometry: a broken annotation becomes a :class:`Problem`.
+    Never raises for bad geometry: a broken annotation becomes a :class:`Problem`. The work is
+    vectorised over all rings of the item (numpy and shapely over arrays); only invalid polygons
+    and polygons reaching outside the image take a per-polygon path.
     """
-    shapes: list[Shape] = []
     repairs: list[Repair] = []
     problems: list[Problem] = []
-    pending: list[tuple[Annotation, shapely.Polygon]] = []
+    segments = [a for a in item.annotations if a.type != "binary"]
+    cleaned = _clean_rings(segments, repairs, problems) if segments else []
+
+    geometries: dict[int, shapely.Geometry] = {}
+    if cleaned:
+        polygons = _polygons([rings for _, rings in cleaned])
+        valid = shapely.is_valid(polygons)
+        polygons[valid] = shapely.orient_polygons(polygons[valid])
+        xmin, ymin, xmax, ymax = shapely.bounds(polygons).T
+        inside = valid & (xmin >= 0) & (ymin >= 0) & (xmax <= item.width) & (ymax <= item.height)
+        image = shapely.box(0, 0, item.width, item.height)
+        for k, (annotation, _) in enumerate(cleaned):
+            if inside[k]:
+                geometries[id(annotation)] = polygons[k]
+                continue
+            try:
+                geometries[id(annotation)] = _finish(
+                    polygons[k], bool(valid[k]), annotation, image, repairs
+                )
+            except _Rejected as rejected:
+                problems.append(Problem(str(rejected), annotation.annotation_id, "coordinates"))
+
+    shapes: list[Shape] = []
     for annotation in item.annotations:
         if annotation.type == "binary":
             if annotation.mask is None or not annotation.mask.any():
                 problems.append(Problem("binary mask is empty", annotation.annotation_id))
             else:
                 shapes.append(Shape(annotation, mask=annotation.mask))
-            continue
-        try:
-            polygon = _assemble(annotation, repairs)
-        except _Rejected as rejected:
-            problems.append(Problem(str(rejected), annotation.annotation_id, "coordinates"))
-            continue
-        pending.append((annotation, polygon))
-        shapes.append(Shape(annotation))
-
-    if pending:
-        polygons = np.array([polygon for _, polygon in pending], dtype=object)
-        valid = shapely.is_valid(polygons)
-        by_annotation = {id(annotation): i for i, (annotation, _) in enumerate(pending)}
-        image = shapely.box(0, 0, item.width, item.height)
-        kept: list[Shape] = []
-        for shape in shapes:
-            i = by_annotation.get(id(shape.annotation))
-            if i is None:
-                kept.append(shape)
-                continue
-            try:
-                shape.geometry = _finish(
-                    polygons[i], bool(valid[i]), shape.annotation, image, repairs
-                )
-            except _Rejected as rejected:
-                problems.append(
-                    Problem(str(rejected), shape.annotation.annotation_id, "coordinates")
-                )
-                continue
-            kept.append(shape)
-        shapes = kept
+        elif id(annotation) in geometries:
+            shapes.append(Shape(annotation, geometry=geometries[id(annotation)]))
     return shapes, repairs, problems
 
 
@@ -89,29 +82,113 @@ class _Rejected(Exception):
     pass
 
 
-def clean_ring(ring: np.ndarray) -> tuple[np.ndarray, int, int, int]:
-    """Drop non-finite, out-of-range and consecutive duplicate vertices and the closing duplicate.
+def _clean_rings(
+    annotations: list[Annotation], repairs: list[Repair], problems: list[Problem]
+) -> list[tuple[Annotation, list[np.ndarray]]]:
+    """Steps 1-3 for all rings of all annotations at once. Returns each surviving annotation with
+    its cleaned, open rings (exterior first); records repairs and rejections in file order."""
+    rings = [
+        np.asarray(ring, dtype=np.float64).reshape(-1, 2) for a in annotations for ring in a.rings
+    ]
+    count = len(rings)
+    lengths = np.fromiter((len(ring) for ring in rings), dtype=np.int64, count=count)
+    coords = np.concatenate(rings) if rings else np.empty((0, 2))
+    ring_ids = np.repeat(np.arange(count), lengths)
 
-    Returns the open ring and the numbers of non-finite, out-of-range and duplicate vertices
-    dropped.
-    """
-    finite = np.isfinite(ring).all(axis=1)
-    non_finite = int(len(ring) - finite.sum())
+    finite = np.isfinite(coords).all(axis=1)
     with np.errstate(invalid="ignore"):
-        in_range = finite & (np.abs(ring) <= MAX_COORDINATE).all(axis=1)
-    out_of_range = int(finite.sum() - in_range.sum())
-    if non_finite or out_of_range:
-        ring = ring[in_range]
-    if len(ring) > 1:
-        keep = np.ones(len(ring), dtype=bool)
-        keep[1:] = (ring[1:] != ring[:-1]).any(axis=1)
-        duplicates = int(len(ring) - keep.sum())
-        ring = ring[keep]
-    else:
-        duplicates = 0
-    if len(ring) > 1 and (ring[0] == ring[-1]).all():
-        ring = ring[:-1]
-    return ring, non_finite, out_of_range, duplicates
+        in_range = finite & (np.abs(coords) <= MAX_COORDINATE).all(axis=1)
+    non_finite = np.bincount(ring_ids[~finite], minlength=count)
+    out_of_range = np.bincount(ring_ids[finite & ~in_range], minlength=count)
+    coords, ring_ids = coords[in_range], ring_ids[in_range]
+
+    repeated = np.zeros(len(coords), dtype=bool)
+    repeated[1:] = (coords[1:] == coords[:-1]).all(axis=1) & (ring_ids[1:] == ring_ids[:-1])
+    duplicates = np.bincount(ring_ids[repeated], minlength=count)
+    coords, ring_ids = coords[~repeated], ring_ids[~repeated]
+
+    starts = np.searchsorted(ring_ids, np.arange(count), side="left")
+    ends = np.searchsorted(ring_ids, np.arange(count), side="right")
+    if len(coords):  # the closing duplicate of a closed ring is the normal form: drop silently
+        first = coords[np.minimum(starts, len(coords) - 1)]
+        last = coords[np.maximum(ends - 1, 0)]
+        ends = ends - ((ends - starts > 1) & (first == last).all(axis=1))
+    areas = _doubled_areas(coords, starts, ends)
+
+    result = []
+    r = 0
+    for annotation in annotations:
+        aid = annotation.annotation_id
+        kept: list[np.ndarray] = []
+        rejected = None if annotation.rings else "polygon has no rings"
+        for position in range(len(annotation.rings)):
+            _record_cleaning(aid, position, non_finite[r], out_of_range[r], duplicates[r], repairs)
+            ring = coords[starts[r] : ends[r]]
+            degenerate = _degenerate(ring, position, areas[r])
+            r += 1
+            if rejected:
+                continue
+            if degenerate and position == 0:
+                rejected = f"exterior {degenerate}"
+            elif degenerate:
+                repairs.append(Repair("degenerate_hole", aid, detail=f"dropped: {degenerate}"))
+            else:
+                kept.append(ring)
+        if rejected:
+            problems.append(Problem(rejected, aid, "coordinates"))
+        else:
+            result.append((annotation, kept))
+    return result
+
+
+def _record_cleaning(
+    aid: str, r: int, non_finite: int, out_of_range: int, duplicates: int, repairs: list[Repair]
+) -> None:
+    if non_finite:
+        detail = f"ring {r}: dropped {non_finite} NaN/inf vertices"
+        repairs.append(Repair("non_finite_vertices", aid, detail=detail))
+    if out_of_range:
+        detail = f"ring {r}: dropped {out_of_range} vertices beyond ±{MAX_COORDINATE:g}"
+        repairs.append(Repair("out_of_range_vertices", aid, detail=detail))
+    if duplicates:
+        repairs.append(Repair("duplicate_vertices", aid, detail=f"ring {r}: dropped {duplicates}"))
+
+
+def _degenerate(ring: np.ndarray, r: int, doubled_area: float) -> str | None:
+    """Why a cleaned ring bounds no area, or None. The exact checks run only when the shoelace
+    sum is zero (collinear rings, but also symmetric bowties, which do cover pixels)."""
+    if len(ring) >= 3 and doubled_area != 0.0:
+        return None
+    distinct = len(np.unique(ring, axis=0)) if len(ring) else 0
+    if distinct < 3:
+        return f"ring {r} has {distinct} distinct vertices (needs 3)"
+    if collinear(ring):
+        return f"ring {r} has zero area (all vertices on one line)"
+    return None
+
+
+def _doubled_areas(coords: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Twice the signed shoelace area of each open ring ``coords[starts[i]:ends[i]]``."""
+    sizes = np.maximum(ends - starts, 0)
+    total = int(sizes.sum())
+    ring_of = np.repeat(np.arange(len(sizes)), sizes)
+    index = np.repeat(starts, sizes) + np.arange(total) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    following = index + 1
+    nonempty = sizes > 0
+    following[np.cumsum(sizes)[nonempty] - 1] = starts[nonempty]
+    x, y = coords[index, 0], coords[index, 1]
+    cross = x * coords[following, 1] - coords[following, 0] * y
+    return np.bincount(ring_of, weights=cross, minlength=len(sizes))
+
+
+def _polygons(rings_per_polygon: list[list[np.ndarray]]) -> np.ndarray:
+    """Shapely polygons from open rings (exterior first), built in one vectorised call."""
+    closed = [np.vstack([ring, ring[:1]]) for rings in rings_per_polygon for ring in rings]
+    ring_offsets = np.cumsum([0] + [len(ring) for ring in closed])
+    polygon_offsets = np.cumsum([0] + [len(rings) for rings in rings_per_polygon])
+    return shapely.from_ragged_array(
+        shapely.GeometryType.POLYGON, np.concatenate(closed), (ring_offsets, polygon_offsets)
+    )
 
 
 def collinear(ring: np.ndarray) -> bool:
@@ -125,48 +202,6 @@ def collinear(ring: np.ndarray) -> bool:
     return not np.any(cross)
 
 
-def _assemble(annotation: Annotation, repairs: list[Repair]) -> shapely.Polygon:
-    aid = annotation.annotation_id
-    if not annotation.rings:
-        raise _Rejected("polygon has no rings")
-    cleaned = []
-    for r, raw in enumerate(annotation.rings):
-        ring, non_finite, out_of_range, duplicates = clean_ring(raw)
-        if non_finite:
-            repairs.append(
-                Repair(
-                    "non_finite_vertices",
-                    aid,
-                    detail=f"ring {r}: dropped {non_finite} NaN/inf vertices",
-                )
-            )
-        if out_of_range:
-            repairs.append(
-                Repair(
-                    "out_of_range_vertices",
-                    aid,
-                    detail=f"ring {r}: dropped {out_of_range} vertices beyond ±{MAX_COORDINATE:g}",
-                )
-            )
-        if duplicates:
-            repairs.append(
-                Repair("duplicate_vertices", aid, detail=f"ring {r}: dropped {duplicates}")
-            )
-        distinct = len(np.unique(ring, axis=0)) if len(ring) else 0
-        degenerate = None
-        if distinct < 3:
-            degenerate = f"ring {r} has {distinct} distinct vertices (needs 3)"
-        elif collinear(ring):
-            degenerate = f"ring {r} has zero area (all vertices on one line)"
-        if degenerate:
-            if r == 0:
-                raise _Rejected(f"exterior {degenerate}")
-            repairs.append(Repair("degenerate_hole", aid, detail=f"dropped: {degenerate}"))
-            continue
-        cleaned.append(ring)
-    return shapely.Polygon(cleaned[0], cleaned[1:])
-
-
 def _finish(
     polygon: shapely.Polygon,
     valid: bool,
@@ -176,7 +211,7 @@ def _finish(
 ) -> shapely.Geometry:
     aid = annotation.annotation_id
     if valid:
-        geometry: shapely.Geometry = orient(polygon, sign=1.0)
+        geometry: shapely.Geometry = polygon  # already oriented
     else:
         reason = shapely.is_valid_reason(polygon)
         area_before = float(polygon.area)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import shapely
 
-from polyburn.geometry import clean_ring, repair_item
+from polyburn.geometry import repair_item
 from polyburn.model import Annotation, Item
 
 
@@ -29,11 +29,25 @@ def kinds(repairs):
     return [r.kind for r in repairs]
 
 
-def test_clean_ring_drops_nan_duplicates_and_closing_vertex():
-    ring = np.array([(0, 0), (0, 0), (4, 0), (math.nan, 1), (4, 4), (0, 4), (0, 0)], float)
-    cleaned, non_finite, out_of_range, duplicates = clean_ring(ring)
-    assert cleaned.tolist() == [[0, 0], [4, 0], [4, 4], [0, 4]]
-    assert (non_finite, out_of_range, duplicates) == (1, 0, 1)
+def test_cleaning_drops_nan_duplicates_and_closing_vertex_silently():
+    ring = [(0, 0), (0, 0), (4, 0), (math.nan, 1), (4, 4), (0, 4), (0, 0)]
+    shapes, repairs, problems = repair_item(item_of([ring]))
+    assert not problems
+    assert [(r.kind, r.detail) for r in repairs] == [
+        ("non_finite_vertices", "ring 0: dropped 1 NaN/inf vertices"),
+        ("duplicate_vertices", "ring 0: dropped 1"),
+    ]
+    assert shapes[0].geometry.area == 16
+    assert len(shapes[0].geometry.exterior.coords) == 5  # 4 distinct + closing
+
+
+def test_rings_of_many_annotations_are_cleaned_independently():
+    a = [(0, 0), (4, 0), (4, 4), (0, 4)]
+    b = [(0, 4), (0, 4), (4, 4), (4, 8)]  # starts where a ends: not a duplicate across rings
+    shapes, repairs, problems = repair_item(item_of([a], [b], [a, [(1, 1), (1, 2), (2, 2)]]))
+    assert not problems
+    assert [(r.kind, r.annotation_id) for r in repairs] == [("duplicate_vertices", "a1")]
+    assert [s.area for s in shapes] == [16, 8, 15.5]
 
 
 def test_valid_polygon_needs_no_repair_and_is_oriented():
