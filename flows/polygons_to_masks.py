@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ from tasks.masks import burn_batch
 from tasks.publish import publish_label_map, publish_manifest
 
 PREVIEW_ITEMS = 4
+AUTO_WORKERS_FROM = 100  # items; below, a process pool's start-up costs more than it saves
 DESTINATION_TOKEN_KEY = ".polyburn/destination-id"
 
 
@@ -80,6 +82,7 @@ def submit_batches(
     them as they finish, updating a progress artifact. Returns one ``{"records", "attempts",
     "cached"}`` per batch."""
     total = sum(len(b) for b in batches)
+    workers = params.workers or (os.cpu_count() or 1 if total >= AUTO_WORKERS_FROM else 1)
     artifact_id = create_progress_artifact(
         progress=0.0, key="polyburn-progress", description=f"{total} items"
     )
@@ -94,6 +97,7 @@ def submit_batches(
             {ref.path: previous[ref.path] for ref in batch if ref.path in previous},
             PREVIEW_ITEMS if k == 0 else 0,
             token,
+            workers,
         )
         for k, batch in enumerate(batches)
     ]

@@ -90,6 +90,13 @@ class RunParameters(BaseModel):
         description="Scheduler address of an existing Dask cluster (tcp://host:8786); without it "
         "a local cluster is started.",
     )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Processes burning items in parallel on this machine; default: one per CPU "
+        "core for runs of 100 items or more, else burn in the flow's threads.",
+    )
     batch_size: int = Field(default=100, ge=1, le=10_000, description="Items per Prefect task run.")
     strict: bool = Field(
         default=False,

@@ -12,8 +12,8 @@ from prefect.runtime import task_run
 from prefect.tasks import exponential_backoff
 
 from polyburn.model import ItemRef
+from polyburn.parallel import process_items
 from polyburn.params import MaskOptions
-from polyburn.pipeline import process_item
 from tasks.common import destination_for, retry_if_transient, source_for
 
 
@@ -74,26 +74,22 @@ def burn_batch(
     previous: dict[str, list[str]] | None = None,
     previews: int = 0,
     destination_token: str | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Process each item of the batch; an item's failure is in its record, not an exception.
 
     Returns ``{"records": [...], "attempts": n}``. The first ``previews`` items also get a small
-    preview PNG in their record.
+    preview PNG in their record. ``workers`` > 1 spreads the items over that many processes.
     """
-    source = source_for(source_uri)
-    destination = destination_for(destination_uri)
-    previous = previous or {}
-    records = [
-        process_item(
-            ref,
-            source,
-            destination,
-            options,
-            label_map,
-            colours,
-            previous.get(ref.path, ()),
-            preview=k < previews,
-        )
-        for k, ref in enumerate(refs)
-    ]
+    records = process_items(
+        refs,
+        source_for(source_uri),
+        destination_for(destination_uri),
+        options,
+        label_map,
+        colours,
+        previous,
+        previews,
+        workers,
+    )
     return {"records": records, "attempts": task_run.run_count or 1}

@@ -106,6 +106,17 @@ def wait_until(condition, timeout: float = 120.0) -> None:
         time.sleep(0.005)
 
 
+def children(pid: int) -> list[int]:
+    """Child processes of ``pid``, whichever of its threads started them."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
 def mask_count(dest: Path) -> int:
     return sum(1 for _ in dest.glob("semantic/**/*.png")) if dest.exists() else 0
 
@@ -124,9 +135,12 @@ def test_sigkill_then_rerun_equals_a_clean_run(point, big_export, clean_run, tmp
     process = start_run(big_export, dest)
     try:
         wait_until(lambda: KILL_POINTS[point](dest, process) or process.poll() is not None)
+        workers = children(process.pid)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    # The run's burn workers die with it instead of lingering as orphans.
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=10)
     # Whatever sits at a final name is complete: byte-identical to the clean run's file.
     reference = outputs(clean_run)
     for key, data in outputs(dest).items() if dest.exists() else []:

@@ -1,0 +1,210 @@
+"""End-to-end benchmark (run by hand): ``python bench/end_to_end.py [--quick]``.
+
+Writes bench/results/end_to_end.json and prints a table. What it measures, on generated W1-like
+items (1920x1080, 50 star polygons x 30 vertices, some with holes), semantic PNGs to a folder:
+
+* ``polyburn run`` as a fresh process against a running ``prefect server start`` (SQLite), at
+  200 and 2,000 items: wall, CPU utilisation (CPU s / wall s; 2.0 = both cores busy), peak RSS;
+  the marginal rate (2000-200) / (t2000 - t200) and the fixed start-up t - n / marginal rate;
+* the same items through the Prefect-free core (``process_item`` in a 2-thread pool): the
+  orchestration overhead is the share of ``polyburn run``'s marginal wall time not explained by
+  the core's;
+* the Dataloop-documented loop (``dl.Segmentation.from_polygon`` per annotation + ``np.where``
+  into the canvas, the loop bug fixed) writing the same palette PNGs with PIL, on 200 items;
+* Prefect's own fixed cost (a trivial flow in a fresh process) against polyburn's on one item;
+* scaling: 1k / 5k / 20k items — seconds per item and peak RSS must stay flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.generate import write_export  # noqa: E402
+from tests.support.prefect_server import start_prefect_server  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "end_to_end.json"
+LABELS = {"building": 1, "car": 2, "person": 3, "road": 4, "tree": 5}
+
+
+def export_of(pool: Path, everything: Path, n: int) -> Path:
+    """An export folder holding the first ``n`` generated items (symlinks, no copies)."""
+    target = pool / f"export-{n}"
+    if target.exists():
+        return target
+    files = sorted((everything / "json").rglob("*.json"))[:n]
+    for file in files:
+        link = target / "json" / file.relative_to(everything / "json")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(file)
+    return target
+
+
+def measure(env: dict, *command: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "_measure.py"), out.name, *command],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        result = json.loads(Path(out.name).read_text())
+    result["cpu_utilisation"] = result["cpu"] / result["wall"]
+    return result
+
+
+def polyburn_run(env: dict, source: Path, dest: Path, labels: Path) -> dict:
+    return measure(
+        env,
+        "polyburn",
+        "run",
+        str(source),
+        str(dest),
+        "--labels",
+        str(labels),
+        "--no-progress",
+        "--json",
+    )
+
+
+def core_path(source: Path, dest: Path, workers: int = 2) -> float:
+    """Wall seconds of the Prefect-free core over an export (threads, like the flow)."""
+    from polyburn.destinations.local import LocalDestination
+    from polyburn.params import MaskOptions
+    from polyburn.pipeline import process_item
+    from polyburn.sources.local import LocalSource
+
+    src, dst, options = LocalSource(source), LocalDestination(dest), MaskOptions()
+    refs = list(src.list_items())
+    started = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        records = list(pool.map(lambda r: process_item(r, src, dst, options, LABELS), refs))
+    assert all(r["status"] == "ok" for r in records)
+    return time.perf_counter() - started
+
+
+def dataloop_documented(source: Path, dest: Path, limit: int) -> float:
+    """Items/s of the Dataloop-documented loop writing palette PNGs (the baseline)."""
+    os.environ.setdefault("DATALOOP_PATH", tempfile.mkdtemp())
+    import dtlpy as dl
+    from PIL import Image
+
+    from polyburn.labels import palette
+
+    pal = palette(LABELS)
+    files = sorted((source / "json").rglob("*.json"))[:limit]
+    started = time.perf_counter()
+    for file in files:
+        data = json.loads(file.read_text())
+        h, w = data["metadata"]["system"]["height"], data["metadata"]["system"]["width"]
+        image = np.zeros((h, w), dtype=np.uint8)
+        for annotation in data["annotations"]:
+            if annotation["type"] != "segment":
+                continue
+            geo = np.array([[p["x"], p["y"]] for p in annotation["coordinates"][0]])  # ring 0
+            seg = dl.Segmentation.from_polygon(geo=geo, label=annotation["label"], shape=(h, w))
+            image = np.where(seg.geo == 1, LABELS[annotation["label"]], image).astype(np.uint8)
+        out = dest / file.relative_to(source / "json").with_suffix(".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        picture = Image.fromarray(image)
+        picture.putpalette(pal)
+        picture.save(out, compress_level=1)
+    return len(files) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--small", type=int, default=200)
+    parser.add_argument("--large", type=int, default=2000)
+    parser.add_argument("--scaling", default="1000,5000,20000")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="100/400 items, no scaling")
+    args = parser.parse_args()
+    if args.quick:
+        args.small, args.large, args.scaling, args.repeats = 100, 400, "", 1
+    scaling = [int(n) for n in args.scaling.split(",") if n]
+    biggest = max([args.large, *scaling])
+
+    work = Path(tempfile.mkdtemp(prefix="polyburn-bench-"))
+    print(f"generating {biggest} items in {work} ...", flush=True)
+    everything = write_export(work / "all", biggest, seed=42)
+    labels = work / "labels.json"
+    labels.write_text(json.dumps(LABELS))
+    server = start_prefect_server(work / "prefect-home")
+    env = server.client_env({"PREFECT_LOGGING_LEVEL": "WARNING"})
+    results: dict = {"items": {}, "machine": os.cpu_count()}
+    try:
+        one = export_of(work, everything, 1)
+        polyburn_run(env, one, work / "warm", labels)  # numba cache, server warm-up
+        trivial = [measure(env, "trivial-flow")["wall"] for _ in range(args.repeats)]
+        single = [
+            polyburn_run(env, one, work / f"one-{k}", labels)["wall"] for k in range(args.repeats)
+        ]
+        results["startup"] = {
+            "trivial_flow_s": statistics.median(trivial),
+            "polyburn_one_item_s": statistics.median(single),
+            "polyburn_added_s": statistics.median(single) - statistics.median(trivial),
+        }
+        for n in sorted({args.small, args.large, *scaling}):
+            source = export_of(work, everything, n)
+            runs = [
+                polyburn_run(env, source, work / f"out-{n}-{k}", labels)
+                for k in range(args.repeats if n <= args.large else 1)
+            ]
+            wall = statistics.median(r["wall"] for r in runs)
+            results["items"][n] = {
+                "wall_s": wall,
+                "items_per_s": n / wall,
+                "cpu_utilisation": statistics.median(r["cpu_utilisation"] for r in runs),
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                "peak_rss_worker_mb": max(r["peak_rss_worker_mb"] for r in runs),
+                "peak_rss_total_mb": max(r["peak_rss_total_mb"] for r in runs),
+                "workers": runs[0]["workers"],
+                "ms_per_item": 1000 * wall / n,
+            }
+            print(n, results["items"][n], flush=True)
+        small, large = results["items"][args.small], results["items"][args.large]
+        marginal = (args.large - args.small) / (large["wall_s"] - small["wall_s"])
+        core = statistics.median(
+            core_path(export_of(work, everything, args.large), work / f"core-{k}")
+            for k in range(args.repeats)
+        )
+        core_small = statistics.median(
+            core_path(export_of(work, everything, args.small), work / f"core-s{k}")
+            for k in range(args.repeats)
+        )
+        core_marginal = (args.large - args.small) / (core - core_small)
+        baseline = dataloop_documented(
+            export_of(work, everything, args.small), work / "baseline", args.small
+        )
+        results["summary"] = {
+            "marginal_items_per_s": marginal,
+            "fixed_startup_s": large["wall_s"] - args.large / marginal,
+            "core_items_per_s_marginal": core_marginal,
+            "orchestration_overhead_share": 1 - marginal / core_marginal,
+            "dataloop_documented_items_per_s": baseline,
+            "speedup_vs_dataloop_documented": marginal / baseline,
+        }
+    finally:
+        server.stop()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
