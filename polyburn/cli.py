@@ -60,6 +60,22 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--max-pixels", type=int, default=None)
     validate.add_argument("--json", action="store_true", help="one JSON record per item")
     validate.set_defaults(handler=_validate)
+
+    serve = sub.add_parser(
+        "serve", help="serve the nightly, on-demand and on-annotation deployments"
+    )
+    serve.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="flow runs at once (default: POLYBURN_SERVE_LIMIT, else 1; 0: no limit)",
+    )
+    serve.set_defaults(handler=_serve)
+
+    events = sub.add_parser("events", help="receive Dataloop webhooks and emit Prefect events")
+    events.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    events.add_argument("--port", type=int, default=8787, help="port to listen on")
+    events.set_defaults(handler=_events)
     return parser
 
 
@@ -136,8 +152,14 @@ def _check_before_prefect(params) -> None:
 
     if params.labels:
         load_label_map(params.labels)
-    if not params.source.startswith("dataloop://"):
-        open_source(params.source, params.item_filter, params.updated_since)
+    source = open_source(params.source, params.item_filter, params.updated_since)
+    check = getattr(source, "check", None)  # Dataloop: login, dataset and filter, in a second
+    if check is not None:
+        check()
+    if params.destination.startswith(("dataloop://", "s3://")):  # S3: bucket, credentials
+        from polyburn.destinations import open_destination, resolve_destination_uri
+
+        open_destination(resolve_destination_uri(params.destination, params.source))
 
 
 def _print_summary(summary: dict, destination: str, seconds: float) -> None:
@@ -192,6 +214,73 @@ def _validate(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{items} items: {failed} failed, {problems} annotations rejected, {repairs} repairs")
     return 1 if failed or problems else 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Serve the three deployments from this process until interrupted."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from deployments import DeploymentSettings, build_deployments
+
+    settings = DeploymentSettings.from_env()
+    limit = settings.serve_limit if args.limit is None else (args.limit or None)
+    if not _prefect_api_url():
+        print(
+            "polyburn: note: PREFECT_API_URL is not set, so this serves against Prefect's "
+            "ephemeral API inside this process. It has no scheduler (the nightly schedule "
+            "never fires), no UI, and nothing outside this process can start runs or send "
+            "events to it. For real use run `prefect server start` and export "
+            "PREFECT_API_URL=http://<host>:4200/api.",
+            file=sys.stderr,
+        )
+    deployments = build_deployments(settings)
+    print(
+        f"polyburn: serving {', '.join(d.name for d in deployments)} "
+        f"(source {settings.source}, destination {settings.destination}, "
+        f"at most {limit or 'unlimited'} run(s) at once)",
+        file=sys.stderr,
+    )
+    from prefect import serve
+
+    serve(*deployments, limit=limit)
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    """Run the Dataloop webhook receiver until interrupted."""
+    import logging
+
+    if not _prefect_api_url():
+        raise ConfigError(
+            "polyburn events needs PREFECT_API_URL (the Prefect server that runs the "
+            "on-annotation deployment); an ephemeral API would swallow the events"
+        )
+    from polyburn.events import HOOK_PATH, load_verifier, make_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    verifier = load_verifier()
+    server = make_server(args.host, args.port, verifier)
+    host, port = server.server_address[:2]
+    modes = [m for m, on in (("HMAC", verifier.secret), ("token", verifier.token)) if on]
+    print(
+        f"polyburn: receiving Dataloop webhooks on http://{host}:{port}{HOOK_PATH} "
+        f"({' and '.join(modes)} authentication)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def _prefect_api_url() -> str | None:
+    """The Prefect API configured by environment or profile, None when Prefect would start an
+    ephemeral one."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url
 
 
 class _ProgressBar:

@@ -1,0 +1,31 @@
+"""Deployments of polyburn's flows: ``nightly``, ``on-demand`` and ``on-annotation``.
+
+``polyburn serve`` serves them from one process; ``prefect.yaml`` deploys the same three to the
+``polyburn-process`` work pool. See ``deployments/README.md``.
+"""
+
+from deployments.polygons_to_masks import (
+    ANNOTATION_EVENTS,
+    DATASET_ID_LABEL,
+    ITEM_ID_LABEL,
+    ITEM_RESOURCE_PREFIX,
+    annotation_trigger,
+    build_deployments,
+    nightly,
+    on_annotation,
+    on_demand,
+)
+from deployments.settings import DeploymentSettings
+
+__all__ = [
+    "ANNOTATION_EVENTS",
+    "DATASET_ID_LABEL",
+    "ITEM_ID_LABEL",
+    "ITEM_RESOURCE_PREFIX",
+    "DeploymentSettings",
+    "annotation_trigger",
+    "build_deployments",
+    "nightly",
+    "on_annotation",
+    "on_demand",
+]

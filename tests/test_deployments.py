@@ -1,0 +1,800 @@
+"""The deployments, ``prefect.yaml`` and the webhook receiver.
+
+The first part needs no Prefect server: settings, the trigger's shape and templates, the
+``prefect.yaml`` file against the code, and the receiver's authentication (in-process, with a
+recording emitter).
+
+The second part runs against ONE real ``prefect server start`` (SQLite in a temporary
+PREFECT_HOME, started once for this module), with ``polyburn serve`` and ``polyburn events`` in
+subprocesses pointed at it; the example export is the source, so no Dataloop is needed. It does
+not use the session ``prefect_api`` harness, and this process's Prefect settings point at the
+server only inside :func:`api`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from deployments import (
+    ANNOTATION_EVENTS,
+    DeploymentSettings,
+    annotation_trigger,
+    build_deployments,
+)
+from polyburn.errors import ConfigError
+from polyburn.events import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    DataloopChange,
+    PayloadError,
+    ReplayCache,
+    Verifier,
+    make_server,
+    parse_change,
+    sign,
+)
+from tests.support.prefect_server import (
+    PrefectServer,
+    free_port,
+    start_prefect_server,
+    stop_process,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+EXPORT = REPO / "examples" / "export"
+SECRET = "hmac-secret-for-tests-0123456789"
+TOKEN = "static-token-for-tests-0123456789"
+DEBOUNCE = 10  # seconds; the smallest Prefect allows for a proactive trigger
+FLOW = "polygons-to-masks"
+
+
+@pytest.fixture(autouse=True)
+def _no_harness(request):
+    """This module brings its own server; the session harness must stay off here."""
+    assert "prefect_api" not in request.fixturenames
+
+
+# ============================================================== no server: deployments
+
+
+def test_settings_come_from_the_environment_and_are_checked():
+    settings = DeploymentSettings.from_env(
+        {
+            "POLYBURN_SOURCE": "dataloop://ds-1",
+            "POLYBURN_DESTINATION": "s3://bucket/masks",
+            "POLYBURN_MODES": "semantic, instance",
+            "POLYBURN_NIGHTLY_CRON": "30 3 * * 1-5",
+            "POLYBURN_TIMEZONE": "Europe/Berlin",
+            "POLYBURN_DEBOUNCE_SECONDS": "45",
+            "POLYBURN_SERVE_LIMIT": "0",
+        }
+    )
+    assert settings.dataset_id == "ds-1"
+    assert settings.modes == ("semantic", "instance")
+    assert settings.serve_limit is None
+    assert DeploymentSettings.from_env({}) == DeploymentSettings()
+    for bad, message in [
+        ({"POLYBURN_NIGHTLY_CRON": "every night"}, "POLYBURN_NIGHTLY_CRON"),
+        ({"POLYBURN_TIMEZONE": "Mars/Olympus"}, "POLYBURN_TIMEZONE"),
+        ({"POLYBURN_MODES": "rainbow"}, "options.modes"),
+        ({"POLYBURN_DEBOUNCE_SECONDS": "5"}, "at least 10"),
+        ({"POLYBURN_DEBOUNCE_SECONDS": "soon"}, "integer"),
+        ({"POLYBURN_SOURCE": "exports/{{ evil }}"}, "braces"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            DeploymentSettings.from_env(bad)
+
+
+def test_three_deployments_of_the_flow_with_schedule_and_trigger():
+    settings = DeploymentSettings(timezone="Europe/Berlin", nightly_cron="0 1 * * *")
+    nightly, on_demand, on_annotation = build_deployments(settings)
+    assert [d.name for d in (nightly, on_demand, on_annotation)] == [
+        "nightly",
+        "on-demand",
+        "on-annotation",
+    ]
+    for d in (nightly, on_demand, on_annotation):
+        assert d.flow_name == FLOW
+        assert d.entrypoint == "flows/polygons_to_masks.py:polygons_to_masks"
+    (schedule,) = nightly.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 1 * * *", "Europe/Berlin")
+    assert nightly.parameters["params"]["incremental"] is True
+    assert nightly.concurrency_limit == 1
+    assert not on_demand.schedules and not on_demand.triggers
+    assert on_demand.parameters == {"params": settings.base_parameters()}
+    assert not on_annotation.schedules and len(on_annotation.triggers) == 1
+
+
+def test_trigger_debounces_per_item_and_templates_the_item_and_source():
+    trigger = annotation_trigger(DeploymentSettings(debounce_seconds=30))
+    assert trigger.posture == "Proactive"
+    assert trigger.expect == trigger.after == set(ANNOTATION_EVENTS)
+    assert trigger.for_each == {"prefect.resource.id"}
+    assert trigger.threshold == 1 and trigger.within == timedelta(seconds=30)
+    assert trigger.match.model_dump() == {"prefect.resource.id": "dataloop.item.*"}
+
+    local = {"prefect.resource.id": "dataloop.item.street/scene_001"}
+    assert render_parameters(trigger.parameters, local)["params"] == {
+        "source": "examples/export",
+        "destination": "masks",
+        "options": {"modes": ["semantic"]},
+        "item_ids": ["street/scene_001"],
+    }
+    dataloop_event = {
+        "prefect.resource.id": "dataloop.item.64f0aa",
+        "dataloop.item.id": "64f0aa",
+        "dataloop.dataset.id": "ds-9",
+    }
+    params = render_parameters(trigger.parameters, dataloop_event)["params"]
+    assert (params["source"], params["item_ids"]) == ("dataloop://ds-9", ["64f0aa"])
+    without_label = {"prefect.resource.id": "dataloop.item.64f0aa"}
+    assert render_parameters(trigger.parameters, without_label)["params"]["item_ids"] == ["64f0aa"]
+
+    dataloop = annotation_trigger(DeploymentSettings(source="dataloop://ds-9"))
+    assert dataloop.match.model_dump() == {
+        "prefect.resource.id": "dataloop.item.*",
+        "dataloop.dataset.id": "ds-9",
+    }
+
+
+def render_parameters(parameters: dict, resource: dict[str, str]) -> dict:
+    """Render a trigger's parameters for an event on ``resource`` the way the Prefect server's
+    run-deployment action does (v1 template upgrade, then hydration with Jinja)."""
+    import copy
+
+    from prefect.server.events.actions import RunDeployment
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    event = ReceivedEvent(
+        occurred=datetime.now(UTC),
+        event="dataloop.annotation.updated",
+        resource=resource,
+        id=uuid.uuid4(),
+    )
+    parameters = copy.deepcopy(parameters)
+    RunDeployment._upgrade_v1_templates(parameters)
+    context = HydrationContext(
+        raise_on_error=True, render_jinja=True, jinja_context={"event": event}
+    )
+    return hydrate(parameters, context)
+
+
+def test_prefect_yaml_declares_the_same_deployments_as_the_code(monkeypatch):
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.cli.deploy._triggers import _initialize_deployment_triggers
+    from prefect.utilities.templating import apply_values
+
+    env = {
+        "POLYBURN_SOURCE": str(EXPORT),
+        "POLYBURN_DESTINATION": "/srv/masks",
+        "POLYBURN_WORKDIR": "/opt/polyburn",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    raw = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    model = PrefectYamlModel.model_validate(raw)  # what `prefect deploy` validates
+    assert model.pull == [
+        {
+            "prefect.deployments.steps.set_working_directory": {
+                "directory": "{{ $POLYBURN_WORKDIR }}"
+            }
+        }
+    ]
+    assert apply_values(model.pull, {}, remove_notset=False)[0][
+        "prefect.deployments.steps.set_working_directory"
+    ] == {"directory": "/opt/polyburn"}
+
+    code = {d.name: d for d in build_deployments(DeploymentSettings.from_env(env))}
+    declared = {d.name: d for d in model.deployments}
+    assert list(declared) == ["nightly", "on-demand", "on-annotation"] == list(code)
+    for name, spec in declared.items():
+        # `prefect deploy` substitutes {{ $VARS }} from the environment this way.
+        spec = apply_values(spec.model_dump(exclude_unset=True), {}, remove_notset=False)
+        assert spec["entrypoint"] == code[name].entrypoint
+        assert spec["work_pool"]["name"] == "polyburn-process"
+        assert spec["parameters"] == code[name].parameters, name
+        assert spec.get("concurrency_limit") == code[name].concurrency_limit, name
+        schedules = [(s["cron"], s["timezone"]) for s in spec.get("schedules") or []]
+        expected = [(s.schedule.cron, s.schedule.timezone) for s in code[name].schedules]
+        assert schedules == expected, name
+        triggers = _initialize_deployment_triggers(name, spec.get("triggers") or [])
+        assert [t.model_dump() for t in triggers] == [
+            t.model_dump() for t in code[name].triggers
+        ], name
+
+    # The entrypoint resolves to the flow.
+    from prefect.flows import load_flow_from_entrypoint
+
+    flow = load_flow_from_entrypoint(str(REPO / code["nightly"].entrypoint))
+    assert flow.name == FLOW
+
+
+# ============================================================== no server: the receiver
+
+
+def test_parse_change_reads_annotations_and_items():
+    annotation = json.dumps({"id": "a1", "itemId": "i1", "datasetId": "d1", "type": "segment"})
+    change = parse_change(annotation.encode(), "Created")
+    assert change == DataloopChange(
+        event="dataloop.annotation.created",
+        item_id="i1",
+        dataset_id="d1",
+        kind="annotation",
+        annotation_id="a1",
+    )
+    assert change.resource == {
+        "prefect.resource.id": "dataloop.item.i1",
+        "dataloop.item.id": "i1",
+        "dataloop.dataset.id": "d1",
+    }
+    item = parse_change(json.dumps({"item": {"id": "i2", "datasetId": "d2"}}).encode())
+    assert (item.event, item.item_id, item.dataset_id) == ("dataloop.item.annotated", "i2", "d2")
+    local = parse_change(b'{"id": "street/scene_001"}')
+    assert local.resource == {
+        "prefect.resource.id": "dataloop.item.street/scene_001",
+        "dataloop.item.id": "street/scene_001",
+    }
+    for bad in [b"not json", b"[1]", b'{"name": "x"}', b'{"id": 7}', b'{"itemId": "../x"}']:
+        with pytest.raises(PayloadError):
+            parse_change(bad)
+    with pytest.raises(PayloadError):
+        parse_change(b'{"id": "i"}', "Drop Table")
+
+
+def test_replay_cache_forgets_expired_and_never_evicts_live_entries():
+    now = [1000.0]
+    cache = ReplayCache(max_entries=2, clock=lambda: now[0])
+    assert cache.add("a", 1100) and not cache.add("a", 1100)
+    assert cache.add("b", 1200)
+    assert not cache.add("c", 1300)  # full of live entries: refuse, do not evict
+    now[0] = 1150.0
+    assert cache.add("c", 1300)  # "a" expired and was dropped
+    assert not cache.add("b", 1200)  # still live: a replay
+
+
+@pytest.fixture
+def receiver():
+    """An in-process receiver with a recording emitter: (url, emitted changes, clock)."""
+    emitted: list[DataloopChange] = []
+    clock = [time.time()]
+    verifier = Verifier(secret=SECRET.encode(), token=TOKEN, clock=lambda: clock[0])
+    server = make_server("127.0.0.1", 0, verifier, emit=lambda c: emitted.append(c) or "id")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dataloop", emitted, clock
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def signed(body: bytes, secret: str = SECRET, at: float | None = None) -> dict[str, str]:
+    timestamp = str(int(time.time() if at is None else at))
+    return {
+        TIMESTAMP_HEADER: timestamp,
+        SIGNATURE_HEADER: sign(secret.encode(), timestamp, body),
+        "Content-Type": "application/json",
+    }
+
+
+def test_receiver_accepts_a_signed_call_once(receiver):
+    url, emitted, _ = receiver
+    body = json.dumps({"id": "a1", "itemId": "i1", "datasetId": "d1"}).encode()
+    headers = signed(body)
+    response = httpx.post(url + "?action=updated", content=body, headers=headers)
+    assert response.status_code == 202
+    assert response.json() == {
+        "event": "dataloop.annotation.updated",
+        "resource": "dataloop.item.i1",
+    }
+    assert [c.item_id for c in emitted] == ["i1"]
+    assert httpx.post(url, content=body, headers=headers).status_code == 401  # replay
+    assert len(emitted) == 1
+
+
+def test_receiver_rejects_unsigned_badly_signed_stale_and_tampered_calls(receiver, caplog):
+    url, emitted, clock = receiver
+    body = b'{"id": "i1", "datasetId": "d1"}'
+    stale = signed(body, at=clock[0] - 301)
+    future = signed(body, at=clock[0] + 301)
+    tampered = signed(b'{"id": "i2", "datasetId": "d1"}')
+    wrong_key = signed(body, secret="another-secret-0123456789")
+    no_timestamp = {SIGNATURE_HEADER: signed(body)[SIGNATURE_HEADER]}
+    with caplog.at_level(logging.INFO, logger="polyburn.events"):
+        for headers in [{}, stale, future, tampered, wrong_key, no_timestamp]:
+            response = httpx.post(url, content=body, headers=headers)
+            assert response.status_code == 401, headers
+            assert response.json() == {"error": "unauthorized"}
+        assert httpx.post(url + "?token=nope", content=body).status_code == 401
+        bearer = {"Authorization": "Bearer nope"}
+        assert httpx.post(url, content=body, headers=bearer).status_code == 401
+    assert emitted == []
+    logged = caplog.text
+    assert SECRET not in logged and TOKEN not in logged and "sha256=" not in logged
+    assert "stale timestamp" in logged and "bad signature" in logged
+
+
+def test_receiver_token_mode_and_request_hygiene(receiver, caplog):
+    url, emitted, _ = receiver
+    body = b'{"id": "i1", "datasetId": "d1"}'
+    with caplog.at_level(logging.INFO, logger="polyburn.events"):
+        assert httpx.post(f"{url}?token={TOKEN}", content=body).status_code == 202
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        assert httpx.post(url, content=body, headers=bearer).status_code == 202
+        assert httpx.post(url, content=b"{oops", headers=bearer).status_code == 400
+        too_big = b" " * 1_000_001
+        assert httpx.post(url, content=too_big, headers=bearer).status_code == 413
+        assert httpx.post(url[: -len("dataloop")] + "x", content=body).status_code == 404
+        assert httpx.get(url[: -len("dataloop")] + "healthz").status_code == 200
+    assert len(emitted) == 2
+    assert TOKEN not in caplog.text
+
+
+def test_receiver_needs_credentials_and_the_cli_needs_an_api(monkeypatch, capsys):
+    from polyburn.cli import main
+
+    with pytest.raises(ConfigError, match="no webhook credentials"):
+        Verifier()
+    with pytest.raises(ConfigError, match="at least 16 bytes"):
+        Verifier(secret=b"short")
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["events", "--port", "0"]) == 2
+    assert "needs PREFECT_API_URL" in capsys.readouterr().err
+
+
+# ============================================================== a real Prefect server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[PrefectServer]:
+    server = start_prefect_server(tmp_path_factory.mktemp("prefect-server"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def api(server: PrefectServer):
+    """A sync Prefect client of ``server``; this process's settings point at it only inside."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings(updates={PREFECT_API_URL: server.api_url}),
+        get_client(sync_client=True) as client,
+    ):
+        yield client
+
+
+def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "polyburn.cli", *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def wait_for(what: str, check, timeout: float, every: float = 0.5, log: Path | None = None):
+    """``check()``'s first truthy value, polling; fails with ``what`` (and ``log``'s tail)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log else ""
+    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tail}")
+
+
+@pytest.fixture(scope="module")
+def served(server, tmp_path_factory):
+    """``polyburn serve`` against the server: (deployment ids by name, event destination, log)."""
+    root = tmp_path_factory.mktemp("serve")
+    destination = root / "event-masks"
+    log = root / "serve.log"
+    env = server.client_env(
+        {
+            "PREFECT_HOME": str(root / "home"),
+            "POLYBURN_SOURCE": str(EXPORT),
+            "POLYBURN_DESTINATION": str(destination),
+            "POLYBURN_DEBOUNCE_SECONDS": str(DEBOUNCE),
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+        }
+    )
+    process = start_cli(["serve"], env, log)
+    try:
+
+        def registered():
+            assert process.poll() is None, log.read_text(errors="replace")
+            with api(server) as client:
+                found = {d.name: d.id for d in client.read_deployments()}
+                automations = client.read_automations()
+            names = {"nightly", "on-demand", "on-annotation"}
+            return found if names <= set(found) and automations else None
+
+        ids = wait_for("the three deployments", registered, timeout=120, every=1, log=log)
+        yield ids, destination, log
+    finally:
+        stop_process(process)
+
+
+@pytest.fixture(scope="module")
+def events_receiver(server, tmp_path_factory):
+    """``polyburn events`` against the server (HMAC and token): its hook URL."""
+    root = tmp_path_factory.mktemp("events")
+    log = root / "events.log"
+    port = free_port()
+    env = server.client_env(
+        {
+            "PREFECT_HOME": str(root / "home"),
+            "POLYBURN_WEBHOOK_SECRET": SECRET,
+            "POLYBURN_WEBHOOK_TOKEN": TOKEN,
+        }
+    )
+    process = start_cli(["events", "--port", str(port)], env, log)
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        assert process.poll() is None, log.read_text(errors="replace")
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for("polyburn events", healthy, timeout=60, log=log)
+        yield f"{base}/dataloop", log
+    finally:
+        stop_process(process)
+
+
+def runs_of(server: PrefectServer, deployment_id) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with api(server) as client:
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+
+
+def final_state(server: PrefectServer, run_id, timeout: float = 120, log: Path | None = None):
+    def done():
+        with api(server) as client:
+            run = client.read_flow_run(run_id)
+        return run if run.state and run.state.is_final() else None
+
+    return wait_for(f"flow run {run_id} to finish", done, timeout=timeout, log=log)
+
+
+def test_serve_registers_three_deployments_and_the_nightly_schedule(server, served):
+    ids, _, _ = served
+    with api(server) as client:
+        nightly = client.read_deployment_by_name(f"{FLOW}/nightly")
+        (automation,) = automations_of(client, ids["on-annotation"])
+    (schedule,) = nightly.schedules
+    assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
+    assert nightly.parameters["params"]["incremental"] is True
+    assert limit_of(nightly) == 1
+    assert automation.name == "polyburn-on-annotation"
+    assert automation.trigger.posture == "Proactive"
+    assert automation.trigger.for_each == {"prefect.resource.id"}
+    assert automation.trigger.within == timedelta(seconds=DEBOUNCE)
+
+
+def automations_of(client, deployment_id) -> list:
+    """The automations whose action runs ``deployment_id``."""
+    return [
+        a
+        for a in client.read_automations()
+        if any(getattr(action, "deployment_id", None) == deployment_id for action in a.actions)
+    ]
+
+
+def test_prefect_deploy_all_registers_what_serve_registers(server, served, tmp_path):
+    """The real ``prefect deploy --all`` on prefect.yaml (names prefixed ``yaml-`` so they do not
+    replace the served ones) creates the same parameters, schedule and trigger."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    ids, destination, _ = served
+    text = (REPO / "prefect.yaml").read_text()
+    for name in ("nightly", "on-demand", "on-annotation"):
+        text = text.replace(f"  - name: {name}\n", f"  - name: yaml-{name}\n")
+    copy = tmp_path / "prefect.yaml"
+    copy.write_text(text)
+    with api(server) as client:
+        client.create_work_pool(WorkPoolCreate(name="polyburn-process", type="process"))
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"]
+        + ["--prefect-file", str(copy)],
+        cwd=REPO,
+        env=server.client_env(
+            {
+                "PREFECT_HOME": str(tmp_path / "home"),
+                "POLYBURN_SOURCE": str(EXPORT),
+                "POLYBURN_DESTINATION": str(destination),
+                "POLYBURN_WORKDIR": str(REPO),
+            }
+        ),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    with api(server) as client:
+        for name in ("nightly", "on-demand", "on-annotation"):
+            served_one = client.read_deployment(ids[name])
+            deployed = client.read_deployment_by_name(f"{FLOW}/yaml-{name}")
+            assert deployed.work_pool_name == "polyburn-process"
+            assert deployed.entrypoint == served_one.entrypoint
+            assert deployed.parameters == served_one.parameters, name
+            assert deployed.pull_steps == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+            ]
+            assert [(s.schedule.cron, s.schedule.timezone) for s in deployed.schedules] == [
+                (s.schedule.cron, s.schedule.timezone) for s in served_one.schedules
+            ]
+            assert limit_of(deployed) == limit_of(served_one), name
+            (mine,) = automations_of(client, served_one.id) or [None]
+            theirs = automations_of(client, deployed.id)
+            if mine is None:
+                assert theirs == []
+                continue
+            (theirs,) = theirs
+            # Same trigger and parameters; only the quiet period differs (DEBOUNCE in the tests).
+            assert theirs.trigger.within == timedelta(seconds=60)
+            assert theirs.trigger.model_dump(exclude={"id", "within"}) == mine.trigger.model_dump(
+                exclude={"id", "within"}
+            )
+            assert theirs.actions[0].parameters == mine.actions[0].parameters
+
+
+def limit_of(deployment) -> int | None:
+    gcl = deployment.global_concurrency_limit
+    return gcl.limit if gcl else None
+
+
+def test_on_demand_run_from_the_ui_writes_masks_and_manifest(server, served, tmp_path):
+    ids, _, log = served
+    destination = tmp_path / "masks"
+    parameters = {
+        "params": {
+            "source": str(EXPORT),
+            "destination": str(destination),
+            "options": {"modes": ["semantic", "instance"]},
+        }
+    }
+    with api(server) as client:  # what the UI's "Run" button does
+        run = client.create_flow_run_from_deployment(ids["on-demand"], parameters=parameters)
+    run = final_state(server, run.id, log=log)
+    assert run.state.is_completed(), run.state
+    assert run.state.message == "12 ok, 0 failed"
+    records = [
+        json.loads(line) for line in (destination / "manifest.jsonl").read_text().splitlines()
+    ]
+    assert len(records) == 12 and {r["status"] for r in records} == {"ok"}
+    assert (destination / "semantic" / "street" / "scene_001.png").is_file()
+    assert (destination / "instance" / "street" / "scene_001.png").is_file()
+    assert json.loads((destination / "label_map.json").read_text())
+
+
+BURST_ITEM = "street/scene_002"
+HOOK_ITEM = "fields/plot_001"
+REJECTED_ITEM = "street/scene_005"
+
+
+def prefect_event(name: str, item: str) -> dict:
+    return {
+        "id": str(uuid.uuid4()),
+        "occurred": datetime.now(UTC).isoformat(),
+        "event": name,
+        "resource": {"prefect.resource.id": f"dataloop.item.{item}", "dataloop.item.id": item},
+        "payload": {},
+        "related": [],
+    }
+
+
+#: Seconds after the first event at which the burst's events are sent: a quick flurry, then
+#: two late edits. Every gap is shorter than DEBOUNCE but the burst is longer, so a trigger
+#: that fired on the first event and ignored the rest of its window would fire twice.
+BURST_AT = (0.0, 0.3, 0.6, 6.0, 12.0)
+
+
+@pytest.fixture(scope="module")
+def fired(server, served, events_receiver):
+    """Send everything at once so the debounce windows overlap: one signed webhook call (then its
+    replay) and rejected calls to ``polyburn events``, then a burst of events for another item
+    straight to the Prefect API (``POST /api/events``, as any external system can).
+    Returns the webhook calls' HTTP statuses and the time of the burst's last event."""
+    hook, _ = events_receiver
+    body = json.dumps({"id": HOOK_ITEM, "name": "plot_001.json"}).encode()
+    headers = signed(body)
+    statuses = {"signed": httpx.post(hook, content=body, headers=headers).status_code}
+    statuses["replayed"] = httpx.post(hook, content=body, headers=headers).status_code
+    bad = json.dumps({"id": REJECTED_ITEM}).encode()
+    statuses["unsigned"] = httpx.post(hook, content=bad).status_code
+    statuses["bad signature"] = httpx.post(
+        hook, content=bad, headers={**signed(bad), SIGNATURE_HEADER: "sha256=" + "0" * 64}
+    ).status_code
+    statuses["stale"] = httpx.post(
+        hook, content=bad, headers=signed(bad, at=time.time() - 600)
+    ).status_code
+    statuses["bad token"] = httpx.post(f"{hook}?token=guess", content=bad).status_code
+
+    names = ["dataloop.annotation.created"] * 3 + [
+        "dataloop.annotation.updated",
+        "dataloop.item.annotated",
+    ]
+    start = time.monotonic()
+    for at, name in zip(BURST_AT, names, strict=True):
+        time.sleep(max(0.0, start + at - time.monotonic()))
+        event = prefect_event(name, BURST_ITEM)
+        response = httpx.post(f"{server.api_url}/events", json=[event])
+        assert response.status_code == 204, response.text
+    return statuses, datetime.fromisoformat(event["occurred"])
+
+
+def item_runs(server: PrefectServer, deployment_id, item: str) -> list:
+    return [
+        r
+        for r in runs_of(server, deployment_id)
+        if (r.parameters.get("params") or {}).get("item_ids") == [item]
+    ]
+
+
+def test_a_burst_of_events_for_one_item_starts_exactly_one_run(server, served, fired):
+    """Debounced: one run, started once the item has been quiet for DEBOUNCE seconds."""
+    ids, destination, log = served
+    _, last_event = fired
+    (run,) = wait_for(
+        "the on-annotation run",
+        lambda: item_runs(server, ids["on-annotation"], BURST_ITEM),
+        90,
+        every=1,
+        log=log,
+    )
+    assert run.parameters["params"]["source"] == str(EXPORT)
+    assert run.parameters["params"]["destination"] == str(destination)
+    assert run.created - last_event >= timedelta(seconds=DEBOUNCE - 0.5)  # trailing edge
+    run = final_state(server, run.id, log=log)
+    assert run.state.is_completed(), run.state
+    assert run.state.message == "1 ok, 0 failed"  # only the event's item
+    assert (destination / "semantic" / f"{BURST_ITEM}.png").is_file()
+    # The window has passed long ago: no second run for the burst.
+    time.sleep(3)
+    assert len(item_runs(server, ids["on-annotation"], BURST_ITEM)) == 1
+
+
+def events_for(server: PrefectServer, item: str) -> list[dict]:
+    response = httpx.post(
+        f"{server.api_url}/events/filter",
+        json={"filter": {"resource": {"id": [f"dataloop.item.{item}"]}}, "limit": 50},
+    )
+    response.raise_for_status()
+    return response.json()["events"]
+
+
+def test_a_signed_webhook_starts_one_run_and_rejected_calls_start_none(server, served, fired):
+    ids, destination, log = served
+    assert fired[0] == {
+        "signed": 202,
+        "replayed": 401,
+        "unsigned": 401,
+        "bad signature": 401,
+        "stale": 401,
+        "bad token": 401,
+    }
+    (run,) = wait_for(
+        "the webhook's run",
+        lambda: item_runs(server, ids["on-annotation"], HOOK_ITEM),
+        90,
+        every=1,
+        log=log,
+    )
+    run = final_state(server, run.id, log=log)
+    assert run.state.is_completed(), run.state
+    assert run.state.message == "1 ok, 0 failed"
+    assert (destination / "semantic" / f"{HOOK_ITEM}.png").is_file()
+    (event,) = wait_for("the webhook's event", lambda: events_for(server, HOOK_ITEM), 30)
+    assert event["event"] == "dataloop.item.annotated"
+    assert events_for(server, REJECTED_ITEM) == []
+    assert item_runs(server, ids["on-annotation"], REJECTED_ITEM) == []
+
+
+RETRY_PROBE = """
+import sys
+
+from prefect import flow
+
+import tasks.publish as publish
+from polyburn.errors import TransientError
+
+calls = []
+write = publish.write_label_map
+
+
+def flaky(destination, label_map):
+    calls.append(1)
+    if len(calls) < 3:
+        raise TransientError("injected: connection reset by peer")
+    return write(destination, label_map)
+
+
+publish.write_label_map = flaky
+
+
+@flow(name="polyburn-retry-probe")
+def probe(destination: str) -> int:
+    publish.publish_label_map.with_options(retry_delay_seconds=1)(destination, {"car": 1})
+    return len(calls)
+
+
+state = probe(sys.argv[1], return_state=True)
+print(state.state_details.flow_run_id, state.type.value, state.result())
+"""
+
+
+def test_a_transient_failure_shows_as_retries_in_the_task_run_history(server, tmp_path):
+    """publish-label-map (retries=3, retry only transient errors) fails twice, then succeeds."""
+    script = tmp_path / "retry_probe.py"
+    script.write_text(RETRY_PROBE)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "masks")],
+        cwd=REPO,
+        env=server.client_env({"PREFECT_HOME": str(tmp_path / "home")}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id, state, calls = done.stdout.split()[-3:]
+    assert (state, calls) == ("COMPLETED", "3")
+    assert json.loads((tmp_path / "masks" / "label_map.json").read_text()) == {"car": 1}
+
+    def history():
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        with api(server) as client:
+            (task_run,) = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(run_id)]))
+            )
+            states = client.read_task_run_states(task_run.id)
+        names = [s.name for s in sorted(states, key=lambda s: s.timestamp)]
+        return names if names and names[-1] == "Completed" else None
+
+    names = wait_for("the task run's states", history, timeout=30)
+    assert names == [
+        "Pending",
+        "Running",
+        "AwaitingRetry",
+        "Retrying",
+        "AwaitingRetry",
+        "Retrying",
+        "Completed",
+    ]
