@@ -7,18 +7,22 @@ import json
 import os
 import time
 import uuid
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.futures import as_completed
-from prefect.states import Completed, Failed
+from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.variables import Variable
 
@@ -27,7 +31,13 @@ from polyburn.destinations import resolve_destination_uri
 from polyburn.destinations.base import MANIFEST_KEY
 from polyburn.model import ItemRef
 from polyburn.params import RunParameters
-from polyburn.pipeline import previous_outputs, resolve_label_map, summarize
+from polyburn.pipeline import (
+    merge_records,
+    output_keys,
+    read_manifest,
+    resolve_label_map,
+    summarize,
+)
 from polyburn.report import failures_markdown, previews_markdown, summary_table
 from tasks.common import destination_for, source_for
 from tasks.items import collect_labels, list_items
@@ -37,6 +47,30 @@ from tasks.publish import publish_label_map, publish_manifest
 PREVIEW_ITEMS = 4
 AUTO_WORKERS_FROM = 100  # items; below, a process pool's start-up costs more than it saves
 DESTINATION_TOKEN_KEY = ".polyburn/destination-id"
+
+
+def lock_name(destination: str) -> str:
+    """The global concurrency limit that serialises runs writing one destination."""
+    return "polyburn-destination-" + hashlib.sha256(destination.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def destination_lock(destination: str):
+    """Hold the destination's slot for the whole run: the label map and the manifest are
+    read-modify-write, so two runs into one destination (a nightly run and an event run, say)
+    must not interleave. The limit (1 slot) is created on first use; an operator can see it in
+    the UI and, knowingly, change it."""
+    name = lock_name(destination)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1)
+                )
+    with concurrency(name, occupy=1, strict=True):
+        yield
 
 
 def chunk(seq: list, size: int) -> list[list]:
@@ -143,6 +177,11 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     params = params.model_copy(
         update={"destination": resolve_destination_uri(params.destination, params.source)}
     )
+    with destination_lock(params.destination):
+        return _run(params)
+
+
+def _run(params: RunParameters) -> State:
     logger = get_run_logger()
     started = time.perf_counter()
     run_started_at = datetime.now(UTC)
@@ -178,7 +217,8 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     publish_label_map(params.destination, label_map)
     colours = dict(declared) if declared else None
     token = _destination_token(destination)
-    previous = previous_outputs(destination)
+    manifest = read_manifest(destination)
+    previous = {path: output_keys(record) for path, record in manifest.items()}
 
     # Threads run in this flow; another runner needs a subflow (a task runner is per flow).
     run_batches = submit_batches
@@ -205,8 +245,15 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
                 previews.append((record["path"], _b64decode(preview)))
         records.extend(result["records"])
 
-    publish_manifest(params.destination, records)
     summary = summarize(records, time.perf_counter() - started)
+    partial = bool(params.item_ids or since or params.item_filter)
+    if partial:  # keep the other items' records; forget requested items that no longer exist
+        gone = _vanished(params.item_ids or [], refs, manifest)
+        for path in gone:
+            destination.remove(output_keys(manifest[path]))
+        summary["removed_items"] = gone
+        records = merge_records(manifest, records, gone)
+    publish_manifest(params.destination, records)
     summary.update(label_map=label_map, retries=retries, cached_batches=cached)
     _publish_artifacts(summary, params, sorted(previews)[:PREVIEW_ITEMS])
     logger.info(
@@ -255,6 +302,17 @@ def _retry_cached_failures(params, results, refs_by_path, label_map, colours, pr
     for result in results:
         result["records"] = [replaced.get(r["path"], r) for r in result["records"]]
     return results + [{"records": [], "attempts": fresh["attempts"], "cached": False}]
+
+
+def _vanished(item_ids: list[str], refs: list[ItemRef], manifest: dict[str, dict]) -> list[str]:
+    """Manifest paths of requested items the source no longer lists (deleted there)."""
+    listed = {ref.path for ref in refs} | {ref.item_id for ref in refs if ref.item_id}
+    missing = set(item_ids) - listed
+    return sorted(
+        path
+        for path, record in manifest.items()
+        if path in missing or (record.get("item") and record["item"] in missing)
+    )
 
 
 def _publish_artifacts(summary: dict, params: RunParameters, previews) -> None:

@@ -163,17 +163,34 @@ def write_label_map(destination: Destination, label_map: Mapping[str, int]) -> N
     destination.write_text(LABEL_MAP_KEY, dump_label_map(label_map))
 
 
-def previous_outputs(destination: Destination) -> dict[str, list[str]]:
-    """Item path → output keys, from the manifest of the previous run (empty when none)."""
-    text = destination.read_text(MANIFEST_KEY)
-    previous: dict[str, list[str]] = {}
-    for line in (text or "").splitlines():
+def read_manifest(destination: Destination) -> dict[str, dict[str, Any]]:
+    """Item path → record, from the destination's manifest (empty when there is none; lines
+    that do not parse are ignored)."""
+    records: dict[str, dict[str, Any]] = {}
+    for line in (destination.read_text(MANIFEST_KEY) or "").splitlines():
         try:
             record = json.loads(line)
-            previous[record["path"]] = [o["key"] for o in record.get("outputs", [])]
+            records[record["path"]] = record
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    return previous
+    return records
+
+
+def output_keys(record: Mapping[str, Any]) -> list[str]:
+    """The keys of the outputs a manifest record lists."""
+    return [o["key"] for o in record.get("outputs", []) if isinstance(o, dict) and "key" in o]
+
+
+def merge_records(
+    previous: Mapping[str, dict[str, Any]],
+    records: Sequence[dict[str, Any]],
+    gone: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """The manifest of a partial run (some items only): the previous records, replaced by this
+    run's records of the same path, without the items in ``gone`` (deleted at the source)."""
+    merged = {path: record for path, record in previous.items() if path not in set(gone)}
+    merged.update((record["path"], record) for record in records)
+    return list(merged.values())
 
 
 def write_manifest(destination: Destination, records: Sequence[Mapping[str, Any]]) -> None:

@@ -20,4 +20,21 @@ def open_destination(uri: str, **options) -> Destination:
     return LocalDestination(uri)
 
 
-__all__ = ["Destination", "OutputRecord", "open_destination"]
+def resolve_destination_uri(uri: str, source_uri: str) -> str:
+    """``dataloop://`` alone means the source's own Dataloop dataset; other URIs are unchanged.
+
+    Raises ConfigError when the source is not a Dataloop dataset.
+    """
+    if uri.strip().rstrip("/") not in ("dataloop:", "dataloop:/"):
+        return uri
+    if not source_uri.startswith("dataloop://") or not source_uri[11:].strip("/"):
+        from polyburn.errors import ConfigError
+
+        raise ConfigError(
+            "destination dataloop:// means the source's dataset, but the source is not "
+            "dataloop://<dataset-id>"
+        )
+    return "dataloop://" + source_uri[11:].strip("/")
+
+
+__all__ = ["Destination", "OutputRecord", "open_destination", "resolve_destination_uri"]
