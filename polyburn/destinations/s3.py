@@ -1,0 +1,648 @@
+"""An S3 (or S3-compatible) destination: ``s3://bucket/prefix``.
+
+Layout: the same keys as a local folder (``semantic/…``, ``instance/…``, ``binary/<label>/…``,
+``label_map.json``, ``manifest.jsonl``, ``.polyburn/…``), each under ``prefix/``.
+
+Contracts
+---------
+* **Client.** One boto3 client per destination, shared by every thread (boto3 clients are
+  thread-safe; sessions are not, so the session is used once, at construction). Credentials come
+  from a Prefect ``AwsCredentials`` block when ``POLYBURN_AWS_CREDENTIALS_BLOCK`` names one (needs
+  the optional ``prefect-aws`` package), else from boto3's default chain (environment, shared
+  config/credentials files, SSO, container and instance roles). The endpoint is boto3's own
+  resolution (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``endpoint_url`` in the profile) or the
+  block's client parameters. A custom endpoint gets path-style addressing unless
+  ``POLYBURN_S3_ADDRESSING_STYLE`` says otherwise. Retries are botocore's ``standard`` mode with
+  an explicit ``total_max_attempts`` (``POLYBURN_S3_MAX_ATTEMPTS``, default 5), with connect/read
+  timeouts (``POLYBURN_S3_CONNECT_TIMEOUT``, ``POLYBURN_S3_READ_TIMEOUT``) and a connection pool
+  sized for the flow's threads (``POLYBURN_S3_MAX_POOL``). A block's own botocore ``config``
+  overrides these per option.
+* **Up-front check** (:meth:`S3Destination.from_uri` with ``check=True``): one
+  ``ListObjectsV2`` under the prefix (bucket exists, credentials valid, ``s3:ListBucket``) and one
+  empty conditional ``PutObject`` (``If-None-Match: *``) of ``prefix/.polyburn/write-check``
+  (``s3:PutObject``; after the first run the server answers 412 and nothing is written). Any
+  failure raises :class:`~polyburn.errors.ConfigError` (bucket, credentials, permission) or
+  :class:`~polyburn.errors.TransientError` (endpoint unreachable), in one line that names the
+  bucket and never a secret.
+* **put** compares first: a ``HEAD`` (checksum mode on) skips the upload when the stored object
+  has the same SHA-256 (the server's ``ChecksumSHA256``, else our ``sha256`` user metadata), size,
+  content type and provenance metadata (``item-id``, ``revision``). Otherwise one ``PutObject``
+  with ``ChecksumSHA256`` computed here, which the server verifies against the bytes it received
+  (a mismatch is rejected with ``BadDigest`` and nothing is stored; put sends again, within the
+  same attempt budget). A PUT is atomic: readers see the old object or
+  the new one, never a partial one. A HEAD answered 403 (no ``s3:GetObject``) cannot prove
+  anything, so the object is uploaded (one warning per destination); the PUT then succeeds or
+  fails with an error code that names the cause.
+* **Keys** can never leave the prefix: every key is checked (no empty, ``.`` or ``..`` segment, no
+  leading slash, no backslash, no control character, valid UTF-8, at most 1024 bytes with the
+  prefix); a bad key raises :class:`UnsafeKeyError` (a :class:`~polyburn.errors.PolyburnError`,
+  so only its item fails).
+* **Errors.** Missing bucket, rejected credentials and denied access raise ``ConfigError``
+  (not retried by the Prefect tasks). Throttling, 5xx, resets, timeouts and truncated bodies that
+  outlast botocore's attempts raise ``TransientError`` (retried by the Prefect tasks that write
+  run-level objects; a mask item that hits it is reported failed and redone by the next run).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    EndpointConnectionError,
+    FlexibleChecksumError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+from polyburn.destinations.base import FileDestination
+from polyburn.errors import ConfigError, PolyburnError, TransientError
+
+log = logging.getLogger("polyburn.s3")
+
+ENV_BLOCK = "POLYBURN_AWS_CREDENTIALS_BLOCK"
+ENV_MAX_ATTEMPTS = "POLYBURN_S3_MAX_ATTEMPTS"
+ENV_CONNECT_TIMEOUT = "POLYBURN_S3_CONNECT_TIMEOUT"
+ENV_READ_TIMEOUT = "POLYBURN_S3_READ_TIMEOUT"
+ENV_MAX_POOL = "POLYBURN_S3_MAX_POOL"
+ENV_ADDRESSING_STYLE = "POLYBURN_S3_ADDRESSING_STYLE"
+
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_MAX_POOL = 32
+WRITE_CHECK_KEY = ".polyburn/write-check"
+MAX_KEY_BYTES = 1024  # S3's limit for a whole object key
+DELETE_CHUNK = 1000  # DeleteObjects takes at most 1000 keys
+_MAX_META_VALUE = 256
+
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_META_UNSAFE = re.compile(r"[^\x20-\x24\x26-\x7e]")  # printable ASCII except '%'
+_AUTH_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "AuthorizationHeaderMalformed",
+        "InvalidClientTokenId",
+        "MissingSecurityHeader",
+    }
+)
+_DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem", "Forbidden"})
+_BUCKET_CODES = frozenset({"NoSuchBucket", "PermanentRedirect"})
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",
+    }
+)
+# The bytes that arrived differ from those sent (corrupted or cut in transit): put sends again.
+_RESEND_CODES = frozenset({"BadDigest", "XAmzContentSHA256Mismatch", "IncompleteBody"})
+# Errors while reading a response body: botocore does not retry these itself.
+_BODY_ERRORS = (
+    IncompleteReadError,
+    ResponseStreamingError,
+    ReadTimeoutError,
+    ConnectionClosedError,
+    FlexibleChecksumError,
+)
+
+
+class UnsafeKeyError(PolyburnError, ValueError):
+    """A destination key that could leave the prefix or is not a valid S3 key."""
+
+
+class S3Destination(FileDestination):
+    """Masks, label map and manifest under ``s3://bucket/prefix`` (see the module docstring).
+
+    Parameters
+    ----------
+    bucket : str
+        The bucket name.
+    prefix : str
+        Key prefix without leading or trailing slash ("" for the bucket root); already validated
+        by :meth:`from_uri`.
+    client : botocore S3 client
+        Shared by all threads.
+    max_attempts : int
+        Attempts per request (the client's ``total_max_attempts``); also bounds re-reads of a
+        truncated response body in :meth:`get`.
+    credentials_source : str
+        Where the credentials came from ("env", "shared-credentials-file", "block 'x'", ...),
+        named in credential errors instead of any credential.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        client: Any,
+        *,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        credentials_source: str = "the boto3 default chain",
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._key_prefix = f"{self.prefix}/" if self.prefix else ""
+        self.client = client
+        self.max_attempts = max_attempts
+        self.credentials_source = credentials_source
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._endpoint = _public_endpoint(getattr(client.meta, "endpoint_url", ""))
+        self._closed = threading.Event()
+        self._head_denied = threading.Event()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_uri(cls, uri: str, *, check: bool = True, client: Any | None = None) -> S3Destination:
+        """Open ``s3://bucket[/prefix]``; with ``check``, prove access first (one LIST, one
+        conditional empty PUT).
+
+        ``client`` replaces the client built from the environment (tests, benchmarks); its
+        ``total_max_attempts`` should then match ``POLYBURN_S3_MAX_ATTEMPTS``.
+
+        Raises
+        ------
+        ConfigError
+            Bad URI, prefix or environment settings; prefect-aws missing for a block; missing
+            bucket, rejected credentials or denied access (with ``check``).
+        TransientError
+            The endpoint could not be reached within the retry budget (with ``check``).
+        """
+        bucket, prefix = parse_s3_uri(uri)
+        max_attempts = _env_int(ENV_MAX_ATTEMPTS, DEFAULT_MAX_ATTEMPTS, minimum=1)
+        source = "client given"
+        if client is None:
+            client, source = _make_client(bucket, max_attempts)
+        destination = cls(
+            bucket, prefix, client, max_attempts=max_attempts, credentials_source=source
+        )
+        if check:
+            destination.check()
+        return destination
+
+    def check(self) -> None:
+        """Fail fast on a missing bucket, bad credentials or missing list/write permission.
+
+        Uses only ``s3:ListBucket`` (a LIST limited to the prefix, so a policy conditioned on
+        ``s3:prefix`` allows it) and ``s3:PutObject`` (``If-None-Match: *`` on
+        ``prefix/.polyburn/write-check``: created empty once, refused with 412 afterwards; the
+        authorization is evaluated before the condition, so a 412 proves the write is allowed).
+        """
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key_prefix, MaxKeys=1)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "list", "") from None
+        key = self._object_key(WRITE_CHECK_KEY)
+        try:
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=b"",
+                ContentType="text/plain",
+                IfNoneMatch="*",
+            )
+        except ClientError as exc:
+            code, status = _code(exc), _status(exc)
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return  # already there: the write was authorized, then refused by the condition
+            if status == 501 or code == "NotImplemented":  # a store without conditional writes
+                try:
+                    self.client.put_object(
+                        Bucket=self.bucket, Key=key, Body=b"", ContentType="text/plain"
+                    )
+                except (ClientError, BotoCoreError) as again:
+                    raise self._error(again, "write", WRITE_CHECK_KEY) from None
+                return
+            raise self._error(exc, "write", WRITE_CHECK_KEY) from None
+        except BotoCoreError as exc:
+            raise self._error(exc, "write", WRITE_CHECK_KEY) from None
+
+    # ------------------------------------------------------------------ FileDestination
+    def put(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str]) -> bool:
+        """Store ``data`` at ``prefix/key`` unless the stored object is already identical.
+
+        Identical means same size, same SHA-256 (server checksum, else our ``sha256``
+        metadata), same content type and the same values for every key of ``metadata`` (so a
+        new annotation revision re-uploads the item's objects even when a mask's bytes did not
+        change, keeping the provenance right). Returns True when uploaded, False when skipped.
+
+        Raises UnsafeKeyError, ConfigError or TransientError (see the module docstring).
+        """
+        full = self._object_key(key)
+        digest = hashlib.sha256(data).digest()
+        hexdigest = digest.hex()
+        checksum = base64.b64encode(digest).decode("ascii")
+        wanted = {_meta_key(k): _meta_value(v) for k, v in metadata.items()}
+        wanted["sha256"] = hexdigest
+        stored = self._head(full, key)
+        if stored is not None and _same_object(
+            stored, len(data), checksum, hexdigest, content_type, wanted
+        ):
+            return False
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=full,
+                    Body=data,
+                    ContentType=content_type,
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=checksum,
+                    Metadata=wanted,
+                )
+                return True
+            except ClientError as exc:
+                if _code(exc) in _RESEND_CODES and attempt < self.max_attempts:
+                    log.debug("sending %s again: %s (attempt %d)", full, _code(exc), attempt)
+                    continue
+                attempts = attempt if _code(exc) in _RESEND_CODES else None
+                raise self._error(exc, "write", key, attempts) from None
+            except BotoCoreError as exc:
+                raise self._error(exc, "write", key) from None
+        raise AssertionError("unreachable")
+
+    def get(self, key: str) -> bytes | None:
+        """The bytes at ``prefix/key`` or None when there is no such object.
+
+        The response is checked against its stored checksum when the server returns one. A
+        body cut short (or failing its checksum) is requested again, up to ``max_attempts``
+        times, then raises TransientError.
+        """
+        full = self._object_key(key)
+        last: Exception | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            try:  # the request itself: botocore has already retried what is retryable
+                response = self.client.get_object(
+                    Bucket=self.bucket, Key=full, ChecksumMode="ENABLED"
+                )
+            except ClientError as exc:
+                if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise self._error(exc, "read", key) from None
+            except BotoCoreError as exc:
+                raise self._error(exc, "read", key) from None
+            body = response["Body"]  # not as a context manager: that yields the raw stream
+            try:  # the body: botocore does not retry a cut or corrupted body, so we do
+                return body.read()  # checks Content-Length and the stored checksum
+            except _BODY_ERRORS as exc:
+                last = exc
+                log.debug("re-reading %s after %s (attempt %d)", full, exc, attempt)
+                if attempt < self.max_attempts:
+                    time.sleep(min(0.05 * 2 ** (attempt - 1), 1.0))
+            finally:
+                body.close()
+        raise TransientError(
+            f"{self._where(key)}: read failed after {self.max_attempts} attempts "
+            f"({type(last).__name__})"
+        )
+
+    def remove(self, keys: Sequence[str]) -> None:
+        """Delete ``prefix/key`` for each key, 1000 per request; missing keys are fine."""
+        fulls = [self._object_key(k) for k in keys]
+        for start in range(0, len(fulls), DELETE_CHUNK):
+            chunk = fulls[start : start + DELETE_CHUNK]
+            try:
+                response = self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise self._error(exc, "delete", chunk[0][len(self._key_prefix) :]) from None
+            errors = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            if errors:
+                first = errors[0]
+                key = str(first.get("Key", ""))[len(self._key_prefix) :]
+                fake = ClientError(
+                    {"Error": {"Code": first.get("Code", ""), "Message": first.get("Message", "")}},
+                    "DeleteObjects",
+                )
+                raise self._error(fake, "delete", key)
+
+    def close(self) -> None:
+        """Close the client's connections (idempotent)."""
+        if not self._closed.is_set():
+            self._closed.set()
+            close = getattr(self.client, "close", None)
+            if close is not None:
+                close()
+
+    def __repr__(self) -> str:
+        return f"S3Destination({self.uri!r})"
+
+    # ------------------------------------------------------------------ internals
+    def _object_key(self, key: str) -> str:
+        """``prefix/key`` after checking that ``key`` cannot leave the prefix."""
+        if not isinstance(key, str) or not key:
+            raise UnsafeKeyError(f"empty destination key under {self.uri}")
+        shown = _show(key)
+        if key.startswith("/") or "\\" in key or _CONTROL.search(key):
+            raise UnsafeKeyError(f"unsafe destination key {shown} under {self.uri}")
+        if any(part in ("", ".", "..") for part in key.split("/")):
+            raise UnsafeKeyError(f"destination key {shown} would leave {self.uri}")
+        full = self._key_prefix + key
+        try:
+            size = len(full.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise UnsafeKeyError(f"destination key {shown} is not valid UTF-8") from None
+        if size > MAX_KEY_BYTES:
+            raise UnsafeKeyError(
+                f"destination key {shown} is {size} bytes with the prefix; S3 allows "
+                f"{MAX_KEY_BYTES}"
+            )
+        return full
+
+    def _head(self, full: str, key: str) -> dict[str, Any] | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
+        except ClientError as exc:
+            if _status(exc) == 404 or _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return None  # a missing bucket is reported by the PUT that follows
+            if _status(exc) == 403:
+                # A HEAD error has no body, so no code: denied GetObject or bad credentials.
+                # Upload anyway: the PUT either works (nothing can be skipped, said once) or
+                # fails with a code that names the real cause.
+                if not self._head_denied.is_set():
+                    self._head_denied.set()
+                    log.warning(
+                        "%s: HEAD answered 403, so existing objects cannot be compared and "
+                        "are uploaded again; grant s3:GetObject on the prefix",
+                        self.uri,
+                    )
+                return None
+            raise self._error(exc, "read", key) from None
+        except BotoCoreError as exc:
+            raise self._error(exc, "read", key) from None
+
+    def _where(self, key: str) -> str:
+        if not key:
+            return self.uri
+        return f"{self.uri}/{_show(key, quote=False)}"
+
+    def _error(
+        self, exc: Exception, op: str, key: str, attempts: int | None = None
+    ) -> PolyburnError:
+        """One line for a failed request: ConfigError, TransientError or PolyburnError.
+
+        Names the bucket (and key), the endpoint when it is not AWS, the error code; never
+        credentials or the server's message for credential errors.
+        """
+        at = f" at {self._endpoint}" if self._endpoint else ""
+        where = self._where(key)
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            return ConfigError(
+                f"no usable AWS credentials for s3://{self.bucket} (set AWS_ACCESS_KEY_ID and "
+                f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role, or {ENV_BLOCK})"
+            )
+        if isinstance(exc, ClientError):
+            code, status = _code(exc), _status(exc)
+            attempts = attempts or _attempts(exc)
+            if code in _BUCKET_CODES:
+                if code == "PermanentRedirect":
+                    return ConfigError(
+                        f"S3 bucket '{self.bucket}' is in another region; set AWS_DEFAULT_REGION"
+                    )
+                return ConfigError(f"S3 bucket '{self.bucket}' does not exist{at}")
+            if code in _AUTH_CODES:
+                return ConfigError(
+                    f"S3 bucket '{self.bucket}'{at}: credentials rejected ({code}); check the "
+                    f"AWS credentials from {self.credentials_source}"
+                )
+            if code in _DENIED_CODES or (status == 403 and code in ("403", "")):
+                need = {"list": "s3:ListBucket", "read": "s3:GetObject", "write": "s3:PutObject"}
+                perm = need.get(op, "s3:DeleteObject")
+                hint = " or credentials rejected" if code in ("403", "") else ""
+                return ConfigError(
+                    f"{where}: {op} denied{hint} (HTTP 403 {code}; needs {perm} on bucket "
+                    f"'{self.bucket}')"
+                )
+            if code in _TRANSIENT_CODES | _RESEND_CODES or status >= 500 or status == 429:
+                return TransientError(
+                    f"{where}: {op} failed after {attempts} attempt(s): HTTP {status} {code}"
+                )
+            message = " ".join(str(exc.response.get("Error", {}).get("Message", "")).split())
+            return PolyburnError(f"{where}: {op} failed: HTTP {status} {code} {message}".strip())
+        if isinstance(exc, EndpointConnectionError):
+            return TransientError(
+                f"cannot reach the S3 endpoint for bucket '{self.bucket}'{at} "
+                f"({self.max_attempts} attempts)"
+            )
+        if isinstance(exc, BotoCoreError):  # resets, timeouts, truncated bodies
+            return TransientError(
+                f"{where}: {op} failed after up to {self.max_attempts} attempts: "
+                f"{type(exc).__name__}"
+            )
+        return PolyburnError(f"{where}: {op} failed: {type(exc).__name__}")
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b/`` → ``("bucket", "a/b")``; raises ConfigError for a bad bucket or a
+    prefix with ``.``/``..`` segments, backslashes or control characters."""
+    if not uri.startswith("s3://"):
+        raise ConfigError(f"not an s3:// URI: {_show(uri)}")
+    bucket, _, prefix = uri[5:].partition("/")
+    if not _BUCKET.match(bucket):
+        raise ConfigError(f"invalid S3 bucket name {_show(bucket)} in {_show(uri)}")
+    parts = [p for p in prefix.split("/") if p]
+    if any(p in (".", "..") or "\\" in p or _CONTROL.search(p) for p in parts):
+        raise ConfigError(f"unsafe S3 prefix in {_show(uri)} (no '.', '..', '\\', controls)")
+    return bucket, "/".join(parts)
+
+
+def _make_client(bucket: str, max_attempts: int) -> tuple[Any, str]:
+    """(S3 client, where its credentials come from) per the module docstring."""
+    config = Config(
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
+        connect_timeout=_env_float(ENV_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT),
+        read_timeout=_env_float(ENV_READ_TIMEOUT, DEFAULT_READ_TIMEOUT),
+        max_pool_connections=_env_int(ENV_MAX_POOL, DEFAULT_MAX_POOL, minimum=1),
+    )
+    style = os.environ.get(ENV_ADDRESSING_STYLE, "").strip().lower()
+    if style and style not in ("auto", "path", "virtual"):
+        raise ConfigError(f"{ENV_ADDRESSING_STYLE} must be auto, path or virtual, not {style!r}")
+    block_name = os.environ.get(ENV_BLOCK, "").strip()
+    if block_name:
+        session, params, source = _block_session(block_name)
+    else:
+        session, params, source = boto3.session.Session(), {}, "the boto3 default chain"
+    block_config = params.pop("config", None)
+    if block_config is not None:
+        config = config.merge(block_config)  # the block's explicit options win
+    explicit_style = style or (getattr(block_config, "s3", None) or {}).get("addressing_style")
+    if explicit_style:
+        config = config.merge(Config(s3={"addressing_style": explicit_style}))
+    try:
+        client = session.client("s3", config=config, **params)
+        if not explicit_style and _is_custom_endpoint(client.meta.endpoint_url):
+            # S3-compatible stores (MinIO, SeaweedFS, Ceph) expect path-style addressing
+            client = session.client(
+                "s3", config=config.merge(Config(s3={"addressing_style": "path"})), **params
+            )
+    except BotoCoreError as exc:
+        raise ConfigError(
+            f"cannot create an S3 client for bucket '{bucket}': {type(exc).__name__}: {exc}"
+        ) from None
+    if not block_name:
+        credentials = session.get_credentials()
+        if credentials is not None and credentials.method:
+            source = f"the boto3 default chain ({credentials.method})"
+    return client, source
+
+
+def _block_session(name: str) -> tuple[Any, dict[str, Any], str]:
+    """(boto3 session, client parameters, label) from a Prefect AWS credentials block.
+
+    ``name`` is an ``AwsCredentials`` block name, or ``<block-type-slug>/<name>`` for another
+    credentials block with ``get_boto3_session()`` (e.g. ``minio-credentials/x``).
+    """
+    try:
+        from prefect_aws import AwsCredentials
+    except ImportError:
+        raise ConfigError(
+            f"{ENV_BLOCK}={name} needs the prefect-aws package (pip install prefect-aws), "
+            "or unset it to use boto3's default credential chain"
+        ) from None
+    try:
+        if "/" in name:
+            from prefect.blocks.core import Block
+
+            block = Block.load(name)
+        else:
+            block = AwsCredentials.load(name)
+    except Exception as exc:  # noqa: BLE001 - prefect raises ValueError or HTTP errors
+        raise ConfigError(
+            f"cannot load the AWS credentials block {name!r}: {type(exc).__name__}"
+        ) from None
+    get_session = getattr(block, "get_boto3_session", None)
+    if get_session is None:
+        raise ConfigError(f"block {name!r} is not an AWS credentials block")
+    parameters = getattr(block, "aws_client_parameters", None)
+    params = dict(parameters.get_params_override()) if parameters is not None else {}
+    return get_session(), params, f"the Prefect block {name!r}"
+
+
+def _same_object(
+    head: Mapping[str, Any],
+    size: int,
+    checksum: str,
+    hexdigest: str,
+    content_type: str,
+    wanted: Mapping[str, str],
+) -> bool:
+    if head.get("ContentLength") != size:
+        return False
+    stored = head.get("ChecksumSHA256")
+    metadata = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
+    if stored and "-" not in stored:  # a full-object checksum ("…=-N" is a multipart composite)
+        if stored != checksum:
+            return False
+    elif metadata.get("sha256") != hexdigest:
+        return False
+    if (head.get("ContentType") or "").split(";")[0].strip() != content_type:
+        return False
+    return all(metadata.get(k) == v for k, v in wanted.items())
+
+
+def _meta_key(key: str) -> str:
+    return re.sub(r"[^a-z0-9-]", "-", key.lower())
+
+
+def _meta_value(value: Any) -> str:
+    """User metadata travels as HTTP headers: printable ASCII, '%' and the rest %-encoded."""
+    text = _META_UNSAFE.sub(
+        lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8", "surrogatepass")),
+        str(value),
+    )
+    return text[:_MAX_META_VALUE]
+
+
+def _show(text: str, quote: bool = True) -> str:
+    """A key or URI for a one-line message: controls escaped, long ones shortened."""
+    shown = text.encode("unicode_escape").decode("ascii") if _CONTROL.search(text) else text
+    if len(shown) > 160:
+        shown = f"{shown[:100]}…{shown[-40:]}"
+    return repr(shown) if quote else shown
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _attempts(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts") or 0) + 1
+
+
+def _is_custom_endpoint(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return not (host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn"))
+
+
+def _public_endpoint(url: str) -> str:
+    """The endpoint for messages when it is not AWS's, without any userinfo."""
+    if not url or not _is_custom_endpoint(url):
+        return ""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, not {value}")
+    return value
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, not {raw!r}") from None
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, not {raw}")
+    return value
+
+
+__all__ = ["S3Destination", "UnsafeKeyError", "parse_s3_uri"]
