@@ -7,20 +7,16 @@ import json
 import os
 import time
 import uuid
-from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import flow, get_client, get_run_logger
+from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -45,32 +41,9 @@ from tasks.masks import burn_batch
 from tasks.publish import publish_label_map, publish_manifest
 
 PREVIEW_ITEMS = 4
+BATCH_THREADS = 4  # batches in flight; each may use the whole process pool
 AUTO_WORKERS_FROM = 100  # items; below, a process pool's start-up costs more than it saves
 DESTINATION_TOKEN_KEY = ".polyburn/destination-id"
-
-
-def lock_name(destination: str) -> str:
-    """The global concurrency limit that serialises runs writing one destination."""
-    return "polyburn-destination-" + hashlib.sha256(destination.encode()).hexdigest()[:16]
-
-
-@contextmanager
-def destination_lock(destination: str):
-    """Hold the destination's slot for the whole run: the label map and the manifest are
-    read-modify-write, so two runs into one destination (a nightly run and an event run, say)
-    must not interleave. The limit (1 slot) is created on first use; an operator can see it in
-    the UI and, knowingly, change it."""
-    name = lock_name(destination)
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with suppress(ObjectAlreadyExists):
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=1)
-                )
-    with concurrency(name, occupy=1, strict=True):
-        yield
 
 
 def chunk(seq: list, size: int) -> list[list]:
@@ -161,7 +134,12 @@ def _task_runner(params: RunParameters):
     return ThreadPoolTaskRunner()
 
 
-@flow(name="polygons-to-masks", log_prints=False, validate_parameters=True)
+@flow(
+    name="polygons-to-masks",
+    log_prints=False,
+    validate_parameters=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=BATCH_THREADS),
+)
 def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     """Turn the polygon and binary annotations of every item of ``params.source`` into masks at
     ``params.destination``, with a label map beside them and a manifest written last.
@@ -177,8 +155,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     params = params.model_copy(
         update={"destination": resolve_destination_uri(params.destination, params.source)}
     )
-    with destination_lock(params.destination):
-        return _run(params)
+    return _run(params)
 
 
 def _run(params: RunParameters) -> State:
@@ -252,7 +229,8 @@ def _run(params: RunParameters) -> State:
         for path in gone:
             destination.remove(output_keys(manifest[path]))
         summary["removed_items"] = gone
-        records = merge_records(manifest, records, gone)
+        # Re-read: another partial run may have written the manifest since this one started.
+        records = merge_records(read_manifest(destination), records, gone)
     publish_manifest(params.destination, records)
     summary.update(label_map=label_map, retries=retries, cached_batches=cached)
     _publish_artifacts(summary, params, sorted(previews)[:PREVIEW_ITEMS])

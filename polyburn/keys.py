@@ -14,7 +14,7 @@ import re
 from polyburn.errors import ItemError
 
 MAX_SEGMENT_BYTES = 200
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f%]")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f%\ud800-\udfff]")  # controls, %, lone surrogates
 
 
 def safe_segment(segment: str) -> str:

@@ -13,8 +13,10 @@ import atexit
 import ctypes
 import multiprocessing
 import os
+import random
 import signal
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -27,6 +29,8 @@ from polyburn.params import MaskOptions
 from polyburn.pipeline import process_item
 from polyburn.sources import Source, open_source
 
+ITEM_RETRIES = 3
+ITEM_RETRY_DELAY = float(os.environ.get("POLYBURN_ITEM_RETRY_DELAY", "1.0"))  # seconds
 _PR_SET_PDEATHSIG = 1
 _pool: ProcessPoolExecutor | None = None
 _pool_size = 0
@@ -50,22 +54,11 @@ def process_items(
 
     With ``workers`` > 1 the items go to a pool of that many processes, which open the source and
     destination from their URIs (``source.uri``, ``destination.uri``); otherwise they run here.
+    Items that failed with a transient error (throttling, 5xx, resets, timeouts that outlasted
+    the client's own retries) are tried again up to ``ITEM_RETRIES`` times with exponential
+    backoff and jitter; their records then carry ``retries``.
     """
     previous = previous or {}
-    if workers <= 1 or len(refs) < 2:
-        return [
-            process_item(
-                ref,
-                source,
-                destination,
-                options,
-                dict(label_map),
-                colours,
-                previous.get(ref.path, ()),
-                preview=k < previews,
-            )
-            for k, ref in enumerate(refs)
-        ]
     jobs = [
         (
             ref,
@@ -79,6 +72,26 @@ def process_items(
         )
         for k, ref in enumerate(refs)
     ]
+    records = _run_jobs(jobs, source, destination, workers)
+    for attempt in range(1, ITEM_RETRIES + 1):
+        again = [k for k, record in enumerate(records) if record.get("transient")]
+        if not again:
+            break
+        time.sleep(ITEM_RETRY_DELAY * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+        redone = _run_jobs([jobs[k] for k in again], source, destination, workers)
+        for k, record in zip(again, redone, strict=True):
+            record["retries"] = attempt
+            records[k] = record
+    for record in records:
+        record.pop("transient", None)
+    return records
+
+
+def _run_jobs(
+    jobs: list[tuple], source: Source, destination: Destination, workers: int
+) -> list[dict[str, Any]]:
+    if workers <= 1 or len(jobs) < 2:
+        return [_work(job, source, destination) for job in jobs]
     pool = _shared_pool(workers)
     try:
         return list(pool.map(_work, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
@@ -87,14 +100,20 @@ def process_items(
         raise TransientError(f"a burn worker process died: {exc}") from None
 
 
-def _work(job: tuple) -> dict[str, Any]:
+def _work(
+    job: tuple, source: Source | None = None, destination: Destination | None = None
+) -> dict[str, Any]:
+    """One item. In a worker process the source and destination are opened from their URIs
+    once and reused."""
     ref, source_uri, destination_uri, options, label_map, colours, previous, preview = job
-    source = _worker_sources.get(source_uri)
     if source is None:
-        source = _worker_sources[source_uri] = open_source(source_uri)
-    destination = _worker_destinations.get(destination_uri)
+        source = _worker_sources.get(source_uri)
+        if source is None:
+            source = _worker_sources[source_uri] = open_source(source_uri)
     if destination is None:
-        destination = _worker_destinations[destination_uri] = open_destination(destination_uri)
+        destination = _worker_destinations.get(destination_uri)
+        if destination is None:
+            destination = _worker_destinations[destination_uri] = open_destination(destination_uri)
     return process_item(
         ref, source, destination, options, label_map, colours, previous, preview=preview
     )

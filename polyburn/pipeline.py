@@ -12,7 +12,7 @@ from typing import Any
 
 from polyburn.destinations import Destination
 from polyburn.destinations.base import LABEL_MAP_KEY, MANIFEST_KEY
-from polyburn.errors import ConfigError, ItemError, PolyburnError
+from polyburn.errors import ConfigError, ItemError, PolyburnError, TransientError
 from polyburn.geometry import repair_item
 from polyburn.labels import (
     dump_label_map,
@@ -81,6 +81,8 @@ def process_item(
                 destination.remove(stale)
             if preview:
                 record["preview"] = _preview(ref, source, masks, pal)
+    except TransientError as exc:  # worth another try: the caller decides
+        record.update(status="failed", error=f"{ref.path}: {exc}", transient=True)
     except ItemError as exc:
         record.update(status="failed", error=str(exc))
     except PolyburnError as exc:
@@ -220,6 +222,7 @@ def summarize(records: Sequence[Mapping[str, Any]], seconds: float) -> dict[str,
         "repairs_by_kind": dict(sorted(repairs.items())),
         "rejected": sum(len(r.get("problems", [])) for r in records),
         "skipped_by_type": dict(sorted(skipped.items())),
+        "item_retries": sum(r.get("retries", 0) for r in records),
         "outputs_written": sum(
             1 for r in records for o in r.get("outputs", []) if o.get("written")
         ),

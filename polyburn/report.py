@@ -28,6 +28,7 @@ def summary_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         ("files written", summary["outputs_written"]),
         ("batches from cache", summary.get("cached_batches", 0)),
         ("task retries", summary.get("retries", 0)),
+        ("item retries (transient errors)", summary.get("item_retries", 0)),
         ("duration (s)", summary["seconds"]),
     ]
     return [{"metric": metric, "value": value} for metric, value in rows]

@@ -10,6 +10,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="polyburn-prefect-
 os.environ.setdefault("DATALOOP_PATH", tempfile.mkdtemp(prefix="polyburn-dtlpy-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("POLYBURN_ITEM_RETRY_DELAY", "0.01")  # item-level retries, without waits
 
 import pytest  # noqa: E402
 

@@ -103,6 +103,7 @@ def test_empty_path_is_an_item_error_and_long_segments_are_shortened():
     long = safe_segment("é" * 300)
     assert len(long.encode()) <= 200 and long != safe_segment("é" * 301)
     assert safe_segment("a/b") == "a%2Fb" and safe_segment("..") == "%2E%2E"
+    assert safe_segment("bad\udc80name") == "bad%DC80name"  # a lone surrogate (broken UTF-8)
 
 
 def test_item_path_from_filename():

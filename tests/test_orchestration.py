@@ -190,25 +190,3 @@ def test_partial_runs_merge_into_the_manifest_and_forget_deleted_items(export, t
     paths = [r["path"] for r in third_records(dest)]
     assert len(paths) == 11 and "street/scene_005" not in paths and "street/scene_006" in paths
     assert not (dest / "semantic" / "street" / "scene_005.png").exists()
-
-
-def test_concurrent_runs_into_one_destination_are_serialised(export, tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from prefect import get_client
-
-    from flows.polygons_to_masks import lock_name
-
-    dest = tmp_path / "masks"
-    run(source=str(export), destination=str(dest))
-    with ThreadPoolExecutor(2) as pool:
-        futures = [
-            pool.submit(run, source=str(export), destination=str(dest), item_ids=[path])
-            for path in ("fields/plot_001", "fields/plot_002")
-        ]
-        states = [future.result()[0] for future in futures]
-    assert all(state.is_completed() for state in states)
-    assert len(third_records(dest)) == 12  # neither partial run lost the other's records
-    with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(lock_name(str(dest)))
-    assert limit.limit == 1 and limit.active_slots == 0

@@ -32,6 +32,7 @@ from polyburn.destinations.s3 import S3Destination, UnsafeKeyError, parse_s3_uri
 from polyburn.encode import decode_mask
 from polyburn.errors import ConfigError, TransientError
 from polyburn.model import ItemRef
+from polyburn.parallel import ITEM_RETRIES
 from polyburn.params import MaskOptions, RunParameters
 from polyburn.pipeline import process_item
 from tests.support.fault_proxy import FaultProxy
@@ -425,6 +426,22 @@ def test_a_fault_beyond_the_budget_is_a_one_line_transient_error(s3_bucket, s3_e
 
 
 @pytest.mark.usefixtures("prefect_api", "no_retry_backoff")
+def test_an_item_whose_upload_outlasts_botocore_is_retried_and_counted(
+    weed_server, s3_bucket, s3_env, fault_proxy
+):
+    s3_env(fault_proxy.endpoint_url, max_attempts=3)
+    fault_proxy.add("http503", times=4, match=r"^PUT .*/semantic/street/scene_003\.")
+    summary = run_flow(EXAMPLES / "export", f"s3://{s3_bucket}/{PREFIX}")
+    assert summary["failed"] == 0
+    assert summary["item_retries"] == 1  # 3 botocore attempts failed, the item's retry healed
+    assert len(fault_proxy.requests(r"^PUT .*/semantic/street/scene_003\.")) == 5
+    records = [
+        json.loads(line) for line in stored(weed_server, s3_bucket)["manifest.jsonl"].splitlines()
+    ]
+    assert {r["path"]: r.get("retries", 0) for r in records}["street/scene_003"] == 1
+
+
+@pytest.mark.usefixtures("prefect_api", "no_retry_backoff")
 def test_an_item_whose_uploads_never_heal_fails_alone(
     weed_server, s3_bucket, s3_env, fault_proxy, local_run
 ):
@@ -440,7 +457,8 @@ def test_an_item_whose_uploads_never_heal_fails_alone(
         f"street/scene_003: s3://{s3_bucket}/{PREFIX}/semantic/street/scene_003.png: "
         "write failed after 5 attempt(s): HTTP 503 SlowDown"
     )
-    assert len(fault_proxy.requests(r"^PUT .*/street/scene_003\.")) == 5
+    # botocore's 5 attempts, then polyburn's item-level retries, 5 attempts each
+    assert len(fault_proxy.requests(r"^PUT .*/street/scene_003\.")) == 5 * (1 + ITEM_RETRIES)
     objects = stored(weed_server, s3_bucket)
     records = [json.loads(line) for line in objects["manifest.jsonl"].splitlines()]
     assert {r["path"] for r in records if r["status"] == "failed"} == {"street/scene_003"}
