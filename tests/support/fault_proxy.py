@@ -33,6 +33,7 @@ Fault kinds (what the client sees):
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 import socket
 import struct
@@ -82,6 +83,7 @@ class FaultRule:
     delay_s: float = 0.0
     stall_s: float = 0.0
     truncate_bytes: int = 0
+    probability: float = 1.0
     hits: int = field(default=0)
 
     def matches(self, request_line: str) -> bool:
@@ -145,6 +147,7 @@ class FaultProxy:
         self._upstream = (upstream_host, upstream_port)
         self._io_timeout_s = io_timeout_s
         self._lock = threading.Lock()
+        self._random = random.Random(1234)  # probabilistic faults repeat from run to run
         self._rules: list[FaultRule] = []
         self._seen: list[SeenRequest] = []
         self._stopping = threading.Event()
@@ -212,6 +215,7 @@ class FaultProxy:
         delay_s: float = 0.5,
         stall_s: float = 5.0,
         truncate_bytes: int = 0,
+        probability: float = 1.0,
     ) -> FaultRule:
         """Schedule ``kind`` for the next ``times`` requests matching ``match``.
 
@@ -223,6 +227,8 @@ class FaultProxy:
             delay_s: extra latency for ``latency``.
             stall_s: how long ``stall`` holds the connection before closing it.
             truncate_bytes: body bytes that ``truncate`` lets through.
+            probability: chance that a matching request gets the fault (seeded, so a soak
+                run is repeatable); 1.0 means every one.
 
         Returns:
             The rule; its ``hits`` and ``remaining`` show how often it fired.
@@ -240,6 +246,7 @@ class FaultProxy:
             delay_s=delay_s,
             stall_s=stall_s,
             truncate_bytes=truncate_bytes,
+            probability=probability,
         )
         with self._lock:
             self._rules.append(rule)
@@ -284,7 +291,11 @@ class FaultProxy:
         with self._lock:
             chosen: FaultRule | None = None
             for rule in self._rules:
-                if rule.remaining != 0 and rule.matches(request_line):
+                if (
+                    rule.remaining != 0
+                    and rule.matches(request_line)
+                    and (rule.probability >= 1.0 or self._random.random() < rule.probability)
+                ):
                     chosen = rule
                     rule.hits += 1
                     if rule.remaining is not None:
