@@ -96,6 +96,7 @@ def main() -> None:
         "faults_injected": injected,
         "faults_total": sum(injected.values()),
         "fault_share": round(sum(injected.values()) / max(requests, 1), 4),
+        "client_retries": summary["io_retries"],
         "item_retries": summary["item_retries"],
         "task_retries": summary["retries"],
         "manifest_records": len(records),

@@ -74,7 +74,10 @@ def process_item(
                 options.draw_order,
             )
             pal = palette(label_map, colours)
+            retried = destination.retries_in_this_thread()
             outputs = destination.publish_item(item, masks, options.format, pal)
+            if destination.retries_in_this_thread() > retried:
+                record["io_retries"] = destination.retries_in_this_thread() - retried
             record["outputs"] = [o.as_dict() for o in outputs]
             stale = sorted(set(previous_keys) - {o.key for o in outputs})
             if stale:
@@ -223,6 +226,7 @@ def summarize(records: Sequence[Mapping[str, Any]], seconds: float) -> dict[str,
         "rejected": sum(len(r.get("problems", [])) for r in records),
         "skipped_by_type": dict(sorted(skipped.items())),
         "item_retries": sum(r.get("retries", 0) for r in records),
+        "io_retries": sum(r.get("io_retries", 0) for r in records),
         "outputs_written": sum(
             1 for r in records for o in r.get("outputs", []) if o.get("written")
         ),

@@ -29,6 +29,7 @@ def summary_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         ("batches from cache", summary.get("cached_batches", 0)),
         ("task retries", summary.get("retries", 0)),
         ("item retries (transient errors)", summary.get("item_retries", 0)),
+        ("client retries (destination requests)", summary.get("io_retries", 0)),
         ("duration (s)", summary["seconds"]),
     ]
     return [{"metric": metric, "value": value} for metric, value in rows]

@@ -434,6 +434,7 @@ def test_an_item_whose_upload_outlasts_botocore_is_retried_and_counted(
     summary = run_flow(EXAMPLES / "export", f"s3://{s3_bucket}/{PREFIX}")
     assert summary["failed"] == 0
     assert summary["item_retries"] == 1  # 3 botocore attempts failed, the item's retry healed
+    assert summary["io_retries"] == 1  # ... after one more botocore retry of its own
     assert len(fault_proxy.requests(r"^PUT .*/semantic/street/scene_003\.")) == 5
     records = [
         json.loads(line) for line in stored(weed_server, s3_bucket)["manifest.jsonl"].splitlines()

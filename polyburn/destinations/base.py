@@ -56,6 +56,11 @@ class Destination(ABC):
     def write_text(self, key: str, text: str) -> OutputRecord:
         """Store a small text object atomically."""
 
+    def retries_in_this_thread(self) -> int:
+        """Requests the destination's client retried so far in the calling thread (a running
+        count; callers take differences around one item's work)."""
+        return 0
+
     def recover(self) -> None:  # noqa: B027 - optional for destinations
         """Clean up what a killed earlier run left behind (temp files, unfinished uploads)."""
 

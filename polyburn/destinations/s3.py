@@ -179,6 +179,16 @@ class S3Destination(FileDestination):
         self._endpoint = _public_endpoint(getattr(client.meta, "endpoint_url", ""))
         self._closed = threading.Event()
         self._head_denied = threading.Event()
+        self._retries = threading.local()
+        client.meta.events.register("after-call.s3", self._count_retries)
+
+    def _count_retries(self, parsed: Mapping[str, Any] | None = None, **_: Any) -> None:
+        """botocore hook: add the call's retry attempts to this thread's count."""
+        attempts = ((parsed or {}).get("ResponseMetadata") or {}).get("RetryAttempts") or 0
+        self._retries.count = getattr(self._retries, "count", 0) + int(attempts)
+
+    def retries_in_this_thread(self) -> int:
+        return getattr(self._retries, "count", 0)
 
     # ------------------------------------------------------------------ construction
     @classmethod
