@@ -67,6 +67,8 @@ def test_login_uses_users_me_and_token_passes_client_check(dtlpy_client, fake_ga
     assert dl.client_api.environment == fake_gate.api_url
     assert dl.client_api.token_expired() is False  # exp > now + 60 s
     assert dl.client_api.info()["user_email"] == "fake@example.com"
+    fake_gate.clear_requests()  # the session login may be long gone from the shared log
+    dl.login_token(dl.client_api.token)
     me = fake_gate.requests_to(r"/users/me$", "GET")
     assert me and me[0].status == 200
     assert me[0].headers["authorization"].startswith("Bearer ")

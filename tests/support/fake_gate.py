@@ -66,7 +66,7 @@ from urllib.parse import parse_qs, urlsplit
 API_PREFIX = "/api/v1"
 DEFAULT_EMAIL = "fake@example.com"
 TEN_YEARS = 10 * 365 * 86400
-FAULT_KINDS = ("http429", "http500", "http503", "http400", "stall", "reset")
+FAULT_KINDS = ("http429", "http500", "http503", "http400", "stall", "reset", "lost_response")
 
 __all__ = [
     "API_PREFIX",
@@ -316,6 +316,7 @@ class Fault:
     then: str = "respond"
     message: str = "injected fault"
     hits: int = 0
+    after: int = 0  # let this many matching requests through before the fault applies
 
     def matches(self, method: str, path: str) -> bool:
         if self.remaining is not None and self.remaining <= 0:
@@ -387,7 +388,7 @@ class _Handler(BaseHTTPRequestHandler):
             gate._record(GateRequest(method, path, body, status, query, headers, fault))
 
         fault = gate._take_fault(method, path)
-        if fault is not None and self._apply_fault(fault, record):
+        if fault is not None and fault.kind != "lost_response" and self._apply_fault(fault, record):
             return
 
         try:
@@ -404,6 +405,11 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug in the fake: surface it loudly
             gate.errors.append(traceback.format_exc())
             status, payload, extra = 500, {"status": 500, "message": f"fake gate bug: {exc!r}"}, {}
+        if fault is not None and fault.kind == "lost_response":
+            # the request WAS applied; only the answer is lost (connection reset, no response)
+            record(None, "lost_response")
+            self._drop(reset=True)
+            return
         record(status)
         self._send(status, payload, extra)
 
@@ -540,7 +546,7 @@ class FakeGate:
         self.recipes: dict[str, dict[str, Any]] = {}
         self.ontologies: dict[str, dict[str, Any]] = {}
         self.items: dict[str, dict[str, Any]] = {}
-        self.annotations: dict[str, dict[str, Any]] = {}
+        self.annotations: _AnnotationStore = _AnnotationStore()
         self.commands: dict[str, dict[str, Any]] = {}
         self._blobs: dict[str, bytes] = {}
         self._default_project: str | None = None
@@ -615,6 +621,7 @@ class FakeGate:
         seconds: float = 0.0,
         then: str = "respond",
         message: str = "injected fault",
+        after: int = 0,
     ) -> Fault:
         """Make the next ``times`` requests whose path matches ``route`` fail.
 
@@ -629,15 +636,23 @@ class FakeGate:
         * ``stall`` -- sleep ``seconds``, then ``then``: ``"respond"`` (serve normally),
           ``"close"`` (FIN, no response) or ``"reset"`` (RST, no response).
         * ``reset`` -- abort the connection (RST) without any response.
+        * ``lost_response`` -- serve the request normally (it takes effect), then abort the
+          connection (RST) instead of answering: a client cannot tell whether it was applied.
 
-        Faults are checked before authentication; the first matching fault wins.
+        ``after=N`` lets the first N matching requests through untouched (e.g. fail only the
+        second upload batch). Faults are checked before authentication; the first matching
+        fault wins.
         """
-        if not (kind in ("stall", "reset") or re.fullmatch(r"http[1-5]\d\d", kind)):
+        if not (
+            kind in ("stall", "reset", "lost_response") or re.fullmatch(r"http[1-5]\d\d", kind)
+        ):
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
         if then not in ("respond", "close", "reset"):
             raise ValueError("then must be 'respond', 'close' or 'reset'")
         if times is not None and times < 1:
             raise ValueError("times must be >= 1 or None")
+        if after < 0:
+            raise ValueError("after must be >= 0")
         ra = None
         if retry_after is not None:
             ra = retry_after if isinstance(retry_after, str) else f"{retry_after:g}"
@@ -650,6 +665,7 @@ class FakeGate:
             seconds=float(seconds),
             then=then,
             message=message,
+            after=after,
         )
         with self._lock:
             self._faults.append(fault)
@@ -663,6 +679,9 @@ class FakeGate:
         with self._lock:
             for fault in self._faults:
                 if fault.matches(method, path):
+                    if fault.after > 0:
+                        fault.after -= 1
+                        continue
                     if fault.remaining is not None:
                         fault.remaining -= 1
                     fault.hits += 1
@@ -867,7 +886,7 @@ class FakeGate:
     def annotations_of(self, item_id: str) -> list[dict[str, Any]]:
         """Stored annotation JSONs of an item, in creation (= id) order."""
         with self._lock:
-            return [copy.deepcopy(a) for a in self.annotations.values() if a["itemId"] == item_id]
+            return [copy.deepcopy(a) for a in self.annotations.of_item(item_id)]
 
     def item_json(self, item_id: str) -> dict[str, Any]:
         with self._lock:
@@ -941,7 +960,7 @@ class FakeGate:
         if item is None:
             raise _HttpError(404, f"Item not found: {item_id}")
         out = copy.deepcopy(item)
-        n = sum(1 for a in self.annotations.values() if a["itemId"] == item_id)
+        n = len(self.annotations.of_item(item_id))
         out["annotationsCount"] = n
         out["annotated"] = n > 0
         return out
@@ -1185,18 +1204,21 @@ class FakeGate:
             join_filter = join.get("filter") or {}
             _validate_filter(join_filter)
 
-        by_item: dict[str, list[dict[str, Any]]] = {}
-        for ann in self.annotations.values():
-            if ann["datasetId"] == dataset_id:
-                by_item.setdefault(ann["itemId"], []).append(ann)
+        def annotations_of(item_id: str) -> list[dict[str, Any]]:
+            return [a for a in self.annotations.of_item(item_id) if a["datasetId"] == dataset_id]
+
         if resource == "items":
             docs = []
             for item in self.items.values():
                 if item["datasetId"] == dataset_id:
-                    n = len(by_item.get(item["id"], ()))
+                    n = len(annotations_of(item["id"]))
                     docs.append({**item, "annotationsCount": n, "annotated": n > 0})
         elif resource == "annotations":
-            docs = [a for anns in by_item.values() for a in anns]
+            item_id = _item_id_of(flt)  # an item's annotations: use the index, not a full scan
+            if item_id is not None:
+                docs = annotations_of(item_id)
+            else:
+                docs = [a for a in self.annotations.values() if a["datasetId"] == dataset_id]
         else:
             raise DqlError(f"unsupported resource {resource!r}")
 
@@ -1205,7 +1227,7 @@ class FakeGate:
             matched = [
                 d
                 for d in matched
-                if any(dql_match(a, join_filter) for a in by_item.get(d["id"], ()))
+                if any(dql_match(a, join_filter) for a in annotations_of(d["id"]))
             ]
         matched.sort(key=lambda d: d["id"])
         for key, direction in reversed(list(sort.items())):
@@ -1248,7 +1270,7 @@ class FakeGate:
         for item in items:
             entry = copy.deepcopy(item)
             if include:
-                anns = [a for a in self.annotations.values() if a["itemId"] == item["id"]]
+                anns = self.annotations.of_item(item["id"])
                 if ann_query:
                     flt = ann_query.get("filter") or {}
                     _validate_filter(flt)
@@ -1292,6 +1314,73 @@ class FakeGate:
         if cid not in self.commands:
             raise _HttpError(404, f"Command not found: {cid}")
         return copy.deepcopy(self.commands[cid])
+
+
+def _item_id_of(flt: Mapping[str, Any]) -> str | None:
+    """The item id a filter pins with a top-level ``{"itemId": "<id>"}`` (alone or in ``$and``)."""
+    clauses = [flt, *(c for c in flt.get("$and", []) if isinstance(c, Mapping))]
+    for clause in clauses:
+        value = clause.get("itemId")
+        if isinstance(value, str):
+            return value
+    return None
+
+
+class _AnnotationStore(dict):
+    """``annotation id -> annotation JSON`` that also keeps ``item id -> annotation ids`` (in
+    creation order) in step, whichever way tests add or remove entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_item: dict[Any, dict[str, None]] = {}
+
+    def __setitem__(self, key: str, value: dict[str, Any]) -> None:
+        if key in self:
+            self._unindex(key, dict.__getitem__(self, key))
+        super().__setitem__(key, value)
+        self._by_item.setdefault(value.get("itemId"), {})[key] = None
+
+    def __delitem__(self, key: str) -> None:
+        value = dict.__getitem__(self, key)
+        super().__delitem__(key)
+        self._unindex(key, value)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self:
+            value = dict.__getitem__(self, key)
+            del self[key]
+            return value
+        if default:
+            return default[0]
+        raise KeyError(key)
+
+    def popitem(self) -> tuple[str, dict[str, Any]]:
+        key = next(reversed(self))
+        return key, self.pop(key)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return dict.__getitem__(self, key)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def clear(self) -> None:
+        super().clear()
+        self._by_item.clear()
+
+    def of_item(self, item_id: str) -> list[dict[str, Any]]:
+        """The item's annotations, oldest first."""
+        return [dict.__getitem__(self, k) for k in self._by_item.get(item_id, ())]
+
+    def _unindex(self, key: str, value: Mapping[str, Any]) -> None:
+        ids = self._by_item.get(value.get("itemId"))
+        if ids is not None:
+            ids.pop(key, None)
+            if not ids:
+                del self._by_item[value.get("itemId")]
 
 
 _FROZEN_KEYS = frozenset({"id", "itemId", "datasetId", "url", "item", "dataset", "creator"})

@@ -1,0 +1,635 @@
+"""``dataloop://`` end to end: the REAL dtlpy client against the session's fake gate.
+
+Covers issue #3: keyset-paged listing of a few hundred items, a Dataloop → folder run that is
+pixel-identical to the same items exported to disk and run through the local source, write-back
+that replaces instead of duplicating (and is never read back), faults that heal within the retry
+budget, a fault that does not (only its items fail), partial uploads, throttling through a Prefect
+limit, and a bad API key (one line, no traceback, no secret anywhere).
+
+Uses the session ``fake_gate`` and ``prefect_api`` fixtures only; each test makes its own dataset.
+Retries sleep at most a few tens of milliseconds (``POLYBURN_DATALOOP_BACKOFF_*``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from polyburn import dataloop_api as api
+from polyburn.destinations.dataloop import DataloopDestination
+from polyburn.destinations.local import LocalDestination
+from polyburn.encode import decode_mask
+from polyburn.errors import ConfigError, TransientError
+from polyburn.params import MaskOptions
+from polyburn.pipeline import process_item, write_label_map
+from polyburn.sources.dataloop import DataloopSource, parse_colour
+from tests.support.fake_gate import FakeGate, make_fake_jwt
+from tests.support.oracle import rasterio_oracle, raw_rings
+
+QUERY = r"/datasets/[0-9a-f]{24}/query$"
+ONTOLOGY = [
+    {"tag": "car", "color": "#ff0000", "children": [{"tag": "sedan", "color": "#00aa00"}]},
+    {"tag": "road", "color": "#808080"},
+    {"tag": "truck", "color": "rgb(0, 0, 255)"},  # declared, never used: still in the label map
+]
+ALL_MODES = ["semantic", "instance", "binary"]
+
+
+# ------------------------------------------------------------------------------------ setup
+@pytest.fixture(scope="module", autouse=True)
+def dataloop_env(fake_gate: FakeGate, fake_gate_token: str, tmp_path_factory):
+    """Point polyburn at the fake gate with the session's token; tiny backoff; private state."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DATALOOP_GATE_URL", fake_gate.api_url)
+    mp.setenv("DATALOOP_API_KEY", fake_gate_token)
+    mp.delenv("DATALOOP_API_KEY_BLOCK", raising=False)
+    mp.setenv("POLYBURN_DATALOOP_BACKOFF_BASE", "0.005")
+    mp.setenv("POLYBURN_DATALOOP_BACKOFF_MAX", "0.03")
+    mp.setenv("POLYBURN_DATALOOP_ATTEMPTS", "5")
+    mp.setenv("POLYBURN_DATALOOP_PAGE_SIZE", "50")
+    mp.setenv("POLYBURN_DATALOOP_LIMIT", "")  # throttling is tested on its own
+    mp.setenv("POLYBURN_STATE_DIR", str(tmp_path_factory.mktemp("dataloop-state")))
+    api.reset_session()
+    _restart_burn_workers()
+    yield
+    mp.undo()
+    api.reset_session()
+    _restart_burn_workers()
+
+
+def _restart_burn_workers() -> None:
+    """The burn pool's worker processes keep the environment they were spawned with: drop a
+    pool started by an earlier test so the next one sees this module's settings."""
+    from polyburn import parallel
+
+    pool = getattr(parallel, "_pool", None)
+    if pool is not None and hasattr(parallel, "_discard_pool"):
+        parallel._discard_pool(pool)
+
+
+@pytest.fixture(autouse=True)
+def _no_faults_left(fake_gate: FakeGate):
+    yield
+    fake_gate.clear_faults()
+
+
+def square(x0: float, y0: float, x1: float, y1: float) -> list[tuple[float, float]]:
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+def png_uri(mask: np.ndarray, rgb=(0, 200, 0)) -> str:
+    rgba = np.zeros((*mask.shape, 4), np.uint8)
+    rgba[mask] = (*rgb, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode_png(uri: str) -> tuple[np.ndarray, tuple[int, int, int] | None]:
+    """(alpha > 127 mask, RGB of the first set pixel), as dtlpy decodes a binary annotation."""
+    data = base64.b64decode(uri.split(",", 1)[1])
+    rgba = np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"))
+    mask = rgba[:, :, 3] > 127
+    rgb = tuple(int(c) for c in rgba[mask][0][:3]) if mask.any() else None
+    return mask, rgb
+
+
+def build_dataset(gate: FakeGate, name: str, n: int, seed: int = 0) -> tuple[str, list[dict]]:
+    """``n`` 24x16 items over three folders. Every 10th has no pixel annotation (a box only);
+    the others have a ``car`` polygon WITH A HOLE, a ``road`` polygon, sometimes a ``car.sedan``
+    polygon, a human ``road`` binary mask and a ``class``."""
+    ds = gate.add_dataset(name, labels=ONTOLOGY)
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        w, h = 24, 16
+        if i % 10 == 9:
+            anns = [{"type": "box", "label": "road", "coordinates": [(0, 0), (3, 3)]}]
+        else:
+            x0, y0 = rng.uniform(0, 6), rng.uniform(0, 4)
+            anns = [
+                {
+                    "type": "segment",
+                    "label": "car",
+                    "coordinates": [
+                        square(x0, y0, x0 + 14.3, y0 + 9.7),
+                        square(x0 + 4.2, y0 + 2.6, x0 + 9.1, y0 + 6.4),  # the hole
+                    ],
+                    "metadata": {"system": {"objectId": str(i % 4 + 1)}},
+                },
+                {
+                    "type": "segment",
+                    "label": "road",
+                    "coordinates": [[(0, h), (w, h - 5.5), (w, h)]],
+                },
+            ]
+            if i % 3 == 0:
+                sx, sy = rng.uniform(10, 16), rng.uniform(0, 6)
+                anns.append(
+                    {
+                        "type": "segment",
+                        "label": "car.sedan",
+                        "coordinates": [square(sx, sy, sx + 6, sy + 5)],
+                    }
+                )
+            if i % 4 == 0:
+                mask = np.zeros((h, w), bool)
+                mask[1:4, 18:23] = True
+                anns.append({"type": "binary", "label": "road", "coordinates": png_uri(mask)})
+            if i % 5 == 0:
+                anns.append({"type": "class", "label": "road"})
+        items.append(gate.add_item(ds, f"/folder{i % 3}/img_{i:03d}.jpg", w, h, anns))
+    return ds, items
+
+
+def run_flow(source: str, dest: str, **kwargs):
+    from flows.polygons_to_masks import polygons_to_masks
+    from polyburn.params import RunParameters
+
+    options = MaskOptions(**kwargs.pop("options", {"modes": ["semantic"]}))
+    state = polygons_to_masks(
+        RunParameters(source=source, destination=dest, options=options, **kwargs),
+        return_state=True,
+    )
+    return state, state.result(raise_on_failure=False)
+
+
+def ours(gate: FakeGate, item_id: str) -> list[dict]:
+    return [a for a in gate.annotations_of(item_id) if "polyburn" in a["metadata"].get("user", {})]
+
+
+def theirs(gate: FakeGate, item_id: str) -> list[dict]:
+    return [
+        a for a in gate.annotations_of(item_id) if "polyburn" not in a["metadata"].get("user", {})
+    ]
+
+
+def pixel_items(items: list[dict]) -> list[dict]:
+    return [it for k, it in enumerate(items) if k % 10 != 9]
+
+
+@pytest.fixture(scope="module")
+def big_dataset(fake_gate: FakeGate) -> tuple[str, list[dict]]:
+    return build_dataset(fake_gate, "big", 200, seed=1)
+
+
+# ------------------------------------------------------------------------------------ source
+def test_listing_streams_keyset_pages_with_the_pixel_join(fake_gate, big_dataset):
+    ds, items = big_dataset
+    wanted = [it["id"] for it in pixel_items(items)]
+    source = DataloopSource.from_uri(f"dataloop://{ds}")
+    fake_gate.clear_requests()
+
+    refs = source.list_items()
+    first = next(refs)
+    assert len(fake_gate.requests_to(QUERY)) == 1  # one page asked for, not the whole dataset
+    listed = [first, *refs]
+    assert [r.item_id for r in listed] == sorted(wanted) and len(wanted) == 180
+    assert listed[0].path == "folder0/img_000" and listed[0].locator == listed[0].item_id
+
+    bodies = [r.body for r in fake_gate.requests_to(QUERY)]
+    assert len(bodies) == 4  # 180 items, 50 a page; page 0 asked once (dtlpy asks it twice)
+    cursors = []
+    for body in bodies:
+        assert body["resource"] == "items" and body["page"] == 0 and body["pageSize"] == 50
+        assert body["sort"] == {"id": "ascending"}
+        assert body["join"]["filter"] == {"$and": [{"type": {"$in": ["segment", "binary"]}}]}
+        assert {"hidden": False} in body["filter"]["$and"]
+        cursors.append([c["id"]["$gt"] for c in body["filter"]["$and"] if "id" in c])
+    assert cursors == [[], [listed[49].item_id], [listed[99].item_id], [listed[149].item_id]]
+
+
+def test_load_keeps_holes_and_labels_come_from_the_ontology(fake_gate, big_dataset):
+    ds, items = big_dataset
+    source = DataloopSource.from_uri(f"dataloop://{ds}")
+    ref = next(source.list_items())
+    item = source.load(ref, 10**8)
+    car = next(a for a in item.annotations if a.label == "car")
+    assert len(car.rings) == 2 and car.object_id == 1  # dtlpy's entity would keep ring 0 only
+    assert [a.type for a in item.annotations].count("binary") == 1
+    assert (item.width, item.height) == (24, 16)
+
+    assert source.labels() == {
+        "car": (255, 0, 0),
+        "car.sedan": (0, 170, 0),
+        "road": (128, 128, 128),
+        "truck": (0, 0, 255),
+    }
+    assert parse_colour("#0f0") == (0, 255, 0)
+    assert parse_colour("__import__('os').system('touch /tmp/pwned')") == (255, 255, 255)
+    assert parse_colour("rgb(__import__('os'), 1, 2)") == (255, 255, 255)
+
+
+def test_a_rejected_query_is_an_error_never_zero_items(fake_gate, big_dataset):
+    ds, _ = big_dataset
+    bad = DataloopSource.from_uri(f"dataloop://{ds}", item_filter='{"dir": {"$regexx": "a"}}')
+    with pytest.raises(
+        api.DataloopError, match=r"HTTP 400.*Bad query: unknown operator '\$regexx'"
+    ):
+        list(bad.list_items())
+    with pytest.raises(api.DataloopError, match="HTTP 400"):
+        bad.check()
+
+    good = DataloopSource.from_uri(f"dataloop://{ds}", item_filter='{"dir": "/folder1"}')
+    fake_gate.inject(QUERY, "http400", times=1, message="filter too complex")
+    with pytest.raises(api.DataloopError, match="filter too complex") as err:
+        list(good.list_items())
+    assert err.value.status == 400
+    assert len(list(good.list_items())) == 60  # the same query, unfaulted: folder1 only
+
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        DataloopSource.from_uri(f"dataloop://{ds}", item_filter="{dir: /a}")
+    with pytest.raises(ConfigError, match="not found"):
+        DataloopSource.from_uri("dataloop://" + "f" * 24)
+
+
+def test_transient_faults_heal_inside_the_budget(fake_gate, big_dataset, monkeypatch):
+    ds, items = big_dataset
+    item_id = items[0]["id"]
+    route = rf"/items/{item_id}$"
+    source = DataloopSource.from_uri(f"dataloop://{ds}")
+
+    faults = [  # 4 failures, then success: inside a budget of 5 attempts
+        fake_gate.inject(route, "http429", times=1),  # no Retry-After: dtlpy alone gives up
+        fake_gate.inject(route, "http500", times=1),  # dtlpy alone never retries a 500
+        fake_gate.inject(route, "reset", times=1),
+        fake_gate.inject(route, "stall", times=1, seconds=0.3, then="close"),
+    ]
+    assert source.load(next(source.list_items()), 10**8).item_id == item_id
+    assert [f.hits for f in faults] == [1, 1, 1, 1]
+    statuses = [r.status for r in fake_gate.requests_to(route)][-5:]
+    assert statuses == [429, 500, None, None, 200]
+
+    # a stall longer than the read timeout is a timeout, retried
+    monkeypatch.setenv("POLYBURN_DATALOOP_TIMEOUT", "0.4")
+    fake_gate.inject(route, "stall", times=1, seconds=1.0)
+    assert api.request("GET", f"/items/{item_id}", what="get item")["id"] == item_id
+
+    # Retry-After is honoured
+    fake_gate.inject(route, "http429", times=1, retry_after=1)
+    t0 = time.monotonic()
+    assert api.request("GET", f"/items/{item_id}", what="get item")["id"] == item_id
+    assert 1.0 <= time.monotonic() - t0 < 3
+
+    # the budget is bounded: a persistent 503 gives a TransientError naming the call
+    fake_gate.inject(route, "http503", times=None, message="gate overloaded")
+    with pytest.raises(TransientError, match=r"get item: gave up after 5 attempts.*HTTP 503"):
+        api.request("GET", f"/items/{item_id}", what="get item")
+    fake_gate.clear_faults()
+    fake_gate.inject(route, "http403", times=None, message="no access to item")
+    with pytest.raises(api.DataloopError, match="HTTP 403.*no access to item"):
+        api.request("GET", f"/items/{item_id}", what="get item")
+    assert fake_gate.requests_to(route)[-2].status != 403  # 4xx: one attempt, no retry
+
+
+# ------------------------------------------------------------------------------------ flows
+@pytest.mark.usefixtures("prefect_api")
+def test_run_to_a_folder_is_pixel_identical_to_the_exported_items(
+    fake_gate, big_dataset, dtlpy_client, tmp_path
+):
+    ds, items = big_dataset
+    dl_masks, local_masks, export = tmp_path / "from-dataloop", tmp_path / "from-export", tmp_path
+    state, summary = run_flow(f"dataloop://{ds}", str(dl_masks), options={"modes": ALL_MODES})
+    assert state.is_completed() and summary["failed"] == 0 and summary["items"] == 180
+    label_map = json.loads((dl_masks / "label_map.json").read_text())
+    assert label_map == {"car": 1, "car.sedan": 2, "road": 3, "truck": 4}  # from the ontology
+
+    # the same items through the SDK's own export and the local source
+    join = dtlpy_client.Filters()
+    join.add_join(field="type", values={"$in": ["segment", "binary"]})
+    dtlpy_client.datasets.get(dataset_id=ds).download_annotations(
+        local_path=str(export / "export"), filters=join
+    )
+    _, local = run_flow(
+        str(export / "export"),
+        str(local_masks),
+        labels=str(dl_masks / "label_map.json"),
+        options={"modes": ALL_MODES},
+    )
+    assert local["items"] == 180 and local["failed"] == 0
+
+    compared = 0
+    for file in sorted(dl_masks.rglob("*.png")):
+        rel = file.relative_to(dl_masks)
+        got = decode_mask(file.read_bytes(), "png")
+        want = decode_mask((local_masks / rel).read_bytes(), "png")
+        assert np.array_equal(got, want), rel
+        compared += 1
+    assert compared == len(list(local_masks.rglob("*.png"))) > 3 * 180
+
+    # holes survive: the binary car mask is rasterio's fill of both rings
+    item = items[0]
+    car = next(a for a in fake_gate.annotations_of(item["id"]) if a["label"] == "car")
+    got = decode_mask((dl_masks / "binary/car/folder0/img_000.png").read_bytes(), "png")
+    assert np.array_equal(got.astype(bool), rasterio_oracle(raw_rings(car), 16, 24))
+    assert got.sum() < rasterio_oracle(raw_rings(car)[:1], 16, 24).sum()  # the hole is empty
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_write_back_replaces_instead_of_duplicating(fake_gate, tmp_path, caplog):
+    ds, items = build_dataset(fake_gate, "write-back", 12, seed=2)
+    wanted = pixel_items(items)
+    human_before = {it["id"]: theirs(fake_gate, it["id"]) for it in items}
+    options = {"modes": ["semantic", "instance"]}
+
+    state, first = run_flow(f"dataloop://{ds}", "dataloop://", options=options)
+    assert state.is_completed() and first["failed"] == 0 and first["items"] == 11
+    assert first["outputs_written"] > 0
+
+    # masks as the local destination burns them, from the same items and label map
+    source = DataloopSource.from_uri(f"dataloop://{ds}")
+    destination = DataloopDestination.from_uri(f"dataloop://{ds}")
+    label_map = json.loads(destination.read_text("label_map.json"))
+    local = LocalDestination(tmp_path / "local")
+    colours = source.labels()
+    for ref in source.list_items():
+        record = process_item(ref, source, local, MaskOptions(**options), label_map, colours)
+        assert record["status"] == "ok"
+        semantic = decode_mask((tmp_path / f"local/semantic/{ref.path}.png").read_bytes(), "png")
+        instance = decode_mask((tmp_path / f"local/instance/{ref.path}.png").read_bytes(), "png")
+        written = ours(fake_gate, ref.item_id)
+        marks = [a["metadata"]["user"]["polyburn"] for a in written]
+        assert all(m["tool"] == "polyburn" and m["version"] and m["run"] for m in marks)
+        for annotation, mark in zip(written, marks, strict=True):
+            mask, rgb = decode_png(annotation["coordinates"])
+            assert annotation["type"] == "binary"
+            if mark["mode"] == "semantic":
+                assert np.array_equal(mask, semantic == label_map[annotation["label"]])
+                assert rgb == colours[annotation["label"]]
+            else:
+                k = int(annotation["metadata"]["system"]["objectId"])
+                assert np.array_equal(mask, instance == k)
+        assert sum(m["mode"] == "semantic" for m in marks) == len(np.unique(semantic)) - 1
+        assert sum(m["mode"] == "instance" for m in marks) == len(np.unique(instance)) - 1
+    for item in items:  # human annotations are untouched
+        assert theirs(fake_gate, item["id"]) == human_before[item["id"]]
+    assert not ours(fake_gate, items[9]["id"])  # an item without polygons gets nothing
+
+    ids_before = {it["id"]: sorted(a["id"] for a in ours(fake_gate, it["id"])) for it in wanted}
+    fake_gate.clear_requests()
+    _, second = run_flow(f"dataloop://{ds}", "dataloop://", options=options)
+    assert second["failed"] == 0 and second["outputs_written"] == 0
+    # polyburn's own annotations were listed but never read back as input
+    assert second["skipped_by_type"].get("binary (written by polyburn)", 0) == sum(
+        map(len, ids_before.values())
+    )
+    assert second["annotations"] == first["annotations"]
+    assert not fake_gate.requests_to(r"/annotations(/[0-9a-f]+)?$", "POST")
+    assert not fake_gate.requests_to(r"/annotations/", "DELETE")
+    ids_after = {it["id"]: sorted(a["id"] for a in ours(fake_gate, it["id"])) for it in wanted}
+    assert ids_after == ids_before
+
+    # a human edits one polygon: only that item's masks are replaced, nothing is duplicated
+    edited = wanted[1]["id"]
+    polygon = next(a for a in theirs(fake_gate, edited) if a["label"] == "road")
+    fake_gate.annotations[polygon["id"]]["coordinates"] = [
+        [{"x": 0, "y": 16}, {"x": 24, "y": 2.5}, {"x": 24, "y": 16}]
+    ]
+    fake_gate.update_item(edited)
+    _, third = run_flow(f"dataloop://{ds}", "dataloop://", options=options)
+    assert third["failed"] == 0 and third["outputs_written"] >= 1
+    ids_third = {it["id"]: sorted(a["id"] for a in ours(fake_gate, it["id"])) for it in wanted}
+    assert {k for k, v in ids_third.items() if v != ids_before[k]} == {edited}
+    assert len(ids_third[edited]) == len(ids_before[edited])
+    replaced = set(ids_third[edited]) - set(ids_before[edited])
+    assert len(replaced) == third["outputs_written"]
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_faults_during_a_write_back_run_heal(fake_gate):
+    ds, items = build_dataset(fake_gate, "healing", 20, seed=3)
+    uploads = r"/items/[0-9a-f]{24}/annotations$"
+    faults = [
+        fake_gate.inject(QUERY, "http429", times=2),
+        fake_gate.inject(r"/items/[0-9a-f]{24}$", "http503", times=3),
+        fake_gate.inject(r"/items/[0-9a-f]{24}$", "http500", times=2),
+        fake_gate.inject(r"/ontologies/", "reset", times=1),
+        fake_gate.inject(uploads, "lost_response", times=2, method="POST"),  # stored, reply lost
+        fake_gate.inject(uploads, "http502", times=2, method="POST"),
+    ]
+    state, summary = run_flow(f"dataloop://{ds}", "dataloop://", options={"modes": ["instance"]})
+    assert state.is_completed() and summary["failed"] == 0, summary["failures"]
+    assert [f.hits for f in faults] == [2, 3, 2, 1, 2, 2]
+    for item in pixel_items(items):  # a lost reply never duplicated an upload
+        keys = [a["metadata"]["user"]["polyburn"]["key"] for a in ours(fake_gate, item["id"])]
+        assert len(keys) == len(set(keys)) > 0
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_fault_that_does_not_heal_fails_only_its_items(fake_gate, tmp_path):
+    ds, items = build_dataset(fake_gate, "broken", 8, seed=4)
+    unreadable, unwritable = items[2]["id"], items[5]["id"]
+    fake_gate.inject(rf"/items/{unreadable}$", "http500", times=None, message="disk on fire")
+    fake_gate.inject(rf"/items/{unwritable}/annotations$", "reset", times=None, method="POST")
+    state, summary = run_flow(f"dataloop://{ds}", "dataloop://", options={"modes": ["semantic"]})
+    assert state.is_completed()
+    assert summary["items"] == 8 and summary["failed"] == 2 and summary["ok"] == 6
+    errors = {f["path"]: f["error"] for f in summary["failures"]}
+    assert errors["folder2/img_002"] == (
+        "folder2/img_002: Dataloop get item "
+        f"{unreadable}: gave up after 5 attempts in " + errors["folder2/img_002"].split(" in ")[1]
+    )
+    assert errors["folder2/img_002"].endswith("HTTP 500: disk on fire")
+    assert re.search(r"upload \d masks to item", errors["folder2/img_005"])
+    assert "ConnectionError" in errors["folder2/img_005"]
+    assert "\n" not in "".join(errors.values())
+    assert not ours(fake_gate, unwritable) and not ours(fake_gate, unreadable)
+    assert all(
+        ours(fake_gate, it["id"]) for it in items if it["id"] not in (unreadable, unwritable)
+    )
+
+
+# ------------------------------------------------------------------------------------ destination
+def test_a_failed_upload_batch_rolls_back_and_keeps_the_previous_masks(fake_gate, monkeypatch):
+    ds = fake_gate.add_dataset("batches", labels={"dot": "#00ff00"})
+    dots = [
+        {"type": "segment", "label": "dot", "coordinates": [square(x, y, x + 0.9, y + 0.9)]}
+        for y in range(10)
+        for x in range(12)
+    ]
+    item = fake_gate.add_item(ds, "/many.png", 12, 10, dots)  # 120 instances: two batches
+    source = DataloopSource.from_uri(f"dataloop://{ds}")
+    destination = DataloopDestination.from_uri("dataloop://", source_dataset=source.uri)
+    write_label_map(destination, {"dot": 1})
+    ref = next(source.list_items())
+    semantic, instance = MaskOptions(modes=["semantic"]), MaskOptions(modes=["instance"])
+
+    assert process_item(ref, source, destination, semantic, {"dot": 1})["status"] == "ok"
+    before = ours(fake_gate, item["id"])
+    assert len(before) == 1
+
+    uploads = rf"/items/{item['id']}/annotations$"
+    fake_gate.inject(uploads, "http500", times=None, method="POST", after=1)
+    record = process_item(ref, source, destination, instance, {"dot": 1})
+    assert record["status"] == "failed"
+    assert "upload 20 masks" in record["error"] and "gave up after 5 attempts" in record["error"]
+    assert ours(fake_gate, item["id"]) == before  # first batch rolled back, old mask kept
+    fake_gate.clear_faults()
+
+    # a reply listing fewer annotations than were sent is an error, not a log line
+    real = api.request
+
+    def short_reply(method, path, **kwargs):
+        result = real(method, path, **kwargs)
+        return result[:-1] if method == "POST" and path.endswith("/annotations") else result
+
+    monkeypatch.setattr(api, "request", short_reply)
+    record = process_item(ref, source, destination, instance, {"dot": 1})
+    assert record["status"] == "failed"
+    assert "Dataloop stored 99 of 100 masks" in record["error"]
+    assert ours(fake_gate, item["id"]) == before
+    monkeypatch.setattr(api, "request", real)
+
+    record = process_item(ref, source, destination, instance, {"dot": 1})
+    assert record["status"] == "ok" and len(ours(fake_gate, item["id"])) == 120
+
+
+def test_another_dataset_receives_masks_by_filename(fake_gate):
+    src_ds, items = build_dataset(fake_gate, "copy-from", 3, seed=5)
+    dst_ds = fake_gate.add_dataset("copy-to", labels=ONTOLOGY)
+    copies = [fake_gate.add_item(dst_ds, it["filename"], 24, 16, []) for it in items]
+    source = DataloopSource.from_uri(f"dataloop://{src_ds}")
+    destination = DataloopDestination.from_uri(f"dataloop://{dst_ds}", source_dataset=source.uri)
+    write_label_map(destination, {"car": 1, "car.sedan": 2, "road": 3})
+    for ref in source.list_items():
+        record = process_item(
+            ref, source, destination, MaskOptions(), {"car": 1, "car.sedan": 2, "road": 3}
+        )
+        assert record["status"] == "ok"
+    assert all(not ours(fake_gate, it["id"]) for it in items)
+    assert all(ours(fake_gate, c["id"]) for c in copies)
+    with pytest.raises(ConfigError, match="source is not a Dataloop dataset"):
+        DataloopDestination.from_uri("dataloop://")
+
+
+# ------------------------------------------------------------------------------------ throttle
+@pytest.mark.usefixtures("prefect_api")
+def test_calls_take_slots_of_the_prefect_limit_only_when_it_exists(
+    fake_gate, tmp_path, monkeypatch, caplog
+):
+    import prefect.concurrency.sync as prefect_sync
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    ds, items = build_dataset(fake_gate, "throttled", 4, seed=6)
+    taken: list[tuple[str, int]] = []
+    real = prefect_sync.rate_limit
+
+    def counting(names, occupy=1, *args, **kwargs):
+        taken.append((names, occupy))
+        return real(names, occupy, *args, **kwargs)
+
+    @flow
+    def calls(n: int) -> None:
+        for _ in range(n):
+            api.request("GET", f"/items/{items[0]['id']}", what="get item")
+
+    monkeypatch.setattr(prefect_sync, "rate_limit", counting)
+    name = f"dataloop-api-test-{os.getpid()}"
+    monkeypatch.setenv("POLYBURN_DATALOOP_LIMIT", name)
+
+    api.forget_limits()  # no such limit: no slot taken, no per-call warning
+    with caplog.at_level(logging.WARNING):
+        calls(10)
+    assert taken == [] and "do not exist" not in caplog.text
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=name, limit=200, slot_decay_per_second=200.0)
+        )
+    try:
+        api.forget_limits()
+        fake_gate.clear_requests()
+        _, summary = run_flow(f"dataloop://{ds}", str(tmp_path / "b"))
+        assert summary["failed"] == 0
+        assert {n for n, _ in taken} == {name} and {k for _, k in taken} == {10}
+        # every Dataloop request spent a slot; slots come 10 per Prefect round trip
+        assert sum(k for _, k in taken) >= len(fake_gate.requests) > len(taken)
+
+        taken.clear()
+        monkeypatch.setenv("POLYBURN_DATALOOP_LIMIT_BATCH", "1")
+        api.forget_limits()
+        calls(3)
+        assert taken == [(name, 1)] * 3  # exactly one slot per request
+        taken.clear()
+        api.request("GET", f"/items/{items[0]['id']}", what="get item")
+        assert taken == []  # outside a flow or task run: not throttled
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_global_concurrency_limit_by_name(name)
+        api.forget_limits()
+
+
+# ------------------------------------------------------------------------------------ credentials
+@pytest.mark.parametrize("kind", ["not-a-jwt", "unknown-jwt"])
+def test_a_bad_api_key_gives_one_line_and_leaks_nowhere(
+    fake_gate, big_dataset, tmp_path, capsys, caplog, monkeypatch, kind
+):
+    from polyburn.cli import main
+
+    ds, _ = big_dataset
+    secret = (
+        "dlk-SENTINEL-" + os.urandom(12).hex()
+        if kind == "not-a-jwt"
+        else make_fake_jwt("intruder@example.com", sentinel=os.urandom(12).hex())
+    )
+    monkeypatch.setenv("DATALOOP_API_KEY", secret)
+    api.reset_session()
+    with caplog.at_level(logging.DEBUG):
+        code = main(["run", f"dataloop://{ds}", str(tmp_path / "masks"), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == "" and err.count("\n") == 1 and err.startswith("polyburn: error: ")
+    assert "Traceback" not in err
+    if kind == "not-a-jwt":
+        assert "API key is expired or is not a JWT" in err
+    else:
+        assert "Dataloop rejected the API key: HTTP 401" in err
+    texts = [out, err, caplog.text]
+    for root in (Path(os.environ["POLYBURN_STATE_DIR"]), Path(os.environ["DATALOOP_PATH"])):
+        texts += [p.read_text(errors="replace") for p in root.rglob("*") if p.is_file()]
+    assert not (tmp_path / "masks").exists()
+    parts = [secret] + secret.split(".")[1:2]  # the whole key, and a JWT's own claims
+    assert not [p for p in parts for text in texts if p in text]
+    api.reset_session()
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_the_key_can_come_from_a_prefect_secret_block(fake_gate_token, big_dataset, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    ds, _ = big_dataset
+    Secret(value=fake_gate_token).save("polyburn-test-dataloop-key", overwrite=True)
+    monkeypatch.setenv("DATALOOP_API_KEY_BLOCK", "polyburn-test-dataloop-key")
+    monkeypatch.setenv("DATALOOP_API_KEY", "ignored-when-a-block-is-named")
+    api.reset_session()
+    try:
+        assert next(DataloopSource.from_uri(f"dataloop://{ds}").list_items())
+        monkeypatch.setenv("DATALOOP_API_KEY_BLOCK", "no-such-block")
+        with pytest.raises(ConfigError, match="from Prefect Secret block 'no-such-block'"):
+            api.session()
+    finally:
+        api.reset_session()
+
+
+def test_sdk_logging_is_kept_out_of_the_console(capsys):
+    dl = api.dtlpy()
+    logger = logging.getLogger("dtlpy")
+    assert logger.propagate is False and logger.level == logging.WARNING
+    own = [h for h in logger.handlers if not type(h).__module__.startswith("_pytest")]
+    assert [type(h).__name__ for h in own] == ["_ForwardHandler"]  # pytest adds its own
+    logger.debug("[COOKIE.read] noisy")
+    logger.error("Invalid token.")
+    assert dl.__version__ and capsys.readouterr() == ("", "")
