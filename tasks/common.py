@@ -6,6 +6,9 @@ import threading
 from datetime import datetime
 from functools import lru_cache
 
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
 from polyburn.destinations import Destination, open_destination
 from polyburn.errors import TransientError
 from polyburn.sources import Source, open_source
@@ -53,3 +56,14 @@ def retry_if_transient(task, task_run, state) -> bool:
     except Exception:  # noqa: BLE001 - anything else is a bug or bad input: fail fast
         return False
     return False
+
+
+IO_TASK_OPTIONS = dict(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
+)
+"""Options of the I/O tasks (list, collect labels, publish): exponential backoff with jitter,
+on transient errors only; never cached (they read or write external state)."""

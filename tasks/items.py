@@ -5,22 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from polyburn.model import ItemRef
 from polyburn.pipeline import scan_labels
-from tasks.common import retry_if_transient, source_for
+from tasks.common import IO_TASK_OPTIONS, source_for
 
 
-@task(
-    name="list-items",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_if_transient,
-    cache_policy=NO_CACHE,
-)
+@task(name="list-items", **IO_TASK_OPTIONS)
 def list_items(
     source_uri: str, item_filter: str | None = None, updated_since: datetime | None = None
 ) -> list[ItemRef]:
@@ -28,14 +19,7 @@ def list_items(
     return list(source_for(source_uri, item_filter, updated_since).list_items())
 
 
-@task(
-    name="collect-labels",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_if_transient,
-    cache_policy=NO_CACHE,
-)
+@task(name="collect-labels", **IO_TASK_OPTIONS)
 def collect_labels(source_uri: str, refs: list[ItemRef], max_pixels: int) -> list[str]:
     """The labels of the pixel annotations of a batch of items."""
     return sorted(scan_labels(refs, source_for(source_uri), max_pixels))
