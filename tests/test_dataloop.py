@@ -633,3 +633,52 @@ def test_sdk_logging_is_kept_out_of_the_console(capsys):
     logger.debug("[COOKIE.read] noisy")
     logger.error("Invalid token.")
     assert dl.__version__ and capsys.readouterr() == ("", "")
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_write_back_run_killed_midway_resumes_without_duplicates(fake_gate, tmp_path):
+    """SIGKILL a real `polyburn run` process while it uploads, run again: every item ends with
+    exactly one set of polyburn masks and the human annotations are untouched."""
+    import signal
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    ds, items = build_dataset(fake_gate, "killed", 150, seed=11)
+    humans = {it["id"]: len(theirs(fake_gate, it["id"])) for it in items}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "polyburn.cli",
+            "run",
+            f"dataloop://{ds}",
+            "dataloop://",
+            "--mode",
+            "instance",
+            "--batch-size",
+            "10",
+            "--no-progress",
+        ],
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while sum(1 for it in items if ours(fake_gate, it["id"])) < 30:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    done_before = sum(1 for it in items if ours(fake_gate, it["id"]))
+    assert done_before < len(pixel_items(items))  # really killed midway
+
+    state, summary = run_flow(f"dataloop://{ds}", "dataloop://", options={"modes": ["instance"]})
+    assert state.is_completed() and summary["failed"] == 0, summary["failures"]
+    for item in pixel_items(items):
+        keys = [a["metadata"]["user"]["polyburn"]["key"] for a in ours(fake_gate, item["id"])]
+        assert keys and len(keys) == len(set(keys)), item["id"]
+    assert {it["id"]: len(theirs(fake_gate, it["id"])) for it in items} == humans
