@@ -35,14 +35,22 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown command {what}")
     wall = time.perf_counter() - started
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+    from polyburn import parallel
+
+    parallel._shutdown()  # join the burn workers so that their usage is counted
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    workers = parallel._pool_size if parallel._pool is not None else 0
     with open(out, "w") as handle:
         json.dump(
             {
                 "code": code,
                 "wall": wall,
-                "cpu": usage.ru_utime + usage.ru_stime,
-                "peak_rss_mb": usage.ru_maxrss / 1024,
+                "cpu": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
+                "peak_rss_mb": own.ru_maxrss / 1024,
+                "peak_rss_worker_mb": children.ru_maxrss / 1024,
+                "workers": workers,
+                "peak_rss_total_mb": (own.ru_maxrss + workers * children.ru_maxrss) / 1024,
             },
             handle,
         )
