@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.futures import as_completed
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.variables import Variable
 
@@ -155,10 +156,6 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     params = params.model_copy(
         update={"destination": resolve_destination_uri(params.destination, params.source)}
     )
-    return _run(params)
-
-
-def _run(params: RunParameters) -> State:
     logger = get_run_logger()
     started = time.perf_counter()
     run_started_at = datetime.now(UTC)
@@ -219,7 +216,7 @@ def _run(params: RunParameters) -> State:
                     output["written"] = False
             preview = record.pop("preview", None)
             if preview:
-                previews.append((record["path"], _b64decode(preview)))
+                previews.append((record["path"], base64.b64decode(preview)))
         records.extend(result["records"])
 
     summary = summarize(records, time.perf_counter() - started)
@@ -306,9 +303,3 @@ def _publish_artifacts(summary: dict, params: RunParameters, previews) -> None:
     create_markdown_artifact(
         key="polyburn-preview", markdown=previews_markdown(previews), description="Mask previews"
     )
-
-
-def _b64decode(text: str) -> bytes:
-    import base64
-
-    return base64.b64decode(text)
