@@ -93,9 +93,7 @@ def palette(
     Index i gets the PASCAL VOC colour of i, except where a label with id i has a colour in
     ``colours`` (e.g. from a Dataloop ontology). Index 0 stays black.
     """
-    flat = []
-    for i in range(256):
-        flat.extend(voc_colour(i))
+    flat = list(_VOC_PALETTE)
     for label, i in label_map.items():
         if colours and label in colours and 0 < i < 256:
             flat[3 * i : 3 * i + 3] = [int(c) & 0xFF for c in colours[label]]
@@ -112,3 +110,6 @@ def voc_colour(index: int) -> tuple[int, int, int]:
         b |= ((c >> 2) & 1) << shift
         c >>= 3
     return r, g, b
+
+
+_VOC_PALETTE = tuple(c for i in range(256) for c in voc_colour(i))  # built once, not per mask

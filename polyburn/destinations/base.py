@@ -100,9 +100,10 @@ class FileDestination(Destination):
     ) -> list[OutputRecord]:
         records = []
         for key, data, content_type in mask_files(item, masks, fmt, palette):
-            metadata = {"item-id": item.item_id, "revision": item.revision, "sha256": sha256(data)}
+            digest = sha256(data)
+            metadata = {"item-id": item.item_id, "revision": item.revision, "sha256": digest}
             written = self.put(key, data, content_type, metadata)
-            records.append(OutputRecord(key, sha256(data), len(data), written))
+            records.append(OutputRecord(key, digest, len(data), written))
         return records
 
 
