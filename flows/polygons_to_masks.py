@@ -6,9 +6,11 @@ import base64
 import hashlib
 import json
 import os
+import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -26,15 +28,10 @@ from prefect.variables import Variable
 from polyburn import progress
 from polyburn.destinations import resolve_destination_uri
 from polyburn.destinations.base import MANIFEST_KEY
+from polyburn.manifest import RecordSpool, manifest_paths, read_previous_manifest
 from polyburn.model import ItemRef
 from polyburn.params import RunParameters
-from polyburn.pipeline import (
-    merge_records,
-    output_keys,
-    read_manifest,
-    resolve_label_map,
-    summarize,
-)
+from polyburn.pipeline import resolve_label_map
 from polyburn.report import failures_markdown, previews_markdown, summary_table
 from tasks.common import destination_for, source_for
 from tasks.items import collect_labels, list_items
@@ -85,10 +82,14 @@ def submit_batches(
     colours: dict[str, tuple[int, int, int]] | None,
     previous: dict[str, list[str]],
     token: str,
-) -> list[dict[str, Any]]:
-    """Submit one ``burn-batch`` task per batch on the current flow's task runner and collect
-    them as they finish, updating a progress artifact. Returns one ``{"records", "attempts",
-    "cached"}`` per batch."""
+    taker: str,
+) -> None:
+    """Submit one ``burn-batch`` task per batch on the current flow's task runner and hand each
+    result (``{"records", "attempts"}``) to ``_TAKERS[taker](result, cached)`` as it finishes,
+    updating a progress artifact. Results are not kept: a run's memory does not grow with its
+    items. (``taker`` is a key, not the callable: a subflow's parameters travel with the tasks
+    a Dask runner pickles.)"""
+    take = _TAKERS[taker]
     total = sum(len(b) for b in batches)
     workers = params.workers or (os.cpu_count() or 1 if total >= AUTO_WORKERS_FROM else 1)
     artifact_id = create_progress_artifact(
@@ -109,17 +110,14 @@ def submit_batches(
         )
         for k, batch in enumerate(batches)
     ]
-    results: list[dict[str, Any]] = []
     done = 0
     progress.report(0, total)
     for future in as_completed(futures):
-        result = dict(future.result())
-        result["cached"] = future.state.name == "Cached"
-        results.append(result)
+        result = future.result()
+        take(result, future.state.name == "Cached")
         done += len(result["records"])
         progress.report(done, total)
         update_progress_artifact(artifact_id, 100.0 * done / max(total, 1))
-    return results
 
 
 burn_batches = flow(name="burn-batches", log_prints=False)(submit_batches)
@@ -191,44 +189,44 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     publish_label_map(params.destination, label_map)
     colours = dict(declared) if declared else None
     token = _destination_token(destination)
-    manifest = read_manifest(destination)
-    previous = {path: output_keys(record) for path, record in manifest.items()}
+    with (
+        tempfile.TemporaryDirectory(prefix="polyburn-run-") as folder,
+        RecordSpool(folder) as spool,
+    ):
+        scratch = Path(folder)
+        previous = read_previous_manifest(destination, scratch / "previous.jsonl")
+        taken = _Taken(spool)
+        taker = _TAKERS.add(taken)
+        # Threads run in this flow; another runner needs a subflow (a task runner is per flow).
+        run_batches = submit_batches
+        if params.task_runner != "threads":
+            run_batches = burn_batches.with_options(task_runner=_task_runner(params))
+        if batches:
+            try:
+                run_batches(params, batches, label_map, colours, previous, token, taker)
+            finally:
+                _TAKERS.pop(taker)
+        _retry_cached_failures(params, taken, refs, label_map, colours, previous, token)
 
-    # Threads run in this flow; another runner needs a subflow (a task runner is per flow).
-    run_batches = submit_batches
-    if params.task_runner != "threads":
-        run_batches = burn_batches.with_options(task_runner=_task_runner(params))
-    results = run_batches(params, batches, label_map, colours, previous, token) if batches else []
-
-    refs_by_path = {ref.path: ref for ref in refs}
-    results = _retry_cached_failures(
-        params, results, refs_by_path, label_map, colours, previous, token
-    )
-    records: list[dict] = []
-    previews: list[tuple[str, bytes]] = []
-    retries = cached = 0
-    for result in results:
-        retries += result["attempts"] - 1
-        cached += result["cached"]
-        for record in result["records"]:
-            if result["cached"]:
-                for output in record.get("outputs", []):
-                    output["written"] = False
-            preview = record.pop("preview", None)
-            if preview:
-                previews.append((record["path"], base64.b64decode(preview)))
-        records.extend(result["records"])
-
-    summary = summarize(records, time.perf_counter() - started)
-    partial = bool(params.item_ids or since or params.item_filter)
-    if partial:  # keep the other items' records; forget requested items that no longer exist
-        gone = _vanished(params.item_ids or [], refs, manifest)
-        for path in gone:
-            destination.remove(output_keys(manifest[path]))
-        summary["removed_items"] = gone
-        # Re-read: another partial run may have written the manifest since this one started.
-        records = merge_records(read_manifest(destination), records, gone)
-    publish_manifest(params.destination, records)
+        summary = spool.counts.as_dict(time.perf_counter() - started)
+        partial = bool(params.item_ids or since or params.item_filter)
+        manifest = scratch / "manifest.jsonl"
+        if partial:  # keep the other items' records; forget requested items that are gone
+            gone = _vanished(
+                params.item_ids or [], refs, manifest_paths(scratch / "previous.jsonl")
+            )
+            for path in gone:
+                destination.remove(previous[path])
+            summary["removed_items"] = gone
+            # Re-read: another partial run may have written the manifest since this one started.
+            latest = scratch / "latest.jsonl"
+            if not destination.read_file(MANIFEST_KEY, latest):
+                latest.write_bytes(b"")
+            spool.write_manifest(manifest, previous=latest, gone=gone)
+        else:
+            spool.write_manifest(manifest)
+        publish_manifest(params.destination, str(manifest))
+    retries, cached, previews = taken.retries, taken.cached, taken.previews
     summary.update(label_map=label_map, retries=retries, cached_batches=cached)
     _publish_artifacts(summary, params, sorted(previews)[:PREVIEW_ITEMS])
     logger.info(
@@ -250,43 +248,73 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     return Completed(message=f"{summary['ok']} ok, {summary['failed']} failed", data=summary)
 
 
-def _retry_cached_failures(params, results, refs_by_path, label_map, colours, previous, token):
+class _Registry(dict):
+    def add(self, value: Any) -> str:
+        key = uuid.uuid4().hex
+        self[key] = value
+        return key
+
+
+_TAKERS = _Registry()
+
+
+class _Taken:
+    """What the flow keeps of each finished batch: its records go to the spool (with the outputs
+    of a cached batch marked not written), plus retries, cached batches, failed items of cached
+    batches and the previews."""
+
+    def __init__(self, spool: RecordSpool) -> None:
+        self.spool = spool
+        self.retries = 0
+        self.cached = 0
+        self.cached_failures: list[str] = []
+        self.previews: list[tuple[str, bytes]] = []
+
+    def __call__(self, result: dict[str, Any], cached: bool) -> None:
+        self.retries += result["attempts"] - 1
+        self.cached += cached
+        for record in result["records"]:
+            if cached:
+                for output in record.get("outputs", []):
+                    output["written"] = False
+                if record["status"] != "ok":
+                    self.cached_failures.append(record["path"])
+            preview = record.pop("preview", None)
+            if preview:
+                self.previews.append((record["path"], base64.b64decode(preview)))
+            self.spool.add(record)
+
+
+def _retry_cached_failures(params, taken: _Taken, refs, label_map, colours, previous, token):
     """Items that failed in a batch now served from the cache are processed again (the failure
-    may have been transient); their fresh records replace the cached ones."""
-    refs = [
-        refs_by_path[record["path"]]
-        for result in results
-        if result["cached"]
-        for record in result["records"]
-        if record["status"] != "ok"
-    ]
-    if not refs:
-        return results
+    may have been transient); their fresh records replace the cached ones in the spool."""
+    wanted = set(taken.cached_failures)
+    if not wanted:
+        return
+    again = [ref for ref in refs if ref.path in wanted]
     fresh = burn_batch.with_options(refresh_cache=True, cache_key_fn=None)(
         params.source,
         params.destination,
-        refs,
+        again,
         params.options,
         label_map,
         colours,
-        {ref.path: previous[ref.path] for ref in refs if ref.path in previous},
+        {ref.path: previous[ref.path] for ref in again if ref.path in previous},
         0,
         token,
     )
-    replaced = {r["path"]: r for r in fresh["records"]}
-    for result in results:
-        result["records"] = [replaced.get(r["path"], r) for r in result["records"]]
-    return results + [{"records": [], "attempts": fresh["attempts"], "cached": False}]
+    taken(fresh, cached=False)
 
 
-def _vanished(item_ids: list[str], refs: list[ItemRef], manifest: dict[str, dict]) -> list[str]:
-    """Manifest paths of requested items the source no longer lists (deleted there)."""
+def _vanished(
+    item_ids: list[str], refs: list[ItemRef], manifest: dict[str, str | None]
+) -> list[str]:
+    """Manifest paths of requested items the source no longer lists (deleted there);
+    ``manifest`` maps item path → item id."""
     listed = {ref.path for ref in refs} | {ref.item_id for ref in refs if ref.item_id}
     missing = set(item_ids) - listed
     return sorted(
-        path
-        for path, record in manifest.items()
-        if path in missing or (record.get("item") and record["item"] in missing)
+        path for path, item in manifest.items() if path in missing or (item and item in missing)
     )
 
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from polyburn.destinations import Destination
-from polyburn.destinations.base import LABEL_MAP_KEY, MANIFEST_KEY
+from polyburn.destinations.base import LABEL_MAP_KEY
 from polyburn.errors import ConfigError, ItemError, PolyburnError, TransientError
 from polyburn.geometry import repair_item
 from polyburn.labels import (
@@ -166,70 +164,3 @@ def resolve_label_map(
 
 def write_label_map(destination: Destination, label_map: Mapping[str, int]) -> None:
     destination.write_text(LABEL_MAP_KEY, dump_label_map(label_map))
-
-
-def read_manifest(destination: Destination) -> dict[str, dict[str, Any]]:
-    """Item path → record, from the destination's manifest (empty when there is none; lines
-    that do not parse are ignored)."""
-    records: dict[str, dict[str, Any]] = {}
-    for line in (destination.read_text(MANIFEST_KEY) or "").splitlines():
-        try:
-            record = json.loads(line)
-            records[record["path"]] = record
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return records
-
-
-def output_keys(record: Mapping[str, Any]) -> list[str]:
-    """The keys of the outputs a manifest record lists."""
-    return [o["key"] for o in record.get("outputs", []) if isinstance(o, dict) and "key" in o]
-
-
-def merge_records(
-    previous: Mapping[str, dict[str, Any]],
-    records: Sequence[dict[str, Any]],
-    gone: Sequence[str] = (),
-) -> list[dict[str, Any]]:
-    """The manifest of a partial run (some items only): the previous records, replaced by this
-    run's records of the same path, without the items in ``gone`` (deleted at the source)."""
-    merged = {path: record for path, record in previous.items() if path not in set(gone)}
-    merged.update((record["path"], record) for record in records)
-    return list(merged.values())
-
-
-def write_manifest(destination: Destination, records: Sequence[Mapping[str, Any]]) -> None:
-    """The run manifest, one JSON line per item sorted by path; written last, atomically."""
-    lines = [
-        json.dumps(record, ensure_ascii=False, sort_keys=True)
-        for record in sorted(records, key=lambda r: r["path"])
-    ]
-    destination.write_text(MANIFEST_KEY, "\n".join(lines) + ("\n" if lines else ""))
-
-
-def summarize(records: Sequence[Mapping[str, Any]], seconds: float) -> dict[str, Any]:
-    """Counts over a run's item records."""
-    repairs: Counter[str] = Counter()
-    skipped: Counter[str] = Counter()
-    for record in records:
-        repairs.update(r["kind"] for r in record.get("repairs", []))
-        skipped.update(record.get("skipped", {}))
-    failed = [r for r in records if r["status"] != "ok"]
-    return {
-        "items": len(records),
-        "ok": len(records) - len(failed),
-        "failed": len(failed),
-        "annotations": sum(r.get("annotations", 0) for r in records),
-        "shapes": sum(r.get("shapes", 0) for r in records),
-        "repairs": sum(repairs.values()),
-        "repairs_by_kind": dict(sorted(repairs.items())),
-        "rejected": sum(len(r.get("problems", [])) for r in records),
-        "skipped_by_type": dict(sorted(skipped.items())),
-        "item_retries": sum(r.get("retries", 0) for r in records),
-        "io_retries": sum(r.get("io_retries", 0) for r in records),
-        "outputs_written": sum(
-            1 for r in records for o in r.get("outputs", []) if o.get("written")
-        ),
-        "seconds": round(seconds, 3),
-        "failures": [{"path": r["path"], "error": r["error"]} for r in failed],
-    }

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 
-from polyburn.pipeline import write_label_map, write_manifest
+from polyburn.destinations.base import MANIFEST_KEY
+from polyburn.pipeline import write_label_map
 from tasks.common import IO_TASK_OPTIONS, destination_for
 
 
@@ -14,5 +17,6 @@ def publish_label_map(destination_uri: str, label_map: dict[str, int]) -> None:
 
 
 @task(name="publish-manifest", **IO_TASK_OPTIONS)
-def publish_manifest(destination_uri: str, records: list[dict]) -> None:
-    write_manifest(destination_for(destination_uri), records)
+def publish_manifest(destination_uri: str, manifest_file: str) -> None:
+    """Store the run's manifest (a local file, see :class:`polyburn.manifest.RecordSpool`)."""
+    destination_for(destination_uri).write_file(MANIFEST_KEY, Path(manifest_file))

@@ -7,6 +7,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from polyburn.encode import (
@@ -56,6 +57,20 @@ class Destination(ABC):
     def write_text(self, key: str, text: str) -> OutputRecord:
         """Store a small text object atomically."""
 
+    def read_file(self, key: str, target: Path) -> bool:
+        """Copy a run-level object (the manifest) to the local file ``target``; False when
+        there is none. Destinations that can stream override this."""
+        text = self.read_text(key)
+        if text is None:
+            return False
+        target.write_bytes(text.encode("utf-8"))
+        return True
+
+    def write_file(self, key: str, source: Path) -> OutputRecord:
+        """Store the local file ``source`` as a run-level object, atomically. Destinations that
+        can stream override this."""
+        return self.write_text(key, source.read_bytes().decode("utf-8"))
+
     def retries_in_this_thread(self) -> int:
         """Requests the destination's client retried so far in the calling thread (a running
         count; callers take differences around one item's work)."""
@@ -91,8 +106,7 @@ class FileDestination(Destination):
 
     def write_text(self, key: str, text: str) -> OutputRecord:
         data = text.encode("utf-8")
-        content_type = "application/x-ndjson" if key.endswith(".jsonl") else JSON_CONTENT_TYPE
-        written = self.put(key, data, content_type, {})
+        written = self.put(key, data, text_content_type(key), {})
         return OutputRecord(key, sha256(data), len(data), written)
 
     def publish_item(
@@ -132,6 +146,20 @@ def mask_files(
         key = f"binary/{safe_segment(label)}/{path}{ext}"
         files.append((key, encode_mask(mask, fmt, BINARY_PALETTE), content_type))
     return files
+
+
+def text_content_type(key: str) -> str:
+    """Content type of a run-level text object (JSON lines for the manifest, else JSON)."""
+    return "application/x-ndjson" if key.endswith(".jsonl") else JSON_CONTENT_TYPE
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a local file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def sha256(data: bytes) -> str:

@@ -147,6 +147,12 @@ class DataloopDestination(Destination):
             self._label_map = parse_label_map(text, f"{self._state.uri}/{key}")
         return record
 
+    def read_file(self, key: str, target: Path) -> bool:
+        return self._state.read_file(key, target)
+
+    def write_file(self, key: str, source: Path) -> OutputRecord:
+        return self._state.write_file(key, source)
+
     def remove(self, keys: Sequence[str]) -> None:
         """Nothing to do: :meth:`publish_item` already deleted every polyburn annotation of the
         item that the new outputs do not include."""

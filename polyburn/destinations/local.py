@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
-from polyburn.destinations.base import FileDestination
+from polyburn.destinations.base import FileDestination, OutputRecord, file_sha256
 
 
 class LocalDestination(FileDestination):
@@ -34,22 +36,49 @@ class LocalDestination(FileDestination):
         path = self._path(key)
         if _same_content(path, data):
             return False
+        with self._temp_for(path) as (handle, _):
+            handle.write(data)
+            if not metadata:  # label map and manifest: make them durable
+                handle.flush()
+                os.fsync(handle.fileno())
+        return True
+
+    @contextlib.contextmanager
+    def _temp_for(self, path: Path) -> Iterator[tuple[BinaryIO, str]]:
+        """A temp file beside ``path`` (named with this pid, for :meth:`recover`), renamed to
+        ``path`` when the block ends without error and deleted otherwise."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(
             dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX
         )
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                if not metadata:  # label map and manifest: make them durable
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                yield handle, tmp
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+    def read_file(self, key: str, target: Path) -> bool:
+        try:
+            shutil.copyfile(self._path(key), target)
+        except FileNotFoundError:
+            return False
         return True
+
+    def write_file(self, key: str, source: Path) -> OutputRecord:
+        """Copy ``source`` to ``key`` atomically and durably (temp file, fsync, rename), unless
+        the file there already has the same bytes."""
+        path, digest, size = self._path(key), file_sha256(source), source.stat().st_size
+        if path.is_file() and path.stat().st_size == size and file_sha256(path) == digest:
+            return OutputRecord(key, digest, size, False)
+        with self._temp_for(path) as (handle, _):
+            with open(source, "rb") as original:
+                shutil.copyfileobj(original, handle, 1 << 20)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return OutputRecord(key, digest, size, True)
 
     def get(self, key: str) -> bytes | None:
         try:

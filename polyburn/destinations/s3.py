@@ -52,8 +52,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import boto3
@@ -71,10 +72,11 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from polyburn.destinations.base import FileDestination
+from polyburn.destinations.base import FileDestination, OutputRecord, text_content_type
 from polyburn.errors import ConfigError, PolyburnError, TransientError
 
 log = logging.getLogger("polyburn.s3")
+T = TypeVar("T")
 
 ENV_BLOCK = "POLYBURN_AWS_CREDENTIALS_BLOCK"
 ENV_MAX_ATTEMPTS = "POLYBURN_S3_MAX_ATTEMPTS"
@@ -267,23 +269,47 @@ class S3Destination(FileDestination):
 
         Raises UnsafeKeyError, ConfigError or TransientError (see the module docstring).
         """
+        return self._upload(key, data, len(data), hashlib.sha256(data), content_type, metadata)
+
+    def write_file(self, key: str, source: Path) -> OutputRecord:
+        """:meth:`put` of a local file (the manifest) without reading it into memory: one
+        streamed ``PutObject`` (S3 takes up to 5 GiB in one), with the same comparison first."""
+        digest = hashlib.sha256()
+        with open(source, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+            size = handle.tell()
+            written = self._upload(key, handle, size, digest, text_content_type(key), {})
+        return OutputRecord(key, digest.hexdigest(), size, written)
+
+    def _upload(
+        self,
+        key: str,
+        body: bytes | BinaryIO,
+        size: int,
+        digest: Any,
+        content_type: str,
+        metadata: Mapping[str, str],
+    ) -> bool:
         full = self._object_key(key)
-        digest = hashlib.sha256(data).digest()
-        hexdigest = digest.hex()
-        checksum = base64.b64encode(digest).decode("ascii")
+        hexdigest = digest.hexdigest()
+        checksum = base64.b64encode(digest.digest()).decode("ascii")
         wanted = {_meta_key(k): _meta_value(v) for k, v in metadata.items()}
         wanted["sha256"] = hexdigest
         stored = self._head(full, key)
         if stored is not None and _same_object(
-            stored, len(data), checksum, hexdigest, content_type, wanted
+            stored, size, checksum, hexdigest, content_type, wanted
         ):
             return False
         for attempt in range(1, self.max_attempts + 1):
+            if not isinstance(body, bytes):
+                body.seek(0)
             try:
                 self.client.put_object(
                     Bucket=self.bucket,
                     Key=full,
-                    Body=data,
+                    Body=body,
+                    ContentLength=size,
                     ContentType=content_type,
                     ChecksumAlgorithm="SHA256",
                     ChecksumSHA256=checksum,
@@ -300,6 +326,17 @@ class S3Destination(FileDestination):
                 raise self._error(exc, "write", key) from None
         raise AssertionError("unreachable")
 
+    def read_file(self, key: str, target: Path) -> bool:
+        """:meth:`get` into a local file, streamed in 1 MiB blocks (the manifest can be large)."""
+
+        def save(body: Any) -> bool:
+            with open(target, "wb") as handle:
+                for block in body.iter_chunks(1 << 20):
+                    handle.write(block)
+            return True
+
+        return self._fetch(key, save) or False
+
     def get(self, key: str) -> bytes | None:
         """The bytes at ``prefix/key`` or None when there is no such object.
 
@@ -307,6 +344,11 @@ class S3Destination(FileDestination):
         body cut short (or failing its checksum) is requested again, up to ``max_attempts``
         times, then raises TransientError.
         """
+        return self._fetch(key, lambda body: body.read())
+
+    def _fetch(self, key: str, consume: Callable[[Any], T]) -> T | None:
+        """``consume(body)`` of the object at ``prefix/key`` (None when there is none), with
+        :meth:`get`'s checks and re-reads; ``consume`` must read the body to its end."""
         full = self._object_key(key)
         last: Exception | None = None
         for attempt in range(1, self.max_attempts + 1):
@@ -322,7 +364,7 @@ class S3Destination(FileDestination):
                 raise self._error(exc, "read", key) from None
             body = response["Body"]  # not as a context manager: that yields the raw stream
             try:  # the body: botocore does not retry a cut or corrupted body, so we do
-                return body.read()  # checks Content-Length and the stored checksum
+                return consume(body)  # reading to the end checks length and checksum
             except _BODY_ERRORS as exc:
                 last = exc
                 log.debug("re-reading %s after %s (attempt %d)", full, exc, attempt)

@@ -1,0 +1,219 @@
+"""The run manifest and the run's counts, kept on disk as batches finish.
+
+The manifest is one JSON line per item (sorted keys), sorted by item path, written last and
+atomically. A run's records are spooled to a temporary file as they arrive
+(:class:`RecordSpool`): the run keeps a ``path → (offset, length)`` index and running counts
+(:class:`RunCounts`), not the records, so its memory does not grow with the records' size.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from polyburn.destinations.base import MANIFEST_KEY, Destination
+
+MAX_LISTED_FAILURES = 1000
+"""Failures kept for the summary and the artifacts; all of them are in the manifest."""
+
+
+def output_keys(record: Mapping[str, Any]) -> list[str]:
+    """The keys of the outputs a manifest record lists."""
+    return [o["key"] for o in record.get("outputs", []) if isinstance(o, dict) and "key" in o]
+
+
+def manifest_line(record: Mapping[str, Any]) -> bytes:
+    """A record as one manifest line (UTF-8, sorted keys, newline-terminated)."""
+    return (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+
+
+def iter_manifest(path: str | os.PathLike) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+    """``(offset, line, record)`` for each line of a manifest file that parses and names a
+    path; other lines (a torn or hand-edited manifest) are skipped."""
+    offset = 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            start, offset = offset, offset + len(line)
+            try:
+                record = json.loads(line)
+                record["path"]  # noqa: B018 - a record without a path is not a record
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                continue
+            yield start, line, record
+
+
+def read_previous_manifest(destination: Destination, into: Path) -> dict[str, list[str]]:
+    """Download the destination's manifest to ``into`` (an empty file when there is none) and
+    return item path → output keys of its records."""
+    if not destination.read_file(MANIFEST_KEY, into):
+        into.write_bytes(b"")
+    return {record["path"]: output_keys(record) for _, _, record in iter_manifest(into)}
+
+
+def manifest_paths(path: str | os.PathLike) -> dict[str, str | None]:
+    """Item path → item id of every record of a manifest file."""
+    return {record["path"]: record.get("item") for _, _, record in iter_manifest(path)}
+
+
+class RunCounts:
+    """Running counts over a run's item records; :meth:`as_dict` is the run summary."""
+
+    def __init__(self) -> None:
+        self.totals: Counter[str] = Counter()
+        self.repairs: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()
+        self.failures: dict[str, str] = {}
+
+    def add(self, record: Mapping[str, Any], sign: int = 1) -> None:
+        """Count ``record`` in (``sign=1``) or out again (``sign=-1``, a replaced record)."""
+        failed = record["status"] != "ok"
+        self.totals.update(
+            {
+                "items": sign,
+                "ok": 0 if failed else sign,
+                "failed": sign if failed else 0,
+                "annotations": sign * record.get("annotations", 0),
+                "shapes": sign * record.get("shapes", 0),
+                "rejected": sign * len(record.get("problems", [])),
+                "item_retries": sign * record.get("retries", 0),
+                "io_retries": sign * record.get("io_retries", 0),
+                "outputs_written": sign
+                * sum(1 for o in record.get("outputs", []) if o.get("written")),
+            }
+        )
+        for repair in record.get("repairs", []):
+            self.repairs[repair["kind"]] += sign
+        for kind, count in record.get("skipped", {}).items():
+            self.skipped[kind] += sign * count
+        if failed and sign > 0:
+            if len(self.failures) < MAX_LISTED_FAILURES:
+                self.failures[record["path"]] = record["error"]
+        elif failed:
+            self.failures.pop(record["path"], None)
+
+    def as_dict(self, seconds: float) -> dict[str, Any]:
+        totals = self.totals
+        return {
+            "items": totals["items"],
+            "ok": totals["ok"],
+            "failed": totals["failed"],
+            "annotations": totals["annotations"],
+            "shapes": totals["shapes"],
+            "repairs": sum(self.repairs.values()),
+            "repairs_by_kind": {k: v for k, v in sorted(self.repairs.items()) if v},
+            "rejected": totals["rejected"],
+            "skipped_by_type": {k: v for k, v in sorted(self.skipped.items()) if v},
+            "item_retries": totals["item_retries"],
+            "io_retries": totals["io_retries"],
+            "outputs_written": totals["outputs_written"],
+            "seconds": round(seconds, 3),
+            "failures": [{"path": p, "error": e} for p, e in sorted(self.failures.items())],
+        }
+
+
+def summarize(records: Iterable[Mapping[str, Any]], seconds: float) -> dict[str, Any]:
+    """Counts over item records (see :class:`RunCounts`)."""
+    counts = RunCounts()
+    for record in records:
+        counts.add(record)
+    return counts.as_dict(seconds)
+
+
+class RecordSpool:
+    """A run's item records on disk, one manifest line each, with their counts.
+
+    A record added again for the same path (an item processed once more) replaces the earlier
+    one, in the manifest and in the counts. Use as a context manager, or :meth:`close`.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+        self._file: BinaryIO = tempfile.TemporaryFile(  # noqa: SIM115 - closed by close()
+            prefix="polyburn-records-", dir=directory
+        )
+        self._index: dict[str, tuple[int, int]] = {}
+        self._end = 0
+        self.counts = RunCounts()
+
+    def __enter__(self) -> RecordSpool:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._index
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        path = record["path"]
+        if path in self._index:
+            self.counts.add(self.get(path), sign=-1)
+        line = manifest_line(record)
+        self._file.seek(self._end)
+        self._file.write(line)
+        self._index[path] = (self._end, len(line))
+        self._end += len(line)
+        self.counts.add(record)
+
+    def get(self, path: str) -> dict[str, Any]:
+        """The record of ``path`` (KeyError when there is none)."""
+        return json.loads(self._line(path))
+
+    def failed_paths(self) -> list[str]:
+        return sorted(self.counts.failures)
+
+    def _line(self, path: str) -> bytes:
+        offset, length = self._index[path]
+        self._file.seek(offset)
+        return self._file.read(length)
+
+    def _sorted_lines(self) -> Iterator[tuple[str, bytes]]:
+        for path in sorted(self._index):
+            yield path, self._line(path)
+
+    def write_manifest(
+        self,
+        target: Path,
+        previous: str | os.PathLike | None = None,
+        gone: Sequence[str] = (),
+    ) -> Path:
+        """Write the manifest to the local file ``target`` and return it.
+
+        Without ``previous`` it lists this run's records only (a full run). With ``previous`` (a
+        manifest file, for a partial run) it lists that file's records, replaced by this run's
+        records of the same path, without the paths in ``gone`` (deleted at the source).
+        """
+        streams: list[Iterator[tuple[str, bytes]]] = [self._sorted_lines()]
+        if previous is not None:
+            streams.append(_kept_lines(previous, set(self._index) | set(gone)))
+        with open(target, "wb") as handle:
+            for _, line in heapq.merge(*streams, key=lambda pair: pair[0]):
+                handle.write(line)
+        return target
+
+
+def _kept_lines(manifest: str | os.PathLike, dropped: set[str]) -> Iterator[tuple[str, bytes]]:
+    """``(path, line)`` of a manifest file's records not in ``dropped``, sorted by path; only
+    an index is held in memory. A path listed twice keeps its last line."""
+    index = {
+        record["path"]: (offset, len(line))
+        for offset, line, record in iter_manifest(manifest)
+        if record["path"] not in dropped
+    }
+    with open(manifest, "rb") as handle:
+        for path in sorted(index):
+            offset, length = index[path]
+            handle.seek(offset)
+            line = handle.read(length)
+            yield path, line if line.endswith(b"\n") else line + b"\n"

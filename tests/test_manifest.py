@@ -1,0 +1,164 @@
+"""The run manifest on disk: spooled records, replacement, partial-run merges, streamed I/O."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from polyburn.destinations.base import MANIFEST_KEY
+from polyburn.destinations.local import LocalDestination
+from polyburn.manifest import (
+    MAX_LISTED_FAILURES,
+    RecordSpool,
+    iter_manifest,
+    manifest_line,
+    read_previous_manifest,
+    summarize,
+)
+
+
+def record(path: str, status: str = "ok", **extra) -> dict:
+    base = {
+        "item": f"id-{path}",
+        "path": path,
+        "status": status,
+        "error": None if status == "ok" else f"{path}: broken",
+        "annotations": 3,
+        "shapes": 2,
+        "problems": [{"annotation": "a", "reason": "nan"}] if status != "ok" else [],
+        "repairs": [{"kind": "clipped"}, {"kind": "made_valid"}],
+        "skipped": {"point": 1},
+        "outputs": [{"key": f"semantic/{path}.png", "written": True}],
+    }
+    return base | extra
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_spool_writes_records_sorted_by_path_and_counts_them(tmp_path):
+    records = [record("b/2"), record("a/1", "failed"), record("c", retries=2, io_retries=1)]
+    with RecordSpool(tmp_path) as spool:
+        for r in records:
+            spool.add(r)
+        manifest = spool.write_manifest(tmp_path / "m.jsonl")
+        counts = spool.counts.as_dict(1.5)
+    assert [r["path"] for r in lines(manifest)] == ["a/1", "b/2", "c"]
+    assert lines(manifest) == sorted(records, key=lambda r: r["path"])
+    assert counts == summarize(records, 1.5)
+    assert counts["items"] == 3 and counts["ok"] == 2 and counts["failed"] == 1
+    assert counts["repairs_by_kind"] == {"clipped": 3, "made_valid": 3}
+    assert counts["skipped_by_type"] == {"point": 3}
+    assert counts["item_retries"] == 2 and counts["io_retries"] == 1
+    assert counts["outputs_written"] == 3 and counts["rejected"] == 1
+    assert counts["failures"] == [{"path": "a/1", "error": "a/1: broken"}]
+
+
+def test_a_record_added_again_replaces_the_first_in_manifest_and_counts(tmp_path):
+    with RecordSpool(tmp_path) as spool:
+        spool.add(record("x", "failed"))
+        spool.add(record("y"))
+        assert spool.failed_paths() == ["x"]
+        spool.add(record("x", retries=1))
+        manifest = spool.write_manifest(tmp_path / "m.jsonl")
+        counts = spool.counts.as_dict(0)
+        assert len(spool) == 2 and spool.get("x")["status"] == "ok"
+    assert [r["status"] for r in lines(manifest)] == ["ok", "ok"]
+    assert counts["failed"] == 0 and counts["failures"] == [] and counts["items"] == 2
+    assert counts["repairs"] == 4 and counts["item_retries"] == 1
+
+
+def test_partial_run_merges_with_the_previous_manifest_and_drops_gone_items(tmp_path):
+    previous = tmp_path / "previous.jsonl"
+    old = [record(p, seconds=1) for p in ("d", "a", "c", "e")]  # unsorted on purpose
+    previous.write_bytes(b"".join(manifest_line(r) for r in old) + b"{torn")
+    with RecordSpool(tmp_path) as spool:
+        spool.add(record("c", seconds=2))
+        spool.add(record("b", seconds=2))
+        manifest = spool.write_manifest(tmp_path / "m.jsonl", previous=previous, gone=["e"])
+    merged = lines(manifest)
+    assert [r["path"] for r in merged] == ["a", "b", "c", "d"]
+    assert {r["path"]: r["seconds"] for r in merged} == {"a": 1, "b": 2, "c": 2, "d": 1}
+
+
+def test_torn_and_foreign_lines_of_a_manifest_are_skipped(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(manifest_line(record("a")) + b"not json\n[1, 2]\n{}\n" + b'{"path": "b"}')
+    assert [r["path"] for _, _, r in iter_manifest(path)] == ["a", "b"]
+
+
+def test_failures_listed_are_capped_but_all_counted(tmp_path):
+    with RecordSpool(tmp_path) as spool:
+        for k in range(MAX_LISTED_FAILURES + 5):
+            spool.add(record(f"{k:05d}", "failed"))
+        counts = spool.counts.as_dict(0)
+    assert counts["failed"] == MAX_LISTED_FAILURES + 5
+    assert len(counts["failures"]) == MAX_LISTED_FAILURES
+
+
+def test_spool_memory_does_not_hold_the_records(tmp_path):
+    """The spool keeps an index, not the records: its file grows, its index stays small."""
+    import tracemalloc
+
+    big = record("x", repairs=[{"kind": "clipped", "detail": "y" * 200}] * 50)
+    with RecordSpool(tmp_path) as spool:
+        tracemalloc.start()
+        for k in range(2000):
+            spool.add(big | {"path": f"{k:06d}"})
+        held, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        size = spool._file.seek(0, os.SEEK_END)
+    assert size > 2000 * 10_000  # ~20 MB of records went to disk ...
+    assert held < 2_000_000  # ... and well under 1 kB per record stayed in memory
+
+
+def test_local_destination_streams_the_manifest_and_skips_an_identical_one(tmp_path):
+    destination = LocalDestination(tmp_path / "dest")
+    target = tmp_path / "copy.jsonl"
+    assert destination.read_file(MANIFEST_KEY, target) is False
+    assert read_previous_manifest(destination, target) == {}
+    source = tmp_path / "m.jsonl"
+    source.write_bytes(manifest_line(record("a")) + manifest_line(record("b")))
+    first = destination.write_file(MANIFEST_KEY, source)
+    again = destination.write_file(MANIFEST_KEY, source)
+    assert first.written and not again.written and first.sha256 == again.sha256
+    assert (tmp_path / "dest" / MANIFEST_KEY).read_bytes() == source.read_bytes()
+    assert read_previous_manifest(destination, target) == {
+        "a": ["semantic/a.png"],
+        "b": ["semantic/b.png"],
+    }
+    assert not list((tmp_path / "dest").rglob("*.part"))
+
+
+@pytest.fixture
+def s3_destination(weed_server, s3_bucket, monkeypatch, tmp_path):
+    from polyburn.destinations.s3 import S3Destination
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", weed_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", weed_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", weed_server.region)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", weed_server.endpoint_url)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    return S3Destination.from_uri(f"s3://{s3_bucket}/runs")
+
+
+def test_s3_destination_streams_a_large_manifest_both_ways(s3_destination, tmp_path):
+    source = tmp_path / "m.jsonl"
+    with open(source, "wb") as handle:  # ~12 MB: several 1 MiB blocks each way
+        for k in range(6000):
+            handle.write(manifest_line(record(f"{k:06d}", detail="z" * 1800)))
+    missing = tmp_path / "missing.jsonl"
+    assert s3_destination.read_file(MANIFEST_KEY, missing) is False
+    first = s3_destination.write_file(MANIFEST_KEY, source)
+    again = s3_destination.write_file(MANIFEST_KEY, source)
+    assert first.written and not again.written
+    assert first.size == source.stat().st_size
+    copy = tmp_path / "copy.jsonl"
+    assert s3_destination.read_file(MANIFEST_KEY, copy) is True
+    assert copy.read_bytes() == source.read_bytes()
+    assert s3_destination.get(MANIFEST_KEY) == source.read_bytes()
