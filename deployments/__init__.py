@@ -1,6 +1,6 @@
 """Deployments of polyburn's flows: ``nightly``, ``on-demand`` and ``on-annotation``.
 
-``polyburn serve`` serves them from one process; ``prefect.yaml`` deploys the same three to the
+``polyburn serve`` serves them from one process; ``prefect.yaml`` deploys the same four to the
 ``polyburn-process`` work pool. See ``deployments/README.md``.
 """
 

@@ -1,15 +1,17 @@
-"""The three deployments of the polygons-to-masks flow, side by side.
+"""The four deployments of the polygons-to-masks flow, side by side.
 
 * ``nightly``: a cron schedule; an incremental run (only items changed since the last
   successful incremental run of the same source and destination).
 * ``on-demand``: no schedule; run it from the UI or with
   ``prefect deployment run 'polygons-to-masks/on-demand'``.
+* ``shard``: one shard of a sharded run (``shards`` > 1), started by the parent run; serve it
+  wherever shards should run (see ``flows/shards.py``).
 * ``on-annotation``: started by Dataloop item/annotation events (``dataloop.item.*``,
   ``dataloop.annotation.*``) whose resource is the item (``dataloop.item.<item-id>``); one run per
   item, for that item only, once the item has been quiet for ``debounce_seconds``.
 
 :func:`build_deployments` returns them for ``prefect.serve`` (``polyburn serve``);
-``prefect.yaml`` at the repository root declares the same three for a process work pool.
+``prefect.yaml`` at the repository root declares the same four for a process work pool.
 
 Debouncing
 ----------
@@ -134,8 +136,19 @@ def on_annotation(settings: DeploymentSettings) -> RunnerDeployment:
     )
 
 
+def shard(settings: DeploymentSettings) -> RunnerDeployment:
+    """``shard``: runs one shard of a sharded run (``shards`` > 1); started by the parent run
+    with the shard's items, not by hand. Serve it on every machine that should take shards."""
+    return polygons_to_masks.to_deployment(
+        name="shard",
+        description="One shard of a sharded run; started by its parent run.",
+        parameters={"params": settings.base_parameters()},
+        tags=["polyburn", "shard"],
+    )
+
+
 def build_deployments(settings: DeploymentSettings | None = None) -> list[RunnerDeployment]:
-    """``[nightly, on-demand, on-annotation]`` for ``prefect.serve``; settings from the
+    """``[nightly, on-demand, on-annotation, shard]`` for ``prefect.serve``; settings from the
     environment by default (ConfigError when one is wrong)."""
     settings = settings or DeploymentSettings.from_env()
-    return [nightly(settings), on_demand(settings), on_annotation(settings)]
+    return [nightly(settings), on_demand(settings), on_annotation(settings), shard(settings)]

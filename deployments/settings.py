@@ -35,7 +35,7 @@ MIN_DEBOUNCE_SECONDS = 10
 
 @dataclass(frozen=True)
 class DeploymentSettings:
-    """The operator's choices for the three deployments; see the module docstring."""
+    """The operator's choices for the four deployments; see the module docstring."""
 
     source: str = "examples/export"
     destination: str = "masks"

@@ -21,10 +21,12 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.futures import as_completed
+from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.variables import Variable
 
+from flows.shards import run_shards, shard_key
 from polyburn import progress
 from polyburn.destinations import resolve_destination_uri
 from polyburn.destinations.base import MANIFEST_KEY
@@ -170,7 +172,9 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     item_filter = _item_filter(params)
     source = source_for(params.source, item_filter, since)
     destination = destination_for(params.destination)
-    destination.recover()
+    shard_of = params.shard_of
+    if shard_of is None:  # a shard leaves this to its parent: other machines may be writing
+        destination.recover()
     options = params.options
 
     refs = list_items(params.source, item_filter, since)
@@ -180,13 +184,16 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     batches = chunk(refs, params.batch_size)
     logger.info("%d items from %s in %d batches", len(refs), params.source, len(batches))
 
-    found: set[str] = set()
-    if not params.labels:
-        for labels in collect_labels.map(params.source, batches, options.max_pixels).result():
-            found.update(labels)
     declared = source.labels()
-    label_map = resolve_label_map(params.labels, destination, found, declared)
-    publish_label_map(params.destination, label_map)
+    if shard_of is not None:  # the parent settled the label map for all its shards
+        label_map = dict(shard_of.label_map)
+    else:
+        found: set[str] = set()
+        if not params.labels:
+            for labels in collect_labels.map(params.source, batches, options.max_pixels).result():
+                found.update(labels)
+        label_map = resolve_label_map(params.labels, destination, found, declared)
+        publish_label_map(params.destination, label_map)
     colours = dict(declared) if declared else None
     token = _destination_token(destination)
     with (
@@ -201,7 +208,19 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         run_batches = submit_batches
         if params.task_runner != "threads":
             run_batches = burn_batches.with_options(task_runner=_task_runner(params))
-        if batches:
+        shard_runs = None
+        if params.shards > 1 and refs:
+            shard_runs = run_shards(
+                params,
+                refs,
+                label_map,
+                destination,
+                str(flow_run.get_id() or uuid.uuid4()),
+                spool.add,
+                lambda done, total: progress.report(done, total),
+                logger,
+            )
+        elif batches:
             try:
                 run_batches(params, batches, label_map, colours, previous, token, taker)
             finally:
@@ -211,7 +230,10 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         summary = spool.counts.as_dict(time.perf_counter() - started)
         partial = bool(params.item_ids or since or params.item_filter)
         manifest = scratch / "manifest.jsonl"
-        if partial:  # keep the other items' records; forget requested items that are gone
+        if shard_of is not None:  # records go back to the parent, which writes the manifest
+            spool.write_manifest(manifest)
+            destination.write_file(shard_key(shard_of.group, shard_of.index), manifest)
+        elif partial:  # keep the other items' records; forget requested items that are gone
             gone = _vanished(
                 params.item_ids or [], refs, manifest_paths(scratch / "previous.jsonl")
             )
@@ -225,9 +247,12 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
             spool.write_manifest(manifest, previous=latest, gone=gone)
         else:
             spool.write_manifest(manifest)
-        publish_manifest(params.destination, str(manifest))
+        if shard_of is None:
+            publish_manifest(params.destination, str(manifest))
     retries, cached, previews = taken.retries, taken.cached, taken.previews
     summary.update(label_map=label_map, retries=retries, cached_batches=cached)
+    if shard_runs is not None:
+        summary["shards"] = shard_runs
     _publish_artifacts(summary, params, sorted(previews)[:PREVIEW_ITEMS])
     logger.info(
         "%d items: %d ok, %d failed; %d annotations, %d repairs, %d rejected; %d batches cached",
@@ -241,7 +266,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     )
     for failure in summary["failures"][:20]:
         logger.warning("failed: %s", failure["error"])
-    if params.incremental and not summary["failed"]:
+    if params.incremental and not summary["failed"] and shard_of is None:
         Variable.set(watermark, run_started_at.isoformat(), overwrite=True)
     if summary["failed"] and params.strict:
         return Failed(message=f"{summary['failed']} item(s) failed", data=summary)

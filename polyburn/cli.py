@@ -51,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=100)
     run.add_argument("--max-pixels", type=int, default=None)
     run.add_argument("--strict", action="store_true", help="fail the flow run on any failure")
+    run.add_argument(
+        "--shards",
+        type=int,
+        default=0,
+        help="split the run into this many runs of the shard deployment (needs a Prefect "
+        "server whose workers serve it)",
+    )
+    run.add_argument(
+        "--shard-deployment",
+        default=None,
+        help="the deployment that runs the shards (default polygons-to-masks/shard)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.set_defaults(handler=_run)
@@ -62,13 +74,20 @@ def _parser() -> argparse.ArgumentParser:
     validate.set_defaults(handler=_validate)
 
     serve = sub.add_parser(
-        "serve", help="serve the nightly, on-demand and on-annotation deployments"
+        "serve", help="serve the nightly, on-demand, on-annotation and shard deployments"
     )
     serve.add_argument(
         "--limit",
         type=int,
         default=None,
         help="flow runs at once (default: POLYBURN_SERVE_LIMIT, else 1; 0: no limit)",
+    )
+    serve.add_argument(
+        "--deployment",
+        action="append",
+        choices=["nightly", "on-demand", "on-annotation", "shard"],
+        help="serve only this deployment (repeatable); e.g. `--deployment shard` on the extra "
+        "machines of sharded runs",
     )
     serve.set_defaults(handler=_serve)
 
@@ -101,6 +120,8 @@ def _parameters(args: argparse.Namespace):
             item_filter=args.filter,
             updated_since=args.updated_since,
             strict=args.strict,
+            shards=args.shards,
+            **({"shard_deployment": args.shard_deployment} if args.shard_deployment else {}),
         )
     except ValidationError as exc:
         raise ConfigError(_validation_message(exc)) from None
@@ -217,7 +238,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Serve the three deployments from this process until interrupted."""
+    """Serve the four deployments from this process until interrupted."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from deployments import DeploymentSettings, build_deployments
@@ -234,6 +255,8 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     deployments = build_deployments(settings)
+    if args.deployment:
+        deployments = [d for d in deployments if d.name in args.deployment]
     print(
         f"polyburn: serving {', '.join(d.name for d in deployments)} "
         f"(source {settings.source}, destination {settings.destination}, "

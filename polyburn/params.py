@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from polyburn.dataloop_json import DEFAULT_MAX_PIXELS
 
@@ -42,6 +42,20 @@ class MaskOptions(BaseModel):
     @classmethod
     def _unique_modes(cls, modes: list[str]) -> list[str]:
         return list(dict.fromkeys(modes))
+
+
+class ShardOf(BaseModel):
+    """What a sharded run tells each of its shard runs (set by polyburn, not by users)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group: str = Field(description="The parent flow run's id: names the shards' record files.")
+    index: int = Field(ge=0, description="This shard's number, from 0.")
+    count: int = Field(ge=2, description="How many shards the parent run made.")
+    label_map: dict[str, int] = Field(description="The parent run's label map, used as is.")
+
+
+DEFAULT_SHARD_DEPLOYMENT = "polygons-to-masks/shard"
 
 
 class RunParameters(BaseModel):
@@ -102,6 +116,35 @@ class RunParameters(BaseModel):
         default=False,
         description="Fail the run when any item fails (default: complete and report failures).",
     )
+    shards: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="Split the items into this many runs of shard_deployment, which Prefect "
+        "workers on any machine pick up; this run lists the items, waits for the shards and "
+        "writes the manifest. 0 or 1: no sharding. Needs a destination every worker reaches "
+        "(s3:// or a shared folder).",
+    )
+    shard_deployment: str = Field(
+        default=DEFAULT_SHARD_DEPLOYMENT,
+        description="The deployment (flow/name) that runs the shards of a sharded run.",
+    )
+    shard_of: ShardOf | None = Field(
+        default=None,
+        description="Set by a sharded run on its shard runs; leave empty.",
+    )
+
+    @model_validator(mode="after")
+    def _shardable(self) -> RunParameters:
+        if self.shards > 1 and self.destination.startswith("dataloop://"):
+            raise ValueError(
+                "shards: a dataloop:// destination keeps its run state on the machine of the "
+                "run, so shards on other workers cannot hand back their records; write to "
+                "s3:// or a shared folder, or set shards to 0"
+            )
+        if self.shards > 1 and self.shard_of is not None:
+            raise ValueError("shards: a shard run cannot be sharded again")
+        return self
 
     @field_validator("source", "destination")
     @classmethod

@@ -100,15 +100,17 @@ def test_settings_come_from_the_environment_and_are_checked():
             DeploymentSettings.from_env(bad)
 
 
-def test_three_deployments_of_the_flow_with_schedule_and_trigger():
+def test_four_deployments_of_the_flow_with_schedule_and_trigger():
     settings = DeploymentSettings(timezone="Europe/Berlin", nightly_cron="0 1 * * *")
-    nightly, on_demand, on_annotation = build_deployments(settings)
-    assert [d.name for d in (nightly, on_demand, on_annotation)] == [
+    nightly, on_demand, on_annotation, shard = build_deployments(settings)
+    assert [d.name for d in (nightly, on_demand, on_annotation, shard)] == [
         "nightly",
         "on-demand",
         "on-annotation",
+        "shard",
     ]
-    for d in (nightly, on_demand, on_annotation):
+    assert not shard.schedules and not shard.triggers
+    for d in (nightly, on_demand, on_annotation, shard):
         assert d.flow_name == FLOW
         assert d.entrypoint == "flows/polygons_to_masks.py:polygons_to_masks"
     (schedule,) = nightly.schedules
@@ -202,7 +204,7 @@ def test_prefect_yaml_declares_the_same_deployments_as_the_code(monkeypatch):
 
     code = {d.name: d for d in build_deployments(DeploymentSettings.from_env(env))}
     declared = {d.name: d for d in model.deployments}
-    assert list(declared) == ["nightly", "on-demand", "on-annotation"] == list(code)
+    assert list(declared) == ["nightly", "on-demand", "on-annotation", "shard"] == list(code)
     for name, spec in declared.items():
         # `prefect deploy` substitutes {{ $VARS }} from the environment this way.
         spec = apply_values(spec.model_dump(exclude_unset=True), {}, remove_notset=False)
@@ -435,7 +437,7 @@ def served(server, tmp_path_factory):
             with api(server) as client:
                 found = {d.name: d.id for d in client.read_deployments()}
                 automations = client.read_automations()
-            names = {"nightly", "on-demand", "on-annotation"}
+            names = {"nightly", "on-demand", "on-annotation", "shard"}
             return found if names <= set(found) and automations else None
 
         ids = wait_for("the three deployments", registered, timeout=120, every=1, log=log)
@@ -492,7 +494,7 @@ def final_state(server: PrefectServer, run_id, timeout: float = 120, log: Path |
     return wait_for(f"flow run {run_id} to finish", done, timeout=timeout, log=log)
 
 
-def test_serve_registers_three_deployments_and_the_nightly_schedule(server, served):
+def test_serve_registers_four_deployments_and_the_nightly_schedule(server, served):
     ids, _, _ = served
     with api(server) as client:
         nightly = client.read_deployment_by_name(f"{FLOW}/nightly")
@@ -523,7 +525,7 @@ def test_prefect_deploy_all_registers_what_serve_registers(server, served, tmp_p
 
     ids, destination, _ = served
     text = (REPO / "prefect.yaml").read_text()
-    for name in ("nightly", "on-demand", "on-annotation"):
+    for name in ("nightly", "on-demand", "on-annotation", "shard"):
         text = text.replace(f"  - name: {name}\n", f"  - name: yaml-{name}\n")
     copy = tmp_path / "prefect.yaml"
     copy.write_text(text)
@@ -548,7 +550,7 @@ def test_prefect_deploy_all_registers_what_serve_registers(server, served, tmp_p
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     with api(server) as client:
-        for name in ("nightly", "on-demand", "on-annotation"):
+        for name in ("nightly", "on-demand", "on-annotation", "shard"):
             served_one = client.read_deployment(ids[name])
             deployed = client.read_deployment_by_name(f"{FLOW}/yaml-{name}")
             assert deployed.work_pool_name == "polyburn-process"
@@ -798,3 +800,158 @@ def test_a_transient_failure_shows_as_retries_in_the_task_run_history(server, tm
         "Retrying",
         "Completed",
     ]
+
+
+# ============================================================== sharded runs
+
+
+@pytest.fixture(scope="module")
+def second_machine(server, served, tmp_path_factory):
+    """Another "machine" taking shards: ``polyburn serve --deployment shard`` in its own process
+    and Prefect home (``served`` is the first; both take one run at a time)."""
+    root = tmp_path_factory.mktemp("machine-2")
+    log = root / "serve.log"
+    env = server.client_env(
+        {
+            "PREFECT_HOME": str(root / "home"),
+            "POLYBURN_SOURCE": str(EXPORT),
+            "POLYBURN_DESTINATION": str(root / "unused"),
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+        }
+    )
+    process = start_cli(["serve", "--deployment", "shard"], env, log)
+    try:
+        wait_for(
+            "the second machine to serve",
+            lambda: process.poll() is None and "serving shard" in log.read_text(errors="replace"),
+            timeout=60,
+            log=log,
+        )
+        yield log
+    finally:
+        stop_process(process)
+
+
+def polyburn_run(server: PrefectServer, home: Path, *args: str) -> tuple[int, dict, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "polyburn.cli", "run", *args, "--json", "--no-progress"],
+        cwd=REPO,
+        env=server.client_env({"PREFECT_HOME": str(home), "POLYBURN_SHARD_POLL_SECONDS": "0.5"}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    try:
+        summary = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        summary = {}
+    return done.returncode, summary, done.stderr
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and ".polyburn" not in p.parts and p.name != "manifest.jsonl"
+    }
+
+
+def manifest_of(root: Path) -> list[dict]:
+    lines = (root / "manifest.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+def test_a_sharded_run_spreads_its_items_over_shard_runs_and_writes_one_manifest(
+    server, served, second_machine, tmp_path
+):
+    ids, _, serve_log = served
+    sharded, plain = tmp_path / "sharded", tmp_path / "plain"
+    code, summary, err = polyburn_run(
+        server, tmp_path / "home", str(EXPORT), str(sharded), "--shards", "3"
+    )
+    assert code == 0, err[-3000:]
+    assert (summary["items"], summary["ok"], summary["failed"]) == (12, 12, 0)
+    assert [(s["shard"], s["state"], s["items"]) for s in summary["shards"]] == [
+        (0, "Completed", 4),
+        (1, "Completed", 4),
+        (2, "Completed", 4),
+    ]
+    code, _, err = polyburn_run(server, tmp_path / "home", str(EXPORT), str(plain))
+    assert code == 0, err[-3000:]
+
+    # The same bytes and the same manifest as an unsharded run; no shard files left behind.
+    assert files_of(sharded) == files_of(plain) and len(files_of(plain)) == 13
+    assert manifest_of(sharded) == manifest_of(plain)
+    assert not [
+        p for p in (sharded / ".polyburn").rglob("*") if p.is_file() and "shards" in p.parts
+    ]
+
+    # Three runs of the shard deployment, subflows of one parent, each with its own items.
+    runs = [r for r in runs_of(server, ids["shard"]) if r.parameters["params"].get("shard_of")]
+    mine = [r for r in runs if r.parameters["params"]["destination"] == str(sharded)]
+    assert len(mine) == 3
+    assert {r.state.name for r in mine} == {"Completed"}
+    assert len({r.parameters["params"]["shard_of"]["group"] for r in mine}) == 1
+    assert all(r.parent_task_run_id is not None for r in mine)
+    items = [i for r in mine for i in r.parameters["params"]["item_ids"]]
+    assert len(items) == len(set(items)) == 12
+    assert {r.parameters["params"]["shard_of"]["index"] for r in mine} == {0, 1, 2}
+
+
+def test_a_sharded_run_without_its_shard_deployment_fails_fast_and_says_why(server, tmp_path):
+    params = {
+        "source": str(EXPORT),
+        "destination": str(tmp_path / "masks"),
+        "shards": 2,
+        "shard_deployment": "polygons-to-masks/nowhere",
+    }
+    script = (
+        "import json, sys\n"
+        "from flows.polygons_to_masks import polygons_to_masks\n"
+        "from polyburn.params import RunParameters\n"
+        "state = polygons_to_masks(RunParameters(**json.loads(sys.argv[1])), return_state=True)\n"
+        "print(state.type.value, state.message)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(params)],
+        cwd=REPO,
+        env=server.client_env({"PREFECT_HOME": str(tmp_path / "home")}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("FAILED"), done.stderr[-3000:]
+    assert "polygons-to-masks/nowhere' does not exist" in last
+    assert not (tmp_path / "masks" / "manifest.jsonl").exists()
+
+
+def test_shards_no_worker_takes_are_cancelled_and_their_items_reported_failed(server, tmp_path):
+    """A shard deployment nobody serves: each shard run waits POLYBURN_SHARD_START_TIMEOUT, is
+    cancelled, is tried once more, and then every item of it is a failed record: none lost."""
+    with api(server) as client:
+        flow_id = client.create_flow_from_name(FLOW)
+        client.create_deployment(flow_id=flow_id, name="unserved")
+    done = subprocess.run(
+        [sys.executable, "-m", "polyburn.cli", "run", str(EXPORT), str(tmp_path / "masks")]
+        + ["--shards", "2", "--shard-deployment", f"{FLOW}/unserved", "--json", "--no-progress"],
+        cwd=REPO,
+        env=server.client_env(
+            {
+                "PREFECT_HOME": str(tmp_path / "home"),
+                "POLYBURN_SHARD_POLL_SECONDS": "0.5",
+                "POLYBURN_SHARD_START_TIMEOUT": "2",
+            }
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert (summary["items"], summary["failed"]) == (12, 12)
+    assert [(s["state"], s["attempts"]) for s in summary["shards"]] == [("Cancelled", 2)] * 2
+    records = manifest_of(tmp_path / "masks")
+    assert len(records) == 12 and {r["status"] for r in records} == {"failed"}
+    assert all("no worker started it within 2 s" in r["error"] for r in records)

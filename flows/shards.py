@@ -1,0 +1,219 @@
+"""Sharded runs: the parent flow run splits its items over shard runs of a deployment.
+
+A very large dataset is more than one machine burns in a night. With ``shards`` = N the parent
+run lists the items, settles the label map (so every shard uses the same ids), and starts N runs
+of ``shard_deployment`` (``polygons-to-masks/shard``) with ``run_deployment``: each gets a
+contiguous slice of the listing as ``item_ids`` and the label map in ``shard_of``, and whichever
+Prefect worker (or ``polyburn serve``) serves that deployment picks it up, on any machine. They
+show in the UI as subflow runs of the parent.
+
+A shard run burns and publishes its items like any run, but writes its records to
+``.polyburn/shards/<parent-run-id>/<k>.jsonl`` in the destination instead of the manifest. The
+parent waits for all shards, runs a shard that did not complete once more (its finished batches
+come from the cache when the workers share Prefect's result storage), reads the records back into
+its spool, and writes the one manifest last, as an unsharded run does. An item a shard never
+reported (its run crashed twice) gets a failed record naming the shard run and its state: nothing
+is dropped silently. The shard files are removed once the manifest is written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
+from prefect.states import Cancelled
+
+from polyburn.destinations import Destination
+from polyburn.errors import ConfigError
+from polyburn.manifest import iter_manifest
+from polyburn.model import ItemRef
+from polyburn.params import RunParameters, ShardOf
+
+SHARDS_PREFIX = ".polyburn/shards"
+SHARD_ATTEMPTS = 2
+POLL_SECONDS = float(os.environ.get("POLYBURN_SHARD_POLL_SECONDS", "5"))
+START_TIMEOUT = float(os.environ.get("POLYBURN_SHARD_START_TIMEOUT", "900"))
+"""Seconds a shard run may wait for a worker; then it is cancelled and counted as failed."""
+
+
+def shard_key(group: str, index: int) -> str:
+    """Destination key of the records of shard ``index`` of the sharded run ``group``."""
+    return f"{SHARDS_PREFIX}/{group}/{index:04d}.jsonl"
+
+
+def split_evenly(refs: list[ItemRef], count: int) -> list[list[ItemRef]]:
+    """``refs`` in at most ``count`` contiguous slices whose sizes differ by at most one (no
+    empty slice)."""
+    count = max(1, min(count, len(refs)))
+    size, extra = divmod(len(refs), count)
+    slices, start = [], 0
+    for k in range(count):
+        end = start + size + (1 if k < extra else 0)
+        slices.append(refs[start:end])
+        start = end
+    return slices
+
+
+def shard_parameters(params: RunParameters, refs: list[ItemRef], shard: ShardOf) -> dict[str, Any]:
+    """The ``params`` of one shard run: the parent's, narrowed to ``refs`` (by item id, or by
+    path for a local export), not incremental and not strict (the parent decides both)."""
+    narrowed = params.model_copy(
+        update={
+            "item_ids": [ref.item_id or ref.path for ref in refs],
+            "item_filter": None,
+            "updated_since": None,
+            "incremental": False,
+            "strict": False,
+            "labels": None,
+            "shards": 0,
+            "shard_of": shard,
+        }
+    )
+    return narrowed.model_dump(mode="json")
+
+
+def run_shards(
+    params: RunParameters,
+    refs: list[ItemRef],
+    label_map: dict[str, int],
+    destination: Destination,
+    group: str,
+    add_record: Callable[[dict[str, Any]], None],
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
+    logger: Any = None,
+) -> list[dict[str, Any]]:
+    """Run the shards of ``refs`` and hand every item's record to ``add_record``.
+
+    Returns one ``{"shard", "run", "state", "items", "attempts"}`` per shard.
+    """
+    check_shard_deployment(params.shard_deployment)
+    slices = split_evenly(refs, params.shards)
+    count = len(slices)
+    outcome: dict[int, dict[str, Any]] = {}
+    pending = list(range(count))
+    for attempt in range(1, SHARD_ATTEMPTS + 1):
+        started = {}
+        for k in pending:
+            shard = ShardOf(group=group, index=k, count=count, label_map=label_map)
+            started[k] = run_deployment(
+                name=params.shard_deployment,
+                parameters={"params": shard_parameters(params, slices[k], shard)},
+                flow_run_name=f"shard-{k + 1}-of-{count}",
+                tags=["polyburn-shard"],
+                idempotency_key=f"{group}-{k}-{attempt}",
+                timeout=0,
+                as_subflow=True,
+            )
+        for k, run in _wait_for_runs(started, lambda done: on_progress(done, count)).items():
+            outcome[k] = {
+                "shard": k,
+                "run": run.name,
+                "state": run.state.name if run.state else "unknown",
+                "message": (run.state.message or "") if run.state else "",
+                "completed": bool(run.state and run.state.is_completed()),
+                "items": len(slices[k]),
+                "attempts": attempt,
+            }
+        pending = [k for k in pending if not outcome[k]["completed"]]
+        if not pending:
+            break
+        if logger and attempt < SHARD_ATTEMPTS:
+            logger.warning(
+                "%d shard run(s) did not complete (%s); running them once more",
+                len(pending),
+                ", ".join(f"{outcome[k]['run']}: {outcome[k]['state']}" for k in pending),
+            )
+
+    with tempfile.TemporaryDirectory(prefix="polyburn-shards-") as folder:
+        for k, piece in enumerate(slices):
+            local = Path(folder) / f"{k}.jsonl"
+            reported: set[str] = set()
+            if destination.read_file(shard_key(group, k), local):
+                for _, _, record in iter_manifest(local):
+                    reported.add(record["path"])
+                    add_record(record)
+                local.unlink()
+            why = _never_reported(outcome[k])
+            for ref in piece:
+                if ref.path not in reported:
+                    add_record(
+                        {
+                            "item": ref.item_id,
+                            "path": ref.path,
+                            "status": "failed",
+                            "error": f"{ref.path}: not processed: {why}",
+                        }
+                    )
+    destination.remove([shard_key(group, k) for k in range(count)])
+    return [
+        {key: value for key, value in outcome[k].items() if key != "completed"}
+        for k in range(count)
+    ]
+
+
+def check_shard_deployment(name: str) -> None:
+    """Raise ConfigError unless a Prefect server (not the ephemeral API, where no worker could
+    take the shards) knows the deployment ``name``."""
+    if not PREFECT_API_URL.value():
+        raise ConfigError(
+            "shards need a Prefect server with workers serving the shard deployment; set "
+            "PREFECT_API_URL (the ephemeral API of a single process has no workers)"
+        )
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ConfigError(
+                f"shard deployment '{name}' does not exist on the Prefect server; serve it "
+                "(`polyburn serve --deployment shard`) or deploy it (`prefect deploy --all`)"
+            ) from None
+
+
+def _never_reported(outcome: dict[str, Any]) -> str:
+    state = outcome["state"]
+    message = f": {outcome['message']}" if outcome["message"] else ""
+    if outcome["completed"]:
+        return f"shard run '{outcome['run']}' completed without it (gone from the source?)"
+    return f"shard run '{outcome['run']}' ended {state}{message}"
+
+
+def _wait_for_runs(runs: dict[int, Any], on_done: Callable[[int], None]) -> dict[int, Any]:
+    """Poll the flow runs until each is final; ``on_done(n)`` after each newly finished one.
+
+    A run no worker has started within ``START_TIMEOUT`` seconds is cancelled (its state
+    message says why), so a missing worker fails the shard instead of hanging the run.
+    """
+    final: dict[int, Any] = {}
+    since = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while len(final) < len(runs):
+            for k, run in runs.items():
+                if k in final:
+                    continue
+                current = client.read_flow_run(run.id)
+                state = current.state
+                if state and state.is_scheduled() and time.monotonic() - since > START_TIMEOUT:
+                    client.set_flow_run_state(
+                        run.id,
+                        Cancelled(
+                            message=f"no worker started it within {START_TIMEOUT:.0f} s; is "
+                            "`polyburn serve --deployment shard` or a worker running?"
+                        ),
+                        force=True,
+                    )
+                    current = client.read_flow_run(run.id)
+                    state = current.state
+                if state and state.is_final():
+                    final[k] = current
+                    on_done(len(final))
+            if len(final) < len(runs):
+                time.sleep(POLL_SECONDS)
+    return final
