@@ -1,7 +1,7 @@
-"""Deployments of polyburn's flows: ``nightly``, ``on-demand`` and ``on-annotation``.
+"""Deployments of polyburn's flows: ``nightly``, ``on-demand``, ``on-annotation`` and ``shard``.
 
 ``polyburn serve`` serves them from one process; ``prefect.yaml`` deploys the same four to the
-``polyburn-process`` work pool. See ``deployments/README.md``.
+``polyburn-process`` work pool. See the README's *Deployments* section.
 """
 
 from deployments.polygons_to_masks import (
