@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 
 try:  # ISA-L deflate: same format as zlib, several times faster
     from isal import isal_zlib as _deflate
@@ -56,6 +55,8 @@ def encode_mask(mask: np.ndarray, fmt: Format, palette: Sequence[int] | None = N
 def decode_mask(data: bytes, fmt: Format) -> np.ndarray:
     """Read back what :func:`encode_mask` wrote, as the stored ids."""
     if fmt == "png":
+        from PIL import Image
+
         with Image.open(io.BytesIO(data)) as image:
             array = np.asarray(image)
             return array.astype(np.uint16) if image.mode.startswith("I") else array

@@ -45,26 +45,46 @@ def repair_item(item: Item) -> tuple[list[Shape], list[Repair], list[Problem]]:
     repairs: list[Repair] = []
     problems: list[Problem] = []
     segments = [a for a in item.annotations if a.type != "binary"]
-    cleaned = _clean_rings(segments, repairs, problems) if segments else []
+    cleaned, coords, starts, ends = _clean_rings(segments, repairs, problems)
 
     geometries: dict[int, shapely.Geometry] = {}
     if cleaned:
-        polygons = _polygons([rings for _, rings in cleaned])
+        polygons = _polygons(coords, starts, ends, [kept for _, kept in cleaned])
         valid = shapely.is_valid(polygons)
         polygons[valid] = shapely.orient_polygons(polygons[valid])
         xmin, ymin, xmax, ymax = shapely.bounds(polygons).T
         inside = valid & (xmin >= 0) & (ymin >= 0) & (xmax <= item.width) & (ymax <= item.height)
         image = shapely.box(0, 0, item.width, item.height)
+        # Valid polygons reaching outside the image (their bounds say so: the image does not
+        # contain them) are clipped for the record, all in one call.
+        outside = np.flatnonzero(valid & ~inside)
+        clipped = shapely.intersection(polygons[outside], image)
+        areas_before = shapely.area(polygons[outside])
+        areas_after = shapely.area(clipped)
+        slot = np.cumsum(valid & ~inside) - 1  # polygon k's entry in clipped, when valid
+        far = np.maximum.reduce([np.abs(xmin), np.abs(ymin), np.abs(xmax), np.abs(ymax)])
         for k, (annotation, _) in enumerate(cleaned):
             if inside[k]:
                 geometries[id(annotation)] = polygons[k]
                 continue
             try:
-                geometries[id(annotation)] = _finish(
-                    polygons[k], bool(valid[k]), annotation, image, repairs
-                )
+                if valid[k]:
+                    j = slot[k]
+                    geometry = _clip(
+                        polygons[k],
+                        clipped[j],
+                        float(areas_before[j]),
+                        float(areas_after[j]),
+                        bool(far[k] > SAFE_COORDINATE),
+                        annotation,
+                        repairs,
+                    )
+                else:
+                    geometry = _finish(polygons[k], False, annotation, image, repairs)
             except _Rejected as rejected:
                 problems.append(Problem(str(rejected), annotation.annotation_id, "coordinates"))
+            else:
+                geometries[id(annotation)] = geometry
 
     shapes: list[Shape] = []
     for annotation in item.annotations:
@@ -84,47 +104,75 @@ class _Rejected(Exception):
 
 def _clean_rings(
     annotations: list[Annotation], repairs: list[Repair], problems: list[Problem]
-) -> list[tuple[Annotation, list[np.ndarray]]]:
+) -> tuple[list[tuple[Annotation, list[int]]], np.ndarray, np.ndarray, np.ndarray]:
     """Steps 1-3 for all rings of all annotations at once. Returns each surviving annotation with
-    its cleaned, open rings (exterior first); records repairs and rejections in file order."""
+    the indices of its kept rings (exterior first), and the cleaned vertices: ring r is the open
+    ring ``coords[starts[r]:ends[r]]``. Records repairs and rejections in file order."""
     rings = [
         np.asarray(ring, dtype=np.float64).reshape(-1, 2) for a in annotations for ring in a.rings
     ]
     count = len(rings)
     lengths = np.fromiter((len(ring) for ring in rings), dtype=np.int64, count=count)
     coords = np.concatenate(rings) if rings else np.empty((0, 2))
-    ring_ids = np.repeat(np.arange(count), lengths)
+    offsets = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ring_ids = None  # built only when vertices are dropped
 
     finite = np.isfinite(coords).all(axis=1)
     with np.errstate(invalid="ignore"):
         in_range = finite & (np.abs(coords) <= MAX_COORDINATE).all(axis=1)
-    non_finite = np.bincount(ring_ids[~finite], minlength=count)
-    out_of_range = np.bincount(ring_ids[finite & ~in_range], minlength=count)
-    coords, ring_ids = coords[in_range], ring_ids[in_range]
+    if in_range.all():
+        non_finite = out_of_range = np.zeros(count, dtype=np.int64)
+    else:
+        ring_ids = np.repeat(np.arange(count), lengths)
+        non_finite = np.bincount(ring_ids[~finite], minlength=count)
+        out_of_range = np.bincount(ring_ids[finite & ~in_range], minlength=count)
+        coords, ring_ids = coords[in_range], ring_ids[in_range]
 
-    repeated = np.zeros(len(coords), dtype=bool)
-    repeated[1:] = (coords[1:] == coords[:-1]).all(axis=1) & (ring_ids[1:] == ring_ids[:-1])
-    duplicates = np.bincount(ring_ids[repeated], minlength=count)
-    coords, ring_ids = coords[~repeated], ring_ids[~repeated]
+    same = np.zeros(len(coords), dtype=bool)  # vertex equal to the previous one (any ring)
+    same[1:] = (coords[1:] == coords[:-1]).all(axis=1)
+    if ring_ids is None:
+        repeated = same
+        repeated[offsets[:-1][lengths > 0]] = False  # a ring's first vertex repeats nothing
+    else:
+        repeated = same & np.r_[False, ring_ids[1:] == ring_ids[:-1]]
+    if repeated.any():
+        if ring_ids is None:
+            ring_ids = np.repeat(np.arange(count), lengths)
+        duplicates = np.bincount(ring_ids[repeated], minlength=count)
+        coords, ring_ids = coords[~repeated], ring_ids[~repeated]
+    else:
+        duplicates = np.zeros(count, dtype=np.int64)
 
-    starts = np.searchsorted(ring_ids, np.arange(count), side="left")
-    ends = np.searchsorted(ring_ids, np.arange(count), side="right")
+    if ring_ids is None:
+        starts, ends = offsets[:-1], offsets[1:]
+    else:
+        starts = np.searchsorted(ring_ids, np.arange(count), side="left")
+        ends = np.searchsorted(ring_ids, np.arange(count), side="right")
     if len(coords):  # the closing duplicate of a closed ring is the normal form: drop silently
         first = coords[np.minimum(starts, len(coords) - 1)]
         last = coords[np.maximum(ends - 1, 0)]
         ends = ends - ((ends - starts > 1) & (first == last).all(axis=1))
     areas = _doubled_areas(coords, starts, ends)
+    # Only rings with dropped vertices are reported, only rings whose shoelace sum is zero or
+    # that have fewer than 3 vertices can be degenerate (see _degenerate).
+    dirty = ((non_finite > 0) | (out_of_range > 0) | (duplicates > 0)).tolist()
+    suspect = ((ends - starts < 3) | (areas == 0.0)).tolist()
 
     result = []
     r = 0
     for annotation in annotations:
         aid = annotation.annotation_id
-        kept: list[np.ndarray] = []
+        kept: list[int] = []
         rejected = None if annotation.rings else "polygon has no rings"
         for position in range(len(annotation.rings)):
-            _record_cleaning(aid, position, non_finite[r], out_of_range[r], duplicates[r], repairs)
-            ring = coords[starts[r] : ends[r]]
-            degenerate = _degenerate(ring, position, areas[r])
+            if dirty[r]:
+                _record_cleaning(
+                    aid, position, non_finite[r], out_of_range[r], duplicates[r], repairs
+                )
+            degenerate = (
+                _degenerate(coords[starts[r] : ends[r]], position, areas[r]) if suspect[r] else None
+            )
             r += 1
             if rejected:
                 continue
@@ -133,12 +181,12 @@ def _clean_rings(
             elif degenerate:
                 repairs.append(Repair("degenerate_hole", aid, detail=f"dropped: {degenerate}"))
             else:
-                kept.append(ring)
+                kept.append(r - 1)
         if rejected:
             problems.append(Problem(rejected, aid, "coordinates"))
         else:
             result.append((annotation, kept))
-    return result
+    return result, coords, starts, ends
 
 
 def _record_cleaning(
@@ -181,13 +229,23 @@ def _doubled_areas(coords: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> 
     return np.bincount(ring_of, weights=cross, minlength=len(sizes))
 
 
-def _polygons(rings_per_polygon: list[list[np.ndarray]]) -> np.ndarray:
-    """Shapely polygons from open rings (exterior first), built in one vectorised call."""
-    closed = [np.vstack([ring, ring[:1]]) for rings in rings_per_polygon for ring in rings]
-    ring_offsets = np.cumsum([0] + [len(ring) for ring in closed])
-    polygon_offsets = np.cumsum([0] + [len(rings) for rings in rings_per_polygon])
+def _polygons(
+    coords: np.ndarray, starts: np.ndarray, ends: np.ndarray, kept: list[list[int]]
+) -> np.ndarray:
+    """Shapely polygons from the open rings ``coords[starts[r]:ends[r]]`` (each polygon the rings
+    listed in ``kept``, exterior first), closed and built in one vectorised call."""
+    ring_ids = np.fromiter(
+        (r for rings in kept for r in rings), dtype=np.int64, count=sum(map(len, kept))
+    )
+    first = starts[ring_ids]
+    sizes = ends[ring_ids] - first + 1  # with the closing vertex
+    ring_offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=ring_offsets[1:])
+    index = np.arange(ring_offsets[-1]) + np.repeat(first - ring_offsets[:-1], sizes)
+    index[ring_offsets[1:] - 1] = first  # close each ring on its first vertex
+    polygon_offsets = np.cumsum([0] + [len(rings) for rings in kept])
     return shapely.from_ragged_array(
-        shapely.GeometryType.POLYGON, np.concatenate(closed), (ring_offsets, polygon_offsets)
+        shapely.GeometryType.POLYGON, coords[index], (ring_offsets, polygon_offsets)
     )
 
 
@@ -200,6 +258,26 @@ def collinear(ring: np.ndarray) -> bool:
     far = int(np.argmax(np.abs(d).sum(axis=1)))
     cross = d[:, 0] * d[far, 1] - d[:, 1] * d[far, 0]
     return not np.any(cross)
+
+
+def _clip(
+    polygon: shapely.Polygon,
+    clipped: shapely.Geometry,
+    area_before: float,
+    area_after: float,
+    far: bool,
+    annotation: Annotation,
+    repairs: list[Repair],
+) -> shapely.Geometry:
+    """Step 6 for a valid polygon reaching outside the image: what :func:`_finish` does, from
+    the intersection and areas computed for all such polygons at once."""
+    inside = _polygonal(clipped)
+    if inside.is_empty:
+        raise _Rejected("polygon lies entirely outside the image")
+    if inside is not clipped:
+        area_after = float(inside.area)
+    repairs.append(Repair("clipped", annotation.annotation_id, area_before, area_after))
+    return inside if far else polygon
 
 
 def _finish(

@@ -6,7 +6,7 @@ import base64
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from polyburn.destinations import Destination
 from polyburn.destinations.base import LABEL_MAP_KEY
@@ -22,9 +22,10 @@ from polyburn.labels import (
 )
 from polyburn.masks import build_masks
 from polyburn.model import Item, ItemRef
-from polyburn.params import MaskOptions
-from polyburn.report import preview_png
 from polyburn.sources import Source
+
+if TYPE_CHECKING:  # burn workers import this module: no pydantic, no PIL there
+    from polyburn.params import MaskOptions
 
 log = logging.getLogger("polyburn")
 
@@ -101,6 +102,8 @@ def _preview(ref: ItemRef, source: Source, masks, pal) -> str | None:
         mask = next(iter(masks.binary.values()))
     if mask is None:
         return None
+    from polyburn.report import preview_png
+
     image_of = getattr(source, "image", None)
     try:
         image = image_of(ref) if image_of else None

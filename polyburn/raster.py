@@ -22,17 +22,10 @@ from typing import Literal
 
 import numpy as np
 import shapely
-from affine import Affine
-from rasterio import features
-from rasterio.enums import MergeAlg
-from rasterio.errors import NotGeoreferencedWarning
 
 from polyburn.model import Shape
 
 DrawOrder = Literal["file", "area"]
-
-# Pixel space is meant: the identity transform is not a forgotten georeference.
-warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module=r"rasterio\.features")
 
 ENGINES = ("kernel", "rasterio")
 ENGINE = os.environ.get("POLYBURN_ENGINE", "kernel")
@@ -95,18 +88,29 @@ def burn_geometries(
     if engine == "kernel":
         from polyburn import kernel as _kernel
 
-        polygons: list[shapely.Polygon] = []
-        values: list[int] = []
-        for geometry, value in pairs:
-            parts = shapely.get_parts(geometry)
-            polygons.extend(parts)
-            values.extend([value] * len(parts))
+        geometries = np.empty(len(pairs), dtype=object)
+        geometries[:] = [geometry for geometry, _ in pairs]
+        polygons, index = shapely.get_parts(geometries, return_index=True)
+        values = np.fromiter((value for _, value in pairs), dtype=np.int64, count=len(pairs))
         coords, ring_offsets, polygon_ring_offsets = _kernel.polygons_to_arrays(polygons)
         if not _kernel.needs_reference(coords):
-            _kernel.burn_polygons(
-                out, coords, ring_offsets, polygon_ring_offsets, np.asarray(values, np.int64)
-            )
+            _kernel.burn_polygons(out, coords, ring_offsets, polygon_ring_offsets, values[index])
             return out
+    return _rasterize(out, pairs)
+
+
+def _rasterize(out: np.ndarray, pairs: Sequence[tuple[shapely.Geometry, int]]) -> np.ndarray:
+    """rasterio's burn (the reference), imported on first use: burn workers on the kernel's
+    path never load rasterio (and the boto3 it imports)."""
+    from affine import Affine
+    from rasterio import features
+    from rasterio.enums import MergeAlg
+    from rasterio.errors import NotGeoreferencedWarning
+
+    # Pixel space is meant: the identity transform is not a forgotten georeference.
+    warnings.filterwarnings(
+        "ignore", category=NotGeoreferencedWarning, module=r"rasterio\.features"
+    )
     return features.rasterize(
         pairs,
         out=out,

@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from polyburn.dataloop_json import decode_json, parse_item
 from polyburn.errors import ConfigError, ItemError
@@ -62,6 +61,8 @@ class LocalSource:
         items = self.root.parent / "items" if self.root.name == "json" else None
         if items is None or not items.is_dir():
             return None
+        from PIL import Image  # previews only: burn workers never need it
+
         for candidate in sorted(items.glob(f"{glob.escape(ref.path)}.*")):
             with Image.open(candidate) as image:
                 return np.asarray(image.convert("RGB"))
