@@ -47,6 +47,8 @@ def main() -> None:
                 "code": code,
                 "wall": wall,
                 "cpu": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
+                "cpu_main": own.ru_utime + own.ru_stime,
+                "cpu_workers": children.ru_utime + children.ru_stime,
                 "peak_rss_mb": own.ru_maxrss / 1024,
                 "peak_rss_worker_mb": children.ru_maxrss / 1024,
                 "workers": workers,

@@ -37,7 +37,7 @@ from polyburn.pipeline import resolve_label_map
 from polyburn.report import failures_markdown, previews_markdown, summary_table
 from tasks.common import destination_for, source_for
 from tasks.items import collect_labels, list_items
-from tasks.masks import burn_batch
+from tasks.masks import burn_batch, burn_task
 from tasks.publish import publish_label_map, publish_manifest
 
 PREVIEW_ITEMS = 4
@@ -97,8 +97,9 @@ def submit_batches(
     artifact_id = create_progress_artifact(
         progress=0.0, key="polyburn-progress", description=f"{total} items"
     )
+    burn = burn_task()
     futures = [
-        burn_batch.submit(
+        burn.submit(
             params.source,
             params.destination,
             batch,

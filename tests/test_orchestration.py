@@ -190,3 +190,37 @@ def test_partial_runs_merge_into_the_manifest_and_forget_deleted_items(export, t
     paths = [r["path"] for r in third_records(dest)]
     assert len(paths) == 11 and "street/scene_005" not in paths and "street/scene_006" in paths
     assert not (dest / "semantic" / "street" / "scene_005.png").exists()
+
+
+def burn_tags(state) -> list[list[str]]:
+    """The tags of the burn-batch task runs of the flow run behind ``state``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    return [sorted(r.tags) for r in runs if r.name.startswith("burn-batch")]
+
+
+def test_burn_batches_take_concurrency_slots_only_when_an_operator_set_a_limit(tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from tasks.masks import BURN_TAG
+
+    state, summary = run(source=str(EXAMPLES / "export"), destination=str(tmp_path / "a"))
+    assert summary["ok"] == 12 and burn_tags(state) == [[]]
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=BURN_TAG, concurrency_limit=1)
+    try:
+        state, summary = run(
+            source=str(EXAMPLES / "export"), destination=str(tmp_path / "b"), batch_size=5
+        )
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_concurrency_limit_by_tag(BURN_TAG)
+    assert summary["ok"] == 12
+    assert burn_tags(state) == [[BURN_TAG]] * 3
