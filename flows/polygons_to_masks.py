@@ -30,7 +30,12 @@ from flows.shards import run_shards, shard_key
 from polyburn import progress
 from polyburn.destinations import resolve_destination_uri
 from polyburn.destinations.base import MANIFEST_KEY
-from polyburn.manifest import RecordSpool, manifest_paths, read_previous_manifest
+from polyburn.manifest import (
+    RecordSpool,
+    manifest_paths,
+    read_previous_manifest,
+    unpack_records,
+)
 from polyburn.model import ItemRef
 from polyburn.params import RunParameters
 from polyburn.pipeline import resolve_label_map
@@ -87,10 +92,10 @@ def submit_batches(
     taker: str,
 ) -> None:
     """Submit one ``burn-batch`` task per batch on the current flow's task runner and hand each
-    result (``{"records", "attempts"}``) to ``_TAKERS[taker](result, cached)`` as it finishes,
-    updating a progress artifact. Results are not kept: a run's memory does not grow with its
-    items. (``taker`` is a key, not the callable: a subflow's parameters travel with the tasks
-    a Dask runner pickles.)"""
+    result (``{"records" (packed), "items", "attempts"}``) to ``_TAKERS[taker](result, cached)``
+    as it finishes, updating a progress artifact. The records go to the spool; what Prefect
+    keeps of each batch is its small packed result. (``taker`` is a key, not the callable: a
+    subflow's parameters travel with the tasks a Dask runner pickles.)"""
     take = _TAKERS[taker]
     total = sum(len(b) for b in batches)
     workers = params.workers or (os.cpu_count() or 1 if total >= AUTO_WORKERS_FROM else 1)
@@ -118,7 +123,7 @@ def submit_batches(
     for future in as_completed(futures):
         result = future.result()
         take(result, future.state.name == "Cached")
-        done += len(result["records"])
+        done += result["items"]
         progress.report(done, total)
         update_progress_artifact(artifact_id, 100.0 * done / max(total, 1))
 
@@ -299,7 +304,7 @@ class _Taken:
     def __call__(self, result: dict[str, Any], cached: bool) -> None:
         self.retries += result["attempts"] - 1
         self.cached += cached
-        for record in result["records"]:
+        for record in unpack_records(result["records"]):
             if cached:
                 for output in record.get("outputs", []):
                     output["written"] = False

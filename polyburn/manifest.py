@@ -12,6 +12,7 @@ import heapq
 import json
 import os
 import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +32,21 @@ def output_keys(record: Mapping[str, Any]) -> list[str]:
 def manifest_line(record: Mapping[str, Any]) -> bytes:
     """A record as one manifest line (UTF-8, sorted keys, newline-terminated)."""
     return (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+
+
+def pack_records(records: Iterable[Mapping[str, Any]]) -> bytes:
+    """Records as zlib-compressed manifest lines: what a batch hands back to its flow run.
+
+    Prefect keeps every task result of a flow run alive until the run ends (it links results to
+    their states), so a batch's result must be small: ~25 kB for 100 records instead of ~1 MB
+    of dicts.
+    """
+    return zlib.compress(b"".join(manifest_line(record) for record in records), 1)
+
+
+def unpack_records(packed: bytes) -> list[dict[str, Any]]:
+    """The records of :func:`pack_records`, in order."""
+    return [json.loads(line) for line in zlib.decompress(packed).splitlines()]
 
 
 def iter_manifest(path: str | os.PathLike) -> Iterator[tuple[int, bytes, dict[str, Any]]]:

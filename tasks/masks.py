@@ -11,6 +11,7 @@ from prefect import task
 from prefect.runtime import task_run
 from prefect.tasks import exponential_backoff
 
+from polyburn.manifest import pack_records
 from polyburn.model import ItemRef
 from polyburn.parallel import process_items
 from polyburn.params import MaskOptions
@@ -77,7 +78,8 @@ def burn_batch(
 ) -> dict[str, Any]:
     """Process each item of the batch; an item's failure is in its record, not an exception.
 
-    Returns ``{"records": [...], "attempts": n}``. The first ``previews`` items also get a small
+    Returns ``{"records": <packed>, "items": n, "attempts": k}``, the records packed with
+    :func:`~polyburn.manifest.pack_records`. The first ``previews`` items also get a small
     preview PNG in their record. ``workers`` > 1 spreads the items over that many processes.
     """
     records = process_items(
@@ -91,7 +93,11 @@ def burn_batch(
         previews,
         workers,
     )
-    return {"records": records, "attempts": task_run.run_count or 1}
+    return {
+        "records": pack_records(records),
+        "items": len(records),
+        "attempts": task_run.run_count or 1,
+    }
 
 
 BURN_TAG = "polyburn-burn"

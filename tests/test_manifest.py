@@ -162,3 +162,13 @@ def test_s3_destination_streams_a_large_manifest_both_ways(s3_destination, tmp_p
     assert s3_destination.read_file(MANIFEST_KEY, copy) is True
     assert copy.read_bytes() == source.read_bytes()
     assert s3_destination.get(MANIFEST_KEY) == source.read_bytes()
+
+
+def test_packed_records_round_trip_and_are_small():
+    from polyburn.manifest import pack_records, unpack_records
+
+    records = [record(f"p/{k:04d}", "failed" if k % 7 == 0 else "ok") for k in range(100)]
+    packed = pack_records(records)
+    assert unpack_records(packed) == records
+    assert len(packed) * 5 < sum(len(manifest_line(r)) for r in records)
+    assert unpack_records(pack_records([])) == []
