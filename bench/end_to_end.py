@@ -6,9 +6,9 @@ items (1920x1080, 50 star polygons x 30 vertices, some with holes), semantic PNG
 * ``polyburn run`` as a fresh process against a running ``prefect server start`` (SQLite), at
   200 and 2,000 items: wall, CPU utilisation (CPU s / wall s; 2.0 = both cores busy), peak RSS;
   the marginal rate (2000-200) / (t2000 - t200) and the fixed start-up t - n / marginal rate;
-* the same items through the Prefect-free core (``process_item`` in a 2-thread pool): the
-  orchestration overhead is the share of ``polyburn run``'s marginal wall time not explained by
-  the core's;
+* the same items through the Prefect-free core (``process_items`` on the same 2-process pool,
+  batches of 100, the pool already started): the orchestration overhead is the share of
+  ``polyburn run``'s marginal wall time not explained by the core's;
 * the Dataloop-documented loop (``dl.Segmentation.from_polygon`` per annotation + ``np.where``
   into the canvas, the loop bug fixed) writing the same palette PNGs with PIL, on 200 items;
 * Prefect's own fixed cost (a trivial flow in a fresh process) against polyburn's on one item;
@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -82,17 +81,20 @@ def polyburn_run(env: dict, source: Path, dest: Path, labels: Path) -> dict:
 
 
 def core_path(source: Path, dest: Path, workers: int = 2) -> float:
-    """Wall seconds of the Prefect-free core over an export (threads, like the flow)."""
+    """Wall seconds of the Prefect-free core over an export: the same process pool the flow
+    uses (``polyburn.parallel.process_items``), in batches of 100, without Prefect."""
     from polyburn.destinations.local import LocalDestination
+    from polyburn.parallel import process_items
     from polyburn.params import MaskOptions
-    from polyburn.pipeline import process_item
     from polyburn.sources.local import LocalSource
 
     src, dst, options = LocalSource(source), LocalDestination(dest), MaskOptions()
     refs = list(src.list_items())
+    process_items(refs[:4], src, dst, options, LABELS, workers=workers)  # start the pool
     started = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        records = list(pool.map(lambda r: process_item(r, src, dst, options, LABELS), refs))
+    records = []
+    for k in range(0, len(refs), 100):
+        records += process_items(refs[k : k + 100], src, dst, options, LABELS, workers=workers)
     assert all(r["status"] == "ok" for r in records)
     return time.perf_counter() - started
 
@@ -170,6 +172,8 @@ def main() -> None:
                 "wall_s": wall,
                 "items_per_s": n / wall,
                 "cpu_utilisation": statistics.median(r["cpu_utilisation"] for r in runs),
+                "cpu_main_s": statistics.median(r["cpu_main"] for r in runs),
+                "cpu_workers_s": statistics.median(r["cpu_workers"] for r in runs),
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
                 "peak_rss_worker_mb": max(r["peak_rss_worker_mb"] for r in runs),
                 "peak_rss_total_mb": max(r["peak_rss_total_mb"] for r in runs),
