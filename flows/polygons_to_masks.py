@@ -223,7 +223,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
                 destination,
                 str(flow_run.get_id() or uuid.uuid4()),
                 spool.add,
-                lambda done, total: progress.report(done, total),
+                _shard_progress(len(refs), params.shards),
                 logger,
             )
         elif batches:
@@ -277,6 +277,19 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     if summary["failed"] and params.strict:
         return Failed(message=f"{summary['failed']} item(s) failed", data=summary)
     return Completed(message=f"{summary['ok']} ok, {summary['failed']} failed", data=summary)
+
+
+def _shard_progress(items: int, shards: int):
+    """A progress artifact (and CLI progress) of a sharded run, advanced per finished shard."""
+    artifact_id = create_progress_artifact(
+        progress=0.0, key="polyburn-progress", description=f"{items} items in {shards} shards"
+    )
+
+    def report(done: int, total: int) -> None:
+        progress.report(done, total)
+        update_progress_artifact(artifact_id, 100.0 * done / max(total, 1))
+
+    return report
 
 
 class _Registry(dict):

@@ -898,6 +898,17 @@ def test_a_sharded_run_spreads_its_items_over_shard_runs_and_writes_one_manifest
     assert len(items) == len(set(items)) == 12
     assert {r.parameters["params"]["shard_of"]["index"] for r in mine} == {0, 1, 2}
 
+    # The parent shows its progress per finished shard, ending at 100 %.
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with api(server) as client:
+        parent = client.read_task_run(mine[0].parent_task_run_id).flow_run_id
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[parent]))
+        )
+    (bar,) = [a for a in artifacts if a.type == "progress"]
+    assert bar.data == 100.0 and "3 shards" in bar.description
+
 
 def test_a_sharded_run_without_its_shard_deployment_fails_fast_and_says_why(server, tmp_path):
     params = {
