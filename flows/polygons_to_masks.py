@@ -225,6 +225,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
                 spool.add,
                 _shard_progress(len(refs), params.shards),
                 logger,
+                _run_shard_here if params.shard_fallback else None,
             )
         elif batches:
             try:
@@ -277,6 +278,11 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     if summary["failed"] and params.strict:
         return Failed(message=f"{summary['failed']} item(s) failed", data=summary)
     return Completed(message=f"{summary['ok']} ok, {summary['failed']} failed", data=summary)
+
+
+def _run_shard_here(parameters: dict[str, Any]):
+    """A shard no worker took, run as a subflow of its parent, in this process."""
+    return polygons_to_masks(params=RunParameters.model_validate(parameters), return_state=True)
 
 
 def _shard_progress(items: int, shards: int):

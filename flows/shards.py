@@ -89,30 +89,48 @@ def run_shards(
     add_record: Callable[[dict[str, Any]], None],
     on_progress: Callable[[int, int], None] = lambda done, total: None,
     logger: Any = None,
+    run_here: Callable[[dict[str, Any]], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the shards of ``refs`` and hand every item's record to ``add_record``.
 
-    Returns one ``{"shard", "run", "state", "items", "attempts"}`` per shard.
+    A shard run that ends without completing is started once more. A shard no worker starts
+    within ``START_TIMEOUT`` is cancelled and, when ``run_here`` is given, run by calling
+    ``run_here(shard_params)`` (the parent's process, as a subflow) instead. Returns one
+    ``{"shard", "run", "state", "message", "items", "attempts", "ran_here"}`` per shard.
     """
     check_shard_deployment(params.shard_deployment)
     slices = split_evenly(refs, params.shards)
     count = len(slices)
+
+    def shard_params(k: int) -> dict[str, Any]:
+        shard = ShardOf(group=group, index=k, count=count, label_map=label_map)
+        return shard_parameters(params, slices[k], shard)
+
     outcome: dict[int, dict[str, Any]] = {}
+    unstarted: set[int] = set()
+    reported: set[int] = set()
     pending = list(range(count))
     for attempt in range(1, SHARD_ATTEMPTS + 1):
-        started = {}
-        for k in pending:
-            shard = ShardOf(group=group, index=k, count=count, label_map=label_map)
-            started[k] = run_deployment(
+        started = {
+            k: run_deployment(
                 name=params.shard_deployment,
-                parameters={"params": shard_parameters(params, slices[k], shard)},
+                parameters={"params": shard_params(k)},
                 flow_run_name=f"shard-{k + 1}-of-{count}",
                 tags=["polyburn-shard"],
                 idempotency_key=f"{group}-{k}-{attempt}",
                 timeout=0,
                 as_subflow=True,
             )
-        for k, run in _wait_for_runs(started, lambda done: on_progress(done, count)).items():
+            for k in pending
+        }
+
+        def finished(k: int) -> None:
+            reported.add(k)
+            on_progress(len(reported), count)
+
+        final, timed_out = _wait_for_runs(started, finished)
+        unstarted |= timed_out
+        for k, run in final.items():
             outcome[k] = {
                 "shard": k,
                 "run": run.name,
@@ -121,8 +139,9 @@ def run_shards(
                 "completed": bool(run.state and run.state.is_completed()),
                 "items": len(slices[k]),
                 "attempts": attempt,
+                "ran_here": False,
             }
-        pending = [k for k in pending if not outcome[k]["completed"]]
+        pending = [k for k in pending if not outcome[k]["completed"] and k not in unstarted]
         if not pending:
             break
         if logger and attempt < SHARD_ATTEMPTS:
@@ -131,6 +150,22 @@ def run_shards(
                 len(pending),
                 ", ".join(f"{outcome[k]['run']}: {outcome[k]['state']}" for k in pending),
             )
+
+    for k in sorted(unstarted) if run_here is not None else ():
+        if logger:
+            logger.warning(
+                "no worker started shard %d of %d within %.0f s; running it in this process",
+                k + 1,
+                count,
+                START_TIMEOUT,
+            )
+        state = run_here(shard_params(k))
+        outcome[k].update(
+            state=state.name,
+            message=state.message or "",
+            completed=state.is_completed(),
+            ran_here=True,
+        )
 
     with tempfile.TemporaryDirectory(prefix="polyburn-shards-") as folder:
         for k, piece in enumerate(slices):
@@ -185,13 +220,16 @@ def _never_reported(outcome: dict[str, Any]) -> str:
     return f"shard run '{outcome['run']}' ended {state}{message}"
 
 
-def _wait_for_runs(runs: dict[int, Any], on_done: Callable[[int], None]) -> dict[int, Any]:
-    """Poll the flow runs until each is final; ``on_done(n)`` after each newly finished one.
+def _wait_for_runs(
+    runs: dict[int, Any], on_done: Callable[[int], None]
+) -> tuple[dict[int, Any], set[int]]:
+    """Poll the flow runs until each is final; ``on_done(k)`` as shard ``k`` finishes.
 
     A run no worker has started within ``START_TIMEOUT`` seconds is cancelled (its state
-    message says why), so a missing worker fails the shard instead of hanging the run.
+    message says why) instead of hanging the parent; returns the final runs and those shards.
     """
     final: dict[int, Any] = {}
+    timed_out: set[int] = set()
     since = time.monotonic()
     with get_client(sync_client=True) as client:
         while len(final) < len(runs):
@@ -209,11 +247,12 @@ def _wait_for_runs(runs: dict[int, Any], on_done: Callable[[int], None]) -> dict
                         ),
                         force=True,
                     )
+                    timed_out.add(k)
                     current = client.read_flow_run(run.id)
                     state = current.state
                 if state and state.is_final():
                     final[k] = current
-                    on_done(len(final))
+                    on_done(k)
             if len(final) < len(runs):
                 time.sleep(POLL_SECONDS)
-    return final
+    return final, timed_out

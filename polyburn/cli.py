@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         "server whose workers serve it)",
     )
     run.add_argument(
+        "--no-shard-fallback",
+        action="store_true",
+        help="report the items of a shard no worker starts as failed instead of running it here",
+    )
+    run.add_argument(
         "--shard-deployment",
         default=None,
         help="the deployment that runs the shards (default polygons-to-masks/shard)",
@@ -121,6 +126,7 @@ def _parameters(args: argparse.Namespace):
             updated_since=args.updated_since,
             strict=args.strict,
             shards=args.shards,
+            shard_fallback=not args.no_shard_fallback,
             **({"shard_deployment": args.shard_deployment} if args.shard_deployment else {}),
         )
     except ValidationError as exc:

@@ -129,6 +129,11 @@ class RunParameters(BaseModel):
         default=DEFAULT_SHARD_DEPLOYMENT,
         description="The deployment (flow/name) that runs the shards of a sharded run.",
     )
+    shard_fallback: bool = Field(
+        default=True,
+        description="Run a shard that no worker started within POLYBURN_SHARD_START_TIMEOUT "
+        "in this run's own process (else its items are reported failed).",
+    )
     shard_of: ShardOf | None = Field(
         default=None,
         description="Set by a sharded run on its shard runs; leave empty.",

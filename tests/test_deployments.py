@@ -938,15 +938,20 @@ def test_a_sharded_run_without_its_shard_deployment_fails_fast_and_says_why(serv
     assert not (tmp_path / "masks" / "manifest.jsonl").exists()
 
 
-def test_shards_no_worker_takes_are_cancelled_and_their_items_reported_failed(server, tmp_path):
-    """A shard deployment nobody serves: each shard run waits POLYBURN_SHARD_START_TIMEOUT, is
-    cancelled, is tried once more, and then every item of it is a failed record: none lost."""
+@pytest.mark.parametrize("fallback", [True, False], ids=["run-here", "no-fallback"])
+def test_a_shard_no_worker_starts_is_cancelled_then_run_here_or_reported(
+    server, tmp_path, fallback
+):
+    """A shard deployment nobody serves: each shard run waits POLYBURN_SHARD_START_TIMEOUT and
+    is cancelled. Then the parent runs it itself (default), or, with --no-shard-fallback, every
+    item of it becomes a failed record: none is lost either way."""
     with api(server) as client:
         flow_id = client.create_flow_from_name(FLOW)
         client.create_deployment(flow_id=flow_id, name="unserved")
     done = subprocess.run(
         [sys.executable, "-m", "polyburn.cli", "run", str(EXPORT), str(tmp_path / "masks")]
-        + ["--shards", "2", "--shard-deployment", f"{FLOW}/unserved", "--json", "--no-progress"],
+        + ["--shards", "2", "--shard-deployment", f"{FLOW}/unserved", "--json", "--no-progress"]
+        + ([] if fallback else ["--no-shard-fallback"]),
         cwd=REPO,
         env=server.client_env(
             {
@@ -959,10 +964,20 @@ def test_shards_no_worker_takes_are_cancelled_and_their_items_reported_failed(se
         text=True,
         timeout=300,
     )
-    assert done.returncode == 1, done.stderr[-3000:]
     summary = json.loads(done.stdout)
-    assert (summary["items"], summary["failed"]) == (12, 12)
-    assert [(s["state"], s["attempts"]) for s in summary["shards"]] == [("Cancelled", 2)] * 2
     records = manifest_of(tmp_path / "masks")
-    assert len(records) == 12 and {r["status"] for r in records} == {"failed"}
-    assert all("no worker started it within 2 s" in r["error"] for r in records)
+    assert len(records) == 12
+    if fallback:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (summary["items"], summary["ok"]) == (12, 12)
+        assert [(s["state"], s["ran_here"]) for s in summary["shards"]] == [("Completed", True)] * 2
+        assert "running it in this process" in done.stderr
+        assert {r["status"] for r in records} == {"ok"}
+    else:
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert (summary["items"], summary["failed"]) == (12, 12)
+        assert [(s["state"], s["ran_here"]) for s in summary["shards"]] == [
+            ("Cancelled", False)
+        ] * 2
+        assert {r["status"] for r in records} == {"failed"}
+        assert all("no worker started it within 2 s" in r["error"] for r in records)
