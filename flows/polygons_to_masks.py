@@ -82,6 +82,12 @@ def _destination_token(destination) -> str:
     return token
 
 
+def workers_for(params: RunParameters, items: int) -> int:
+    """Burn processes of a run: ``params.workers``, else one per core from
+    ``AUTO_WORKERS_FROM`` items on (below, a pool's start-up costs more than it saves)."""
+    return params.workers or (os.cpu_count() or 1 if items >= AUTO_WORKERS_FROM else 1)
+
+
 def submit_batches(
     params: RunParameters,
     batches: list[list[ItemRef]],
@@ -98,7 +104,7 @@ def submit_batches(
     subflow's parameters travel with the tasks a Dask runner pickles.)"""
     take = _TAKERS[taker]
     total = sum(len(b) for b in batches)
-    workers = params.workers or (os.cpu_count() or 1 if total >= AUTO_WORKERS_FROM else 1)
+    workers = workers_for(params, total)
     artifact_id = create_progress_artifact(
         progress=0.0, key="polyburn-progress", description=f"{total} items"
     )
@@ -195,9 +201,9 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         label_map = dict(shard_of.label_map)
     else:
         found: set[str] = set()
-        if not params.labels:
-            for labels in collect_labels.map(params.source, batches, options.max_pixels).result():
-                found.update(labels)
+        if not params.labels and refs:
+            workers = workers_for(params, len(refs))
+            found.update(collect_labels(params.source, refs, options.max_pixels, workers))
         label_map = resolve_label_map(params.labels, destination, found, declared)
         publish_label_map(params.destination, label_map)
     colours = dict(declared) if declared else None

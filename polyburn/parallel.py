@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from polyburn.destinations import Destination, open_destination
 from polyburn.errors import TransientError
 from polyburn.model import ItemRef
-from polyburn.pipeline import process_item
+from polyburn.pipeline import process_item, scan_labels
 from polyburn.sources import Source, open_source
 
 if TYPE_CHECKING:
@@ -106,6 +106,42 @@ class _Options(NamedTuple):
     max_pixels: int
 
 
+SCAN_CHUNK = 50  # items per job of a label scan
+
+
+def collect_labels(
+    refs: Sequence[ItemRef], source: Source, max_pixels: int, workers: int = 1
+) -> set[str]:
+    """:func:`~polyburn.pipeline.scan_labels` over ``refs``; with ``workers`` > 1 in the burn
+    pool (which the burn then reuses), ``SCAN_CHUNK`` items per job."""
+    if workers <= 1 or len(refs) <= SCAN_CHUNK:
+        return scan_labels(refs, source, max_pixels)
+    jobs = [
+        (refs[k : k + SCAN_CHUNK], source.uri, max_pixels) for k in range(0, len(refs), SCAN_CHUNK)
+    ]
+    pool = _shared_pool(workers)
+    found: set[str] = set()
+    try:
+        for labels in pool.map(_scan, jobs):
+            found |= labels
+    except BrokenProcessPool as exc:
+        _discard_pool(pool)
+        raise TransientError(f"a burn worker process died: {exc}") from None
+    return found
+
+
+def _scan(job: tuple) -> set[str]:
+    refs, source_uri, max_pixels = job
+    return scan_labels(refs, _worker_source(source_uri), max_pixels)
+
+
+def _worker_source(uri: str) -> Source:
+    source = _worker_sources.get(uri)
+    if source is None:
+        source = _worker_sources[uri] = open_source(uri)
+    return source
+
+
 def _run_jobs(
     jobs: list[tuple], source: Source, destination: Destination, workers: int
 ) -> list[dict[str, Any]]:
@@ -126,9 +162,7 @@ def _work(
     once and reused."""
     ref, source_uri, destination_uri, options, label_map, colours, previous, preview = job
     if source is None:
-        source = _worker_sources.get(source_uri)
-        if source is None:
-            source = _worker_sources[source_uri] = open_source(source_uri)
+        source = _worker_source(source_uri)
     if destination is None:
         destination = _worker_destinations.get(destination_uri)
         if destination is None:

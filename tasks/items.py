@@ -6,8 +6,8 @@ from datetime import datetime
 
 from prefect import task
 
+from polyburn import parallel
 from polyburn.model import ItemRef
-from polyburn.pipeline import scan_labels
 from tasks.common import IO_TASK_OPTIONS, source_for
 
 
@@ -20,6 +20,9 @@ def list_items(
 
 
 @task(name="collect-labels", **IO_TASK_OPTIONS)
-def collect_labels(source_uri: str, refs: list[ItemRef], max_pixels: int) -> list[str]:
-    """The labels of the pixel annotations of a batch of items."""
-    return sorted(scan_labels(refs, source_for(source_uri), max_pixels))
+def collect_labels(
+    source_uri: str, refs: list[ItemRef], max_pixels: int, workers: int = 1
+) -> list[str]:
+    """The labels of the pixel annotations of the items; one task run for all of them, spread
+    over ``workers`` processes (the burn pool)."""
+    return sorted(parallel.collect_labels(refs, source_for(source_uri), max_pixels, workers))

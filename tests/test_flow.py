@@ -238,3 +238,26 @@ def test_other_formats_hold_the_same_pixels(tmp_path, example_run, fmt):
         rel = png.relative_to(dest / "semantic").with_suffix(f".{fmt}")
         got = decode_mask((tmp_path / fmt / "semantic" / rel).read_bytes(), fmt)
         assert (got == decode_mask(png.read_bytes(), "png")).all()
+
+
+def test_label_scan_in_the_worker_pool_finds_what_the_serial_scan_finds(tmp_path):
+    """Labels are collected in the burn pool, 50 items per job; a label that only one item far
+    down the listing has is found, and an unreadable item is skipped (reported when burned)."""
+    import json as _json
+
+    from polyburn import parallel
+    from polyburn.pipeline import scan_labels
+    from polyburn.sources.local import LocalSource
+    from tests.support.generate import write_export
+
+    root = write_export(tmp_path / "export", 130, seed=3)
+    files = sorted((root / "json").rglob("*.json"))
+    rare = _json.loads(files[117].read_text())
+    rare["annotations"][0]["label"] = "only-here"
+    files[117].write_text(_json.dumps(rare))
+    files[5].write_text("{ not json")
+    source = LocalSource(root)
+    refs = list(source.list_items())
+    serial = scan_labels(refs, source, 10**8)
+    pooled = parallel.collect_labels(refs, source, 10**8, workers=2)
+    assert pooled == serial and "only-here" in pooled and len(pooled) > 2
