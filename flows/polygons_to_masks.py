@@ -33,6 +33,7 @@ from polyburn.destinations.base import MANIFEST_KEY
 from polyburn.manifest import (
     RecordSpool,
     manifest_paths,
+    output_keys,
     read_previous_manifest,
     unpack_records,
 )
@@ -238,7 +239,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
                 run_batches(params, batches, label_map, colours, previous, token, taker)
             finally:
                 _TAKERS.pop(taker)
-        _retry_cached_failures(params, taken, refs, label_map, colours, previous, token)
+        _redo_cached(params, taken, destination, refs, label_map, colours, previous, token)
 
         summary = spool.counts.as_dict(time.perf_counter() - started)
         partial = bool(params.item_ids or since or params.item_filter)
@@ -324,6 +325,7 @@ class _Taken:
         self.retries = 0
         self.cached = 0
         self.cached_failures: list[str] = []
+        self.cached_outputs: dict[str, list[str]] = {}
         self.previews: list[tuple[str, bytes]] = []
 
     def __call__(self, result: dict[str, Any], cached: bool) -> None:
@@ -335,16 +337,28 @@ class _Taken:
                     output["written"] = False
                 if record["status"] != "ok":
                     self.cached_failures.append(record["path"])
+                else:
+                    self.cached_outputs[record["path"]] = output_keys(record)
             preview = record.pop("preview", None)
             if preview:
                 self.previews.append((record["path"], base64.b64decode(preview)))
             self.spool.add(record)
 
 
-def _retry_cached_failures(params, taken: _Taken, refs, label_map, colours, previous, token):
-    """Items that failed in a batch now served from the cache are processed again (the failure
-    may have been transient); their fresh records replace the cached ones in the spool."""
+def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, previous, token):
+    """Items of batches served from the cache are processed again when they failed (the
+    failure may have been transient) or when an output their record lists is no longer at the
+    destination (deleted by hand since); their fresh records replace the cached ones."""
     wanted = set(taken.cached_failures)
+    if taken.cached_outputs:
+        gone = destination.missing([k for keys in taken.cached_outputs.values() for k in keys])
+        lost = {path for path, keys in taken.cached_outputs.items() if gone.intersection(keys)}
+        if lost:
+            get_run_logger().warning(
+                "%d item(s) of cached batches lost outputs at the destination; burning them again",
+                len(lost),
+            )
+        wanted |= lost
     if not wanted:
         return
     again = [ref for ref in refs if ref.path in wanted]

@@ -224,3 +224,19 @@ def test_burn_batches_take_concurrency_slots_only_when_an_operator_set_a_limit(t
             client.delete_concurrency_limit_by_tag(BURN_TAG)
     assert summary["ok"] == 12
     assert burn_tags(state) == [[BURN_TAG]] * 3
+
+
+def test_a_cached_rerun_restores_outputs_deleted_by_hand(tmp_path):
+    """The batch cache does not hide a mask deleted at the destination: its item is burned
+    again, the rest stays cached."""
+    dest = tmp_path / "masks"
+    _, first = run(source=str(EXAMPLES / "export"), destination=str(dest), batch_size=4)
+    mask = dest / "semantic" / "street" / "scene_002.png"
+    original = mask.read_bytes()
+    mask.unlink()
+    _, second = run(source=str(EXAMPLES / "export"), destination=str(dest), batch_size=4)
+    assert second["cached_batches"] == 3 and second["failed"] == 0
+    assert mask.read_bytes() == original
+    written = {o["key"] for r in third_records(dest) for o in r["outputs"] if o["written"]}
+    assert written == {"semantic/street/scene_002.png"}
+    assert second["outputs_written"] == 1

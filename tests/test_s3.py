@@ -252,6 +252,26 @@ def test_rerun_uploads_nothing_and_a_changed_item_reuploads_only_itself(
 
 
 @pytest.mark.usefixtures("prefect_api")
+def test_a_cached_rerun_restores_an_object_deleted_from_the_bucket(
+    weed_server, s3_bucket, s3_env, fault_proxy
+):
+    """Prefect's batch cache does not hide a deleted object: one listing of the prefix finds it
+    missing, its item is burned again, and only that object (and the manifest) is uploaded."""
+    uri = f"s3://{s3_bucket}/{PREFIX}"
+    s3_env(fault_proxy.endpoint_url)
+    assert run_flow(EXAMPLES / "export", uri, batch_size=5)["failed"] == 0
+    key = "semantic/street/scene_002.png"
+    original = stored(weed_server, s3_bucket)[key]
+    weed_server.client().delete_object(Bucket=s3_bucket, Key=f"{PREFIX}/{key}")
+    fault_proxy.clear()
+    second = run_flow(EXAMPLES / "export", uri, batch_size=5)
+    assert second["cached_batches"] == 3 and second["failed"] == 0
+    assert stored(weed_server, s3_bucket)[key] == original
+    assert set(uploads(fault_proxy, s3_bucket)) == {key, "manifest.jsonl"}
+    assert len(fault_proxy.requests(r"^GET .*list-type=2")) >= 1
+
+
+@pytest.mark.usefixtures("prefect_api")
 def test_killed_run_resumes_without_duplicates_or_gaps(
     weed_server, s3_bucket, s3_env, fault_proxy, local_run
 ):

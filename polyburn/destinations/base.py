@@ -71,6 +71,11 @@ class Destination(ABC):
         can stream override this."""
         return self.write_text(key, source.read_bytes().decode("utf-8"))
 
+    def missing(self, keys: Sequence[str]) -> set[str]:
+        """The ``keys`` (outputs of earlier runs) no longer stored. Destinations that cannot
+        check cheaply answer an empty set (nothing known missing)."""
+        return set()
+
     def retries_in_this_thread(self) -> int:
         """Requests the destination's client retried so far in the calling thread (a running
         count; callers take differences around one item's work)."""

@@ -101,6 +101,16 @@ class LocalDestination(FileDestination):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(os.path.join(folder, name))
 
+    def missing(self, keys: Sequence[str]) -> set[str]:
+        gone = set()
+        for key in keys:
+            try:
+                if not self._path(key).is_file():
+                    gone.add(key)
+            except ValueError:  # not a key of ours (a hand-edited manifest): not our business
+                continue
+        return gone
+
     def remove(self, keys: Sequence[str]) -> None:
         for key in keys:
             with contextlib.suppress(FileNotFoundError):

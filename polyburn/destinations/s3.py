@@ -377,6 +377,25 @@ class S3Destination(FileDestination):
             f"({type(last).__name__})"
         )
 
+    def missing(self, keys: Sequence[str]) -> set[str]:
+        """One ``ListObjectsV2`` pass over the prefix (1,000 keys a page), not a HEAD per key."""
+        wanted = set(keys)
+        if not wanted:
+            return set()
+        stored: set[str] = set()
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key_prefix
+            )
+            for page in pages:
+                for entry in page.get("Contents", ()):
+                    stored.add(entry["Key"][len(self._key_prefix) :])
+        except ClientError as exc:
+            raise self._error(exc, "list", "") from None
+        except BotoCoreError as exc:
+            raise self._error(exc, "list", "") from None
+        return wanted - stored
+
     def remove(self, keys: Sequence[str]) -> None:
         """Delete ``prefix/key`` for each key, 1000 per request; missing keys are fine."""
         fulls = [self._object_key(k) for k in keys]
