@@ -216,7 +216,6 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         scratch = Path(folder)
         previous = read_previous_manifest(destination, scratch / "previous.jsonl")
         taken = _Taken(spool)
-        taker = _TAKERS.add(taken)
         # Threads run in this flow; another runner needs a subflow (a task runner is per flow).
         run_batches = submit_batches
         if params.task_runner != "threads":
@@ -235,6 +234,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
                 _run_shard_here if params.shard_fallback else None,
             )
         elif batches:
+            taker = _TAKERS.add(taken)
             try:
                 run_batches(params, batches, label_map, colours, previous, token, taker)
             finally:
@@ -246,11 +246,14 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         manifest = scratch / "manifest.jsonl"
         if shard_of is not None:  # records go back to the parent, which writes the manifest
             spool.write_manifest(manifest)
-            destination.write_file(shard_key(shard_of.group, shard_of.index), manifest)
-        elif partial:  # keep the other items' records; forget requested items that are gone
-            gone = _vanished(
-                params.item_ids or [], refs, manifest_paths(scratch / "previous.jsonl")
+            publish_manifest(
+                params.destination, str(manifest), shard_key(shard_of.group, shard_of.index)
             )
+        elif partial:  # keep the other items' records; forget requested items that are gone
+            gone = []
+            if params.item_ids:
+                known = manifest_paths(scratch / "previous.jsonl")
+                gone = _vanished(params.item_ids, refs, known)
             for path in gone:
                 destination.remove(previous[path])
             summary["removed_items"] = gone

@@ -17,6 +17,7 @@ def publish_label_map(destination_uri: str, label_map: dict[str, int]) -> None:
 
 
 @task(name="publish-manifest", **IO_TASK_OPTIONS)
-def publish_manifest(destination_uri: str, manifest_file: str) -> None:
-    """Store the run's manifest (a local file, see :class:`polyburn.manifest.RecordSpool`)."""
-    destination_for(destination_uri).write_file(MANIFEST_KEY, Path(manifest_file))
+def publish_manifest(destination_uri: str, manifest_file: str, key: str = MANIFEST_KEY) -> None:
+    """Store the run's manifest (a local file, see :class:`polyburn.manifest.RecordSpool`), or
+    a shard's records at ``key``."""
+    destination_for(destination_uri).write_file(key, Path(manifest_file))
