@@ -133,14 +133,6 @@ class RunCounts:
         }
 
 
-def summarize(records: Iterable[Mapping[str, Any]], seconds: float) -> dict[str, Any]:
-    """Counts over item records (see :class:`RunCounts`)."""
-    counts = RunCounts()
-    for record in records:
-        counts.add(record)
-    return counts.as_dict(seconds)
-
-
 class RecordSpool:
     """A run's item records on disk, one manifest line each, with their counts.
 
@@ -168,9 +160,6 @@ class RecordSpool:
     def __len__(self) -> int:
         return len(self._index)
 
-    def __contains__(self, path: object) -> bool:
-        return path in self._index
-
     def add(self, record: Mapping[str, Any]) -> None:
         path = record["path"]
         if path in self._index:
@@ -185,9 +174,6 @@ class RecordSpool:
     def get(self, path: str) -> dict[str, Any]:
         """The record of ``path`` (KeyError when there is none)."""
         return json.loads(self._line(path))
-
-    def failed_paths(self) -> list[str]:
-        return sorted(self.counts.failures)
 
     def _line(self, path: str) -> bytes:
         offset, length = self._index[path]

@@ -119,15 +119,7 @@ def collect_labels(
     jobs = [
         (refs[k : k + SCAN_CHUNK], source.uri, max_pixels) for k in range(0, len(refs), SCAN_CHUNK)
     ]
-    pool = _shared_pool(workers)
-    found: set[str] = set()
-    try:
-        for labels in pool.map(_scan, jobs):
-            found |= labels
-    except BrokenProcessPool as exc:
-        _discard_pool(pool)
-        raise TransientError(f"a burn worker process died: {exc}") from None
-    return found
+    return set().union(*_pool_map(_scan, jobs, workers))
 
 
 def _scan(job: tuple) -> set[str]:
@@ -147,9 +139,15 @@ def _run_jobs(
 ) -> list[dict[str, Any]]:
     if workers <= 1 or len(jobs) < 2:
         return [_work(job, source, destination) for job in jobs]
+    return _pool_map(_work, jobs, workers, chunksize=max(1, len(jobs) // (4 * workers)))
+
+
+def _pool_map(fn, jobs: list[tuple], workers: int, chunksize: int = 1) -> list:
+    """``fn`` over ``jobs`` in the shared pool, in order. A dead worker breaks the pool: it is
+    discarded (the next call starts a new one) and TransientError is raised."""
     pool = _shared_pool(workers)
     try:
-        return list(pool.map(_work, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+        return list(pool.map(fn, jobs, chunksize=chunksize))
     except BrokenProcessPool as exc:
         _discard_pool(pool)
         raise TransientError(f"a burn worker process died: {exc}") from None

@@ -833,11 +833,16 @@ def second_machine(server, served, tmp_path_factory):
         stop_process(process)
 
 
-def polyburn_run(server: PrefectServer, home: Path, *args: str) -> tuple[int, dict, str]:
+def polyburn_run(
+    server: PrefectServer, home: Path, *args: str, **env: str
+) -> tuple[int, dict, str]:
+    """``polyburn run ARGS --json`` against the server: exit code, summary, stderr."""
     done = subprocess.run(
         [sys.executable, "-m", "polyburn.cli", "run", *args, "--json", "--no-progress"],
         cwd=REPO,
-        env=server.client_env({"PREFECT_HOME": str(home), "POLYBURN_SHARD_POLL_SECONDS": "0.5"}),
+        env=server.client_env(
+            {"PREFECT_HOME": str(home), "POLYBURN_SHARD_POLL_SECONDS": "0.5", **env}
+        ),
         capture_output=True,
         text=True,
         timeout=300,
@@ -948,33 +953,25 @@ def test_a_shard_no_worker_starts_is_cancelled_then_run_here_or_reported(
     with api(server) as client:
         flow_id = client.create_flow_from_name(FLOW)
         client.create_deployment(flow_id=flow_id, name="unserved")
-    done = subprocess.run(
-        [sys.executable, "-m", "polyburn.cli", "run", str(EXPORT), str(tmp_path / "masks")]
-        + ["--shards", "2", "--shard-deployment", f"{FLOW}/unserved", "--json", "--no-progress"]
-        + ([] if fallback else ["--no-shard-fallback"]),
-        cwd=REPO,
-        env=server.client_env(
-            {
-                "PREFECT_HOME": str(tmp_path / "home"),
-                "POLYBURN_SHARD_POLL_SECONDS": "0.5",
-                "POLYBURN_SHARD_START_TIMEOUT": "2",
-            }
-        ),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    code, summary, err = polyburn_run(
+        server,
+        tmp_path / "home",
+        str(EXPORT),
+        str(tmp_path / "masks"),
+        *["--shards", "2", "--shard-deployment", f"{FLOW}/unserved"],
+        *([] if fallback else ["--no-shard-fallback"]),
+        POLYBURN_SHARD_START_TIMEOUT="2",
     )
-    summary = json.loads(done.stdout)
     records = manifest_of(tmp_path / "masks")
     assert len(records) == 12
     if fallback:
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert code == 0, err[-3000:]
         assert (summary["items"], summary["ok"]) == (12, 12)
         assert [(s["state"], s["ran_here"]) for s in summary["shards"]] == [("Completed", True)] * 2
-        assert "running it in this process" in done.stderr
+        assert "running it in this process" in err
         assert {r["status"] for r in records} == {"ok"}
     else:
-        assert done.returncode == 1, done.stderr[-3000:]
+        assert code == 1, err[-3000:]
         assert (summary["items"], summary["failed"]) == (12, 12)
         assert [(s["state"], s["ran_here"]) for s in summary["shards"]] == [
             ("Cancelled", False)
