@@ -69,6 +69,20 @@ def outputs(dest: Path) -> dict[str, bytes]:
     }
 
 
+def describe_difference(got: dict[str, bytes], want: dict[str, bytes]) -> str:
+    """Which keys are missing, extra or different (empty when equal): a short message where a
+    dict diff of file contents would be thousands of lines."""
+    missing = sorted(want.keys() - got.keys())
+    extra = sorted(got.keys() - want.keys())
+    changed = sorted(k for k in want.keys() & got.keys() if want[k] != got[k])
+    parts = [
+        f"{name} ({len(keys)}): {keys[:10]}"
+        for name, keys in (("missing", missing), ("extra", extra), ("changed", changed))
+        if keys
+    ]
+    return "; ".join(parts)
+
+
 def manifest_outputs(dest: Path) -> dict[str, str]:
     lines = (dest / "manifest.jsonl").read_text().splitlines()
     return {o["key"]: o["sha256"] for line in lines for o in json.loads(line)["outputs"]}
@@ -152,6 +166,6 @@ def test_sigkill_then_rerun_equals_a_clean_run(point, big_export, clean_run, tmp
 
     summary = run_in_process(big_export, dest)
     assert summary["failed"] == 0 and summary["items"] == 160
-    assert outputs(dest) == outputs(clean_run)
+    assert describe_difference(outputs(dest), reference) == ""
     assert manifest_outputs(dest) == manifest_outputs(clean_run)
     assert not list(dest.rglob("*.part"))

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -464,7 +465,7 @@ def test_an_item_whose_upload_outlasts_botocore_is_retried_and_counted(
 
 @pytest.mark.usefixtures("prefect_api", "no_retry_backoff")
 def test_an_item_whose_uploads_never_heal_fails_alone(
-    weed_server, s3_bucket, s3_env, fault_proxy, local_run
+    weed_server, s3_bucket, s3_env, fault_proxy, local_run, caplog
 ):
     _, local_masks = local_run
     s3_env(fault_proxy.endpoint_url, max_attempts=5)
@@ -489,13 +490,15 @@ def test_an_item_whose_uploads_never_heal_fails_alone(
     }
 
     fault_proxy.clear()  # the next run redoes exactly the missing item
-    again = run_flow(EXAMPLES / "export", uri, batch_size=4)
+    with caplog.at_level(logging.DEBUG, logger="polyburn.s3"):
+        again = run_flow(EXAMPLES / "export", uri, batch_size=4)
     assert again["failed"] == 0
+    why = [r.getMessage() for r in caplog.records if r.getMessage().startswith("uploading")]
     assert {k.rsplit("/", 1)[-1] for k in uploads(fault_proxy, s3_bucket)} == {
         "scene_003.png",
         "scene_003.json",
         "manifest.jsonl",
-    }
+    }, why
 
 
 @pytest.mark.usefixtures("prefect_api", "no_retry_backoff")

@@ -297,10 +297,10 @@ class S3Destination(FileDestination):
         wanted = {_meta_key(k): _meta_value(v) for k, v in metadata.items()}
         wanted["sha256"] = hexdigest
         stored = self._head(full, key)
-        if stored is not None and _same_object(
-            stored, size, checksum, hexdigest, content_type, wanted
-        ):
+        why = _why_different(stored, size, checksum, hexdigest, content_type, wanted)
+        if why is None:
             return False
+        log.debug("uploading %s: %s", full, why)
         for attempt in range(1, self.max_attempts + 1):
             if not isinstance(body, bytes):
                 body.seek(0)
@@ -620,26 +620,31 @@ def _block_session(name: str) -> tuple[Any, dict[str, Any], str]:
     return get_session(), params, f"the Prefect block {name!r}"
 
 
-def _same_object(
-    head: Mapping[str, Any],
+def _why_different(
+    head: Mapping[str, Any] | None,
     size: int,
     checksum: str,
     hexdigest: str,
     content_type: str,
     wanted: Mapping[str, str],
-) -> bool:
+) -> str | None:
+    """Why the object HEAD described must be uploaded (a few words), or None when identical."""
+    if head is None:
+        return "not stored"
     if head.get("ContentLength") != size:
-        return False
+        return f"size {head.get('ContentLength')} != {size}"
     stored = head.get("ChecksumSHA256")
     metadata = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
     if stored and "-" not in stored:  # a full-object checksum ("…=-N" is a multipart composite)
         if stored != checksum:
-            return False
+            return "SHA-256 checksum differs"
     elif metadata.get("sha256") != hexdigest:
-        return False
-    if (head.get("ContentType") or "").split(";")[0].strip() != content_type:
-        return False
-    return all(metadata.get(k) == v for k, v in wanted.items())
+        return "sha256 metadata differs"
+    stored_type = (head.get("ContentType") or "").split(";")[0].strip()
+    if stored_type != content_type:
+        return f"content type {stored_type!r} != {content_type!r}"
+    changed = sorted(k for k, v in wanted.items() if metadata.get(k) != v)
+    return f"metadata differs: {', '.join(changed)}" if changed else None
 
 
 def _meta_key(key: str) -> str:
