@@ -20,7 +20,7 @@ import pytest
 from flows.polygons_to_masks import polygons_to_masks
 from polyburn.params import MaskOptions, RunParameters
 from tests.support.generate import write_export
-from tests.support.oracle import same_output
+from tests.support.oracle import describe_difference, same_output
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 MODES = ["semantic", "instance", "binary"]
@@ -69,20 +69,6 @@ def outputs(dest: Path) -> dict[str, bytes]:
         and ".polyburn" not in p.parts
         and not p.name.startswith(".")
     }
-
-
-def describe_difference(got: dict[str, bytes], want: dict[str, bytes]) -> str:
-    """Which keys are missing, extra or different (empty when equal): a short message where a
-    dict diff of file contents would be thousands of lines."""
-    missing = sorted(want.keys() - got.keys())
-    extra = sorted(got.keys() - want.keys())
-    changed = sorted(k for k in want.keys() & got.keys() if not same_output(k, got[k], want[k]))
-    parts = [
-        f"{name} ({len(keys)}): {keys[:10]}"
-        for name, keys in (("missing", missing), ("extra", extra), ("changed", changed))
-        if keys
-    ]
-    return "; ".join(parts)
 
 
 def manifest_outputs(dest: Path) -> dict[str, str]:

@@ -164,7 +164,7 @@ def local_run(tmp_path_factory, prefect_api):
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_full_run_matches_a_local_run_byte_for_byte(weed_server, s3_bucket, s3_env, local_run):
+def test_full_run_matches_a_local_run(weed_server, s3_bucket, s3_env, local_run):
     local_dir, local_masks = local_run
     summary = run_flow(EXAMPLES / "export", f"s3://{s3_bucket}/{PREFIX}/")
     assert summary["failed"] == 0 and summary["items"] == 12
@@ -172,7 +172,7 @@ def test_full_run_matches_a_local_run_byte_for_byte(weed_server, s3_bucket, s3_e
     objects = stored(weed_server, s3_bucket)
     assert set(objects) == set(local_masks) | STATE_KEYS
     for key, data in local_masks.items():
-        assert objects[key] == data, key
+        assert same_output(key, objects[key], data), key
     for key in (k for k in local_masks if k.startswith("semantic/")):  # and the pixels
         np.testing.assert_array_equal(
             decode_mask(objects[key], "png"), decode_mask(local_masks[key], "png")

@@ -125,3 +125,17 @@ def same_output(key: str, got: bytes, want: bytes) -> bool:
             )
     except OSError:  # a truncated or broken PNG is simply not equal
         return False
+
+
+def describe_difference(got: dict[str, bytes], want: dict[str, bytes]) -> str:
+    """Which keys are missing, extra or different (empty when equal): a short message where a
+    dict diff of file contents would be thousands of lines."""
+    missing = sorted(want.keys() - got.keys())
+    extra = sorted(got.keys() - want.keys())
+    changed = sorted(k for k in want.keys() & got.keys() if not same_output(k, got[k], want[k]))
+    parts = [
+        f"{name} ({len(keys)}): {keys[:10]}"
+        for name, keys in (("missing", missing), ("extra", extra), ("changed", changed))
+        if keys
+    ]
+    return "; ".join(parts)
