@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -416,7 +416,7 @@ def wait_for(what: str, check, timeout: float, every: float = 0.5, log: Path | N
 
 
 @pytest.fixture(scope="module")
-def served(server, tmp_path_factory):
+def served(server, weed_server, tmp_path_factory):
     """``polyburn serve`` against the server: (deployment ids by name, event destination, log)."""
     root = tmp_path_factory.mktemp("serve")
     destination = root / "event-masks"
@@ -429,6 +429,7 @@ def served(server, tmp_path_factory):
             "POLYBURN_DEBOUNCE_SECONDS": str(DEBOUNCE),
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",
             "PREFECT_LOGGING_LEVEL": "INFO",
+            **aws_env(weed_server),
         }
     )
     process = start_cli(["serve"], env, log)
@@ -808,7 +809,7 @@ def test_a_transient_failure_shows_as_retries_in_the_task_run_history(server, tm
 
 
 @pytest.fixture(scope="module")
-def second_machine(server, served, tmp_path_factory):
+def second_machine(server, served, weed_server, tmp_path_factory):
     """Another "machine" taking shards: ``polyburn serve --deployment shard`` in its own process
     and Prefect home (``served`` is the first; both take one run at a time)."""
     root = tmp_path_factory.mktemp("machine-2")
@@ -820,6 +821,7 @@ def second_machine(server, served, tmp_path_factory):
             "POLYBURN_DESTINATION": str(root / "unused"),
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",
             "PREFECT_LOGGING_LEVEL": "INFO",
+            **aws_env(weed_server),
         }
     )
     process = start_cli(["serve", "--deployment", "shard"], env, log)
@@ -833,6 +835,17 @@ def second_machine(server, served, tmp_path_factory):
         yield log
     finally:
         stop_process(process)
+
+
+def aws_env(weed_server) -> dict[str, str]:
+    """What a process needs to reach the session's S3 server (SeaweedFS) through boto3's chain."""
+    return {
+        "AWS_ACCESS_KEY_ID": weed_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": weed_server.secret_key,
+        "AWS_DEFAULT_REGION": weed_server.region,
+        "AWS_ENDPOINT_URL": weed_server.endpoint_url,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
 
 def polyburn_run(
@@ -865,14 +878,20 @@ def files_of(root: Path) -> dict[str, bytes]:
 
 
 def manifest_of(root: Path) -> list[dict]:
-    """The manifest without timings; each output's sha256 and size are checked against the
-    stored file and then left out (the same mask may be stored as another deflate stream, see
-    ``same_output``)."""
+    return manifest_records(
+        (root / "manifest.jsonl").read_text(), lambda key: (root / key).read_bytes()
+    )
+
+
+def manifest_records(text: str, read: Callable[[str], bytes]) -> list[dict]:
+    """Manifest records without timings; each output's sha256 and size are checked against the
+    stored object (``read(key)``) and then left out (the same mask may be stored as another
+    deflate stream, see ``same_output``)."""
     records = []
-    for line in (root / "manifest.jsonl").read_text().splitlines():
+    for line in text.splitlines():
         record = {k: v for k, v in json.loads(line).items() if k != "seconds"}
         for output in record.get("outputs", []):
-            data = (root / output["key"]).read_bytes()
+            data = read(output["key"])
             assert (output.pop("sha256"), output.pop("bytes")) == (
                 hashlib.sha256(data).hexdigest(),
                 len(data),
@@ -928,6 +947,41 @@ def test_a_sharded_run_spreads_its_items_over_shard_runs_and_writes_one_manifest
         )
     (bar,) = [a for a in artifacts if a.type == "progress"]
     assert bar.data == 100.0 and "3 shards" in bar.description
+
+
+def test_a_sharded_run_into_s3_stores_what_a_folder_run_stores(
+    server, served, second_machine, weed_server, s3_bucket, tmp_path
+):
+    """Shards on two "machines" write their records to S3 and the parent merges them there:
+    the bucket ends with the masks and manifest of a plain folder run, and no shard files."""
+    prefix = "sharded"
+    code, summary, err = polyburn_run(
+        server,
+        tmp_path / "home",
+        str(EXPORT),
+        f"s3://{s3_bucket}/{prefix}",
+        "--shards",
+        "3",
+        **aws_env(weed_server),
+    )
+    assert code == 0, err[-3000:]
+    assert (summary["items"], summary["ok"], summary["failed"]) == (12, 12, 0)
+    assert [s["state"] for s in summary["shards"]] == ["Completed"] * 3
+    plain = tmp_path / "plain"
+    code, _, err = polyburn_run(server, tmp_path / "home", str(EXPORT), str(plain))
+    assert code == 0, err[-3000:]
+
+    client = weed_server.client()
+    stored = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket):
+        for obj in page.get("Contents", []):
+            body = client.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read()
+            stored[obj["Key"].removeprefix(f"{prefix}/")] = body
+    assert not [k for k in stored if k.startswith(".polyburn/shards/")]
+    masks = {k: v for k, v in stored.items() if not k.startswith(".polyburn/")}
+    manifest = masks.pop("manifest.jsonl").decode()
+    assert describe_difference(masks, files_of(plain)) == ""
+    assert manifest_records(manifest, stored.__getitem__) == manifest_of(plain)
 
 
 def test_a_sharded_run_without_its_shard_deployment_fails_fast_and_says_why(server, tmp_path):
