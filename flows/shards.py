@@ -13,7 +13,8 @@ parent waits for all shards, runs a shard that did not complete once more (its f
 come from the cache when the workers share Prefect's result storage), reads the records back into
 its spool, and writes the one manifest last, as an unsharded run does. An item a shard never
 reported (its run crashed twice) gets a failed record naming the shard run and its state: nothing
-is dropped silently. The shard files are removed once the manifest is written.
+is dropped silently. The shard files are removed once the manifest is written, and those of
+earlier parents that ended without removing theirs (killed) when the next sharded run starts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -99,6 +101,9 @@ def run_shards(
     ``{"shard", "run", "state", "message", "items", "attempts", "ran_here"}`` per shard.
     """
     check_shard_deployment(params.shard_deployment)
+    removed = remove_abandoned_groups(destination, group)
+    if removed and logger:
+        logger.info("removed the shard files of %d earlier sharded run(s) that ended", removed)
     slices = split_evenly(refs, params.shards)
     count = len(slices)
 
@@ -192,6 +197,35 @@ def run_shards(
         {key: value for key, value in outcome[k].items() if key != "completed"}
         for k in range(count)
     ]
+
+
+def remove_abandoned_groups(destination: Destination, current: str) -> int:
+    """Delete the shard files of earlier parents that are no longer running (killed before they
+    could clean up); returns how many groups were removed. A group whose parent flow run is not
+    in a final state is kept: that run may still be merging it."""
+    keys = destination.keys(SHARDS_PREFIX + "/") or []
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        parts = key[len(SHARDS_PREFIX) + 1 :].split("/")
+        if len(parts) == 2 and parts[0] != current:
+            groups.setdefault(parts[0], []).append(key)
+    abandoned = [group for group in groups if not _parent_running(group)]
+    destination.remove([key for group in abandoned for key in groups[group]])
+    return len(abandoned)
+
+
+def _parent_running(group: str) -> bool:
+    """Whether the flow run named by a shard group id exists and has not reached a final state."""
+    try:
+        run_id = UUID(group)
+    except ValueError:
+        return False
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(run_id)
+        except ObjectNotFound:
+            return False
+    return run.state is not None and not run.state.is_final()
 
 
 def check_shard_deployment(name: str) -> None:

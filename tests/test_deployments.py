@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prefect.states import Scheduled
 
 from deployments import (
     ANNOTATION_EVENTS,
@@ -905,9 +906,22 @@ def test_a_sharded_run_spreads_its_items_over_shard_runs_and_writes_one_manifest
 ):
     ids, _, serve_log = served
     sharded, plain = tmp_path / "sharded", tmp_path / "plain"
+    # Shard files of two earlier parents: one killed (its run is unknown here), one that has
+    # not ended (a run scheduled for tomorrow). Only the first is cleaned up.
+    with api(server) as client:
+        pending = client.create_flow_run_from_deployment(
+            ids["on-demand"], state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(days=1))
+        )
+    abandoned = sharded / ".polyburn" / "shards" / str(uuid.uuid4()) / "0000.jsonl"
+    alive = sharded / ".polyburn" / "shards" / str(pending.id) / "0000.jsonl"
+    for leftover in (abandoned, alive):
+        leftover.parent.mkdir(parents=True)
+        leftover.write_text('{"path": "old"}\n')
     code, summary, err = polyburn_run(
         server, tmp_path / "home", str(EXPORT), str(sharded), "--shards", "3"
     )
+    with api(server) as client:
+        client.delete_flow_run(pending.id)
     assert code == 0, err[-3000:]
     assert (summary["items"], summary["ok"], summary["failed"]) == (12, 12, 0)
     assert [(s["shard"], s["state"], s["items"]) for s in summary["shards"]] == [
@@ -922,9 +936,10 @@ def test_a_sharded_run_spreads_its_items_over_shard_runs_and_writes_one_manifest
     assert describe_difference(files_of(sharded), files_of(plain)) == ""
     assert len(files_of(plain)) == 13
     assert manifest_of(sharded) == manifest_of(plain)
-    assert not [
+    assert alive.exists()
+    assert [
         p for p in (sharded / ".polyburn").rglob("*") if p.is_file() and "shards" in p.parts
-    ]
+    ] == [alive]
 
     # Three runs of the shard deployment, subflows of one parent, each with its own items.
     runs = [r for r in runs_of(server, ids["shard"]) if r.parameters["params"].get("shard_of")]

@@ -65,3 +65,16 @@ def test_shard_keys_are_per_run_and_sort_in_shard_order():
     keys = [shard_key("run-9", k) for k in (0, 1, 10, 2)]
     assert all(k.startswith(".polyburn/shards/run-9/") for k in keys)
     assert sorted(keys) == [shard_key("run-9", k) for k in (0, 1, 2, 10)]
+
+
+def test_a_folder_lists_the_keys_under_a_prefix_without_temp_files(tmp_path):
+    from polyburn.destinations.local import LocalDestination
+
+    destination = LocalDestination(tmp_path)
+    for key in ["a/b/1.jsonl", "a/b/c/2.jsonl", "a/bc/3.jsonl", "x.json"]:
+        destination.put(key, b"{}", "application/json", {})
+    (tmp_path / "a" / "b" / ".1.jsonl.123.abc.part").write_bytes(b"")
+    assert destination.keys("a/b/") == ["a/b/1.jsonl", "a/b/c/2.jsonl"]
+    assert destination.keys("a/b") == ["a/b/1.jsonl", "a/b/c/2.jsonl", "a/bc/3.jsonl"]
+    assert destination.keys("") == ["a/b/1.jsonl", "a/b/c/2.jsonl", "a/bc/3.jsonl", "x.json"]
+    assert destination.keys("nothing/here/") == []

@@ -76,6 +76,11 @@ class Destination(ABC):
         check cheaply answer an empty set (nothing known missing)."""
         return set()
 
+    def keys(self, prefix: str) -> list[str] | None:
+        """The stored keys that start with ``prefix``, or None when this destination cannot
+        list them."""
+        return None
+
     def retries_in_this_thread(self) -> int:
         """Requests the destination's client retried so far in the calling thread (a running
         count; callers take differences around one item's work)."""

@@ -111,6 +111,16 @@ class LocalDestination(FileDestination):
                 continue
         return gone
 
+    def keys(self, prefix: str) -> list[str]:
+        """Keys of the files whose key starts with ``prefix``; temp files left out."""
+        folder = self._path(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+        found = []
+        for path in folder.rglob("*") if folder.is_dir() else ():
+            key = path.relative_to(self.root).as_posix()
+            if path.is_file() and key.startswith(prefix) and not path.name.endswith(_TEMP_SUFFIX):
+                found.append(key)
+        return sorted(found)
+
     def remove(self, keys: Sequence[str]) -> None:
         for key in keys:
             with contextlib.suppress(FileNotFoundError):

@@ -382,19 +382,23 @@ class S3Destination(FileDestination):
         wanted = set(keys)
         if not wanted:
             return set()
-        stored: set[str] = set()
+        return wanted - set(self.keys(""))
+
+    def keys(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (relative to the destination's prefix), by ``ListObjectsV2``."""
+        found = []
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._key_prefix
+                Bucket=self.bucket, Prefix=self._key_prefix + prefix
             )
             for page in pages:
                 for entry in page.get("Contents", ()):
-                    stored.add(entry["Key"][len(self._key_prefix) :])
+                    found.append(entry["Key"][len(self._key_prefix) :])
         except ClientError as exc:
             raise self._error(exc, "list", "") from None
         except BotoCoreError as exc:
             raise self._error(exc, "list", "") from None
-        return wanted - stored
+        return found
 
     def remove(self, keys: Sequence[str]) -> None:
         """Delete ``prefix/key`` for each key, 1000 per request; missing keys are fine."""
