@@ -101,7 +101,12 @@ def run_shards(
     ``{"shard", "run", "state", "message", "items", "attempts", "ran_here"}`` per shard.
     """
     check_shard_deployment(params.shard_deployment)
-    removed = remove_abandoned_groups(destination, group)
+    try:
+        removed = remove_abandoned_groups(destination, group)
+    except Exception as exc:  # noqa: BLE001 - housekeeping never stops the run
+        removed = 0
+        if logger:
+            logger.warning("could not clean up earlier shard files: %s", exc)
     if removed and logger:
         logger.info("removed the shard files of %d earlier sharded run(s) that ended", removed)
     slices = split_evenly(refs, params.shards)
