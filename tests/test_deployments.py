@@ -57,6 +57,7 @@ from tests.support.prefect_server import (
     start_prefect_server,
     stop_process,
 )
+from tests.support.s3_fixtures import stored_objects
 
 REPO = Path(__file__).resolve().parents[1]
 EXPORT = REPO / "examples" / "export"
@@ -986,12 +987,7 @@ def test_a_sharded_run_into_s3_stores_what_a_folder_run_stores(
     code, _, err = polyburn_run(server, tmp_path / "home", str(EXPORT), str(plain))
     assert code == 0, err[-3000:]
 
-    client = weed_server.client()
-    stored = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket):
-        for obj in page.get("Contents", []):
-            body = client.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read()
-            stored[obj["Key"].removeprefix(f"{prefix}/")] = body
+    stored = stored_objects(weed_server, s3_bucket, prefix)
     assert not [k for k in stored if k.startswith(".polyburn/shards/")]
     masks = {k: v for k, v in stored.items() if not k.startswith(".polyburn/")}
     manifest = masks.pop("manifest.jsonl").decode()

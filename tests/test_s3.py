@@ -38,6 +38,7 @@ from polyburn.params import MaskOptions, RunParameters
 from polyburn.pipeline import process_item
 from tests.support.fault_proxy import FaultProxy
 from tests.support.oracle import EXAMPLES, same_output
+from tests.support.s3_fixtures import stored_objects
 from tests.support.weed import WeedServer
 
 ALL_MODES = ["semantic", "instance", "binary"]
@@ -96,15 +97,7 @@ def run_flow(source: Path, destination: str, batch_size: int = 5) -> dict:
 
 
 def stored(weed_server: WeedServer, bucket: str, prefix: str = PREFIX) -> dict[str, bytes]:
-    """Every object under ``prefix/``: relative key → bytes (read directly, not via a proxy)."""
-    client = weed_server.client()
-    out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        for obj in page.get("Contents", []):
-            assert obj["Key"].startswith(prefix + "/"), obj["Key"]
-            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-            out[obj["Key"][len(prefix) + 1 :]] = body
-    return out
+    return stored_objects(weed_server, bucket, prefix)
 
 
 def local_files(root: Path) -> dict[str, bytes]:

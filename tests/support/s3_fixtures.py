@@ -53,6 +53,19 @@ def s3_bucket(weed_server: WeedServer) -> Iterator[str]:
         warnings.warn(f"could not delete test bucket {name}: {exc!r}", stacklevel=1)
 
 
+def stored_objects(weed_server: WeedServer, bucket: str, prefix: str) -> dict[str, bytes]:
+    """Every object of ``bucket``, read directly (not via a proxy): key relative to ``prefix/``
+    → bytes. Fails if an object lies outside ``prefix/``."""
+    client = weed_server.client()
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            assert obj["Key"].startswith(prefix + "/"), obj["Key"]
+            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            out[obj["Key"][len(prefix) + 1 :]] = body
+    return out
+
+
 @pytest.fixture
 def fault_proxy(weed_server: WeedServer) -> Iterator[FaultProxy]:
     """A fault-injecting proxy in front of the session's S3 server, stopped after the test."""
