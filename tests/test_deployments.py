@@ -57,7 +57,7 @@ from tests.support.prefect_server import (
     start_prefect_server,
     stop_process,
 )
-from tests.support.s3_fixtures import stored_objects
+from tests.support.s3_fixtures import aws_env, stored_objects
 
 REPO = Path(__file__).resolve().parents[1]
 EXPORT = REPO / "examples" / "export"
@@ -839,17 +839,6 @@ def second_machine(server, served, weed_server, tmp_path_factory):
         stop_process(process)
 
 
-def aws_env(weed_server) -> dict[str, str]:
-    """What a process needs to reach the session's S3 server (SeaweedFS) through boto3's chain."""
-    return {
-        "AWS_ACCESS_KEY_ID": weed_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": weed_server.secret_key,
-        "AWS_DEFAULT_REGION": weed_server.region,
-        "AWS_ENDPOINT_URL": weed_server.endpoint_url,
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-
-
 def polyburn_run(
     server: PrefectServer, home: Path, *args: str, **env: str
 ) -> tuple[int, dict, str]:
@@ -918,11 +907,13 @@ def test_a_sharded_run_spreads_its_items_over_shard_runs_and_writes_one_manifest
     for leftover in (abandoned, alive):
         leftover.parent.mkdir(parents=True)
         leftover.write_text('{"path": "old"}\n')
-    code, summary, err = polyburn_run(
-        server, tmp_path / "home", str(EXPORT), str(sharded), "--shards", "3"
-    )
-    with api(server) as client:
-        client.delete_flow_run(pending.id)
+    try:
+        code, summary, err = polyburn_run(
+            server, tmp_path / "home", str(EXPORT), str(sharded), "--shards", "3"
+        )
+    finally:
+        with api(server) as client:
+            client.delete_flow_run(pending.id)
     assert code == 0, err[-3000:]
     assert (summary["items"], summary["ok"], summary["failed"]) == (12, 12, 0)
     assert [(s["shard"], s["state"], s["items"]) for s in summary["shards"]] == [

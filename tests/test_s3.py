@@ -38,7 +38,7 @@ from polyburn.params import MaskOptions, RunParameters
 from polyburn.pipeline import process_item
 from tests.support.fault_proxy import FaultProxy
 from tests.support.oracle import EXAMPLES, same_output
-from tests.support.s3_fixtures import stored_objects
+from tests.support.s3_fixtures import aws_env, stored_objects
 from tests.support.weed import WeedServer
 
 ALL_MODES = ["semantic", "instance", "binary"]
@@ -67,13 +67,10 @@ def s3_env(monkeypatch: pytest.MonkeyPatch, weed_server: WeedServer, tmp_path: P
             monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
     def configure(endpoint: str | None = None, **polyburn: Any) -> None:
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", weed_server.access_key)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", weed_server.secret_key)
-        monkeypatch.setenv("AWS_DEFAULT_REGION", weed_server.region)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint or weed_server.endpoint_url)
+        for name, value in aws_env(weed_server, endpoint).items():
+            monkeypatch.setenv(name, value)
         for name, value in polyburn.items():
             monkeypatch.setenv(f"POLYBURN_S3_{name.upper()}", str(value))
 

@@ -53,6 +53,18 @@ def s3_bucket(weed_server: WeedServer) -> Iterator[str]:
         warnings.warn(f"could not delete test bucket {name}: {exc!r}", stacklevel=1)
 
 
+def aws_env(weed_server: WeedServer, endpoint: str | None = None) -> dict[str, str]:
+    """The environment boto3's default chain needs to reach the session's S3 server (or, with
+    ``endpoint``, a proxy in front of it)."""
+    return {
+        "AWS_ACCESS_KEY_ID": weed_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": weed_server.secret_key,
+        "AWS_DEFAULT_REGION": weed_server.region,
+        "AWS_ENDPOINT_URL": endpoint or weed_server.endpoint_url,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
 def stored_objects(weed_server: WeedServer, bucket: str, prefix: str) -> dict[str, bytes]:
     """Every object of ``bucket``, read directly (not via a proxy): key relative to ``prefix/``
     → bytes. Fails if an object lies outside ``prefix/``."""
