@@ -11,7 +11,7 @@ variable                       default              meaning
 ``POLYBURN_NIGHTLY_CRON``      ``0 2 * * *``        schedule of ``nightly``
 ``POLYBURN_TIMEZONE``          ``UTC``              IANA time zone of that schedule
 ``POLYBURN_DEBOUNCE_SECONDS``  ``60``               quiet period of ``on-annotation`` (>= 10)
-``POLYBURN_SERVE_LIMIT``       ``1``                flow runs ``polyburn serve`` runs at once
+``POLYBURN_SERVE_LIMIT``       ``4``                flow runs ``polyburn serve`` runs at once
                                                     (``0``: no limit)
 =============================  ===================  ============================================
 
@@ -43,7 +43,7 @@ class DeploymentSettings:
     nightly_cron: str = "0 2 * * *"
     timezone: str = "UTC"
     debounce_seconds: int = 60
-    serve_limit: int | None = 1
+    serve_limit: int | None = 4
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DeploymentSettings:

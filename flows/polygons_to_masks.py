@@ -1,4 +1,4 @@
-"""The main flow: list items → validate/repair → burn → publish, in batches."""
+"""The main flow: list items → label map → burn and publish per batch → report."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -26,25 +25,26 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.variables import Variable
 
-from flows.shards import run_shards, shard_key
+from flows.shards import not_processed, run_shards
 from polyburn import progress
 from polyburn.destinations import resolve_destination_uri
 from polyburn.destinations.base import MANIFEST_KEY
-from polyburn.manifest import (
-    RecordSpool,
-    manifest_paths,
-    output_keys,
-    read_previous_manifest,
-    unpack_records,
-)
+from polyburn.manifest import RecordSpool, output_keys, unpack_records
 from polyburn.model import ItemRef
 from polyburn.params import RunParameters
-from polyburn.pipeline import resolve_label_map
 from polyburn.report import failures_markdown, previews_markdown, summary_table
+from polyburn.state import (
+    destination_clock,
+    find_records,
+    forget_items,
+    read_records,
+    stale_record_keys,
+    unfinished_items,
+)
 from tasks.common import destination_for, source_for
 from tasks.items import collect_labels, list_items
 from tasks.masks import burn_batch, burn_task
-from tasks.publish import publish_label_map, publish_manifest
+from tasks.publish import migrate_state, publish_label_map, publish_manifest
 
 PREVIEW_ITEMS = 4
 BATCH_THREADS = 4  # batches in flight; each may use the whole process pool
@@ -94,8 +94,8 @@ def submit_batches(
     batches: list[list[ItemRef]],
     label_map: dict[str, int],
     colours: dict[str, tuple[int, int, int]] | None,
-    previous: dict[str, list[str]],
     token: str,
+    unfinished: list[str],
     taker: str,
 ) -> None:
     """Submit one ``burn-batch`` task per batch on the current flow's task runner and hand each
@@ -118,10 +118,10 @@ def submit_batches(
             params.options,
             label_map,
             colours,
-            {ref.path: previous[ref.path] for ref in batch if ref.path in previous},
             PREVIEW_ITEMS if k == 0 else 0,
             token,
             workers,
+            sorted({ref.path for ref in batch} & set(unfinished)),
         )
         for k, batch in enumerate(batches)
     ]
@@ -156,13 +156,16 @@ def _task_runner(params: RunParameters):
 )
 def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     """Turn the polygon and binary annotations of every item of ``params.source`` into masks at
-    ``params.destination``, with a label map beside them and a manifest written last.
+    ``params.destination``, with a label map beside them, a record per item and, for a full
+    run, the manifest written last.
 
     Items are processed in batches of ``params.batch_size`` (one task run each; a batch whose
-    items, options and label map did not change is taken from Prefect's cache). A failed item is
-    reported in the manifest, the summary and the artifacts; the run fails only in ``strict``
-    mode. With ``incremental``, only items changed since the last fully successful incremental
-    run are processed, and the watermark (a Prefect Variable) advances only when no item failed.
+    items, options and label map did not change is taken from Prefect's cache). Each item is
+    written under its own lease, so any number of runs may write one destination at once
+    (:mod:`polyburn.state`). A failed item is reported in its record, the summary and the
+    artifacts; the run fails only in ``strict`` mode. With ``incremental``, only items changed
+    since the last fully successful incremental run are processed, and the watermark (a Prefect
+    Variable) advances only when no item failed.
     """
     params = params or RunParameters()
     # "dataloop://" alone = the source's dataset; tasks then get the full URI
@@ -172,105 +175,181 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
     run_started_at = datetime.now(UTC)
-
-    watermark = watermark_name(params.source, params.destination)
-    since = params.updated_since
-    if params.incremental:
-        stored = Variable.get(watermark, default=None)
-        if stored:
-            stored_at = datetime.fromisoformat(stored)
-            since = max(since, stored_at) if since else stored_at
-        logger.info("incremental run: items changed since %s", since or "the beginning")
-
+    since = _since(params)
     item_filter = _item_filter(params)
-    source = source_for(params.source, item_filter, since)
-    destination = destination_for(params.destination)
-    shard_of = params.shard_of
-    if shard_of is None:  # a shard leaves this to its parent: other machines may be writing
-        destination.recover()
-    options = params.options
+    destination = _prepare_destination(params)
+    clock = destination_clock(destination.state) if _is_full_run(params) else None
 
-    refs = list_items(params.source, item_filter, since)
-    if params.item_ids and not params.source.startswith("dataloop://"):
-        wanted = set(params.item_ids)
-        refs = [ref for ref in refs if ref.path in wanted or ref.item_id in wanted]
+    refs = list_items(params.source, item_filter, since, _local_item_ids(params))
     batches = chunk(refs, params.batch_size)
     logger.info("%d items from %s in %d batches", len(refs), params.source, len(batches))
+    label_map, colours = _label_map(params, refs)
 
-    declared = source.labels()
-    if shard_of is not None:  # the parent settled the label map for all its shards
-        label_map = dict(shard_of.label_map)
-    else:
-        found: set[str] = set()
-        if not params.labels and refs:
-            workers = workers_for(params, len(refs))
-            found.update(collect_labels(params.source, refs, options.max_pixels, workers))
-        label_map = resolve_label_map(params.labels, destination, found, declared)
-        publish_label_map(params.destination, label_map)
-    colours = dict(declared) if declared else None
-    token = _destination_token(destination)
     with (
         tempfile.TemporaryDirectory(prefix="polyburn-run-") as folder,
         RecordSpool(folder) as spool,
     ):
-        scratch = Path(folder)
-        previous = read_previous_manifest(destination, scratch / "previous.jsonl")
         taken = _Taken(spool)
-        # Threads run in this flow; another runner needs a subflow (a task runner is per flow).
-        run_batches = submit_batches
-        if params.task_runner != "threads":
-            run_batches = burn_batches.with_options(task_runner=_task_runner(params))
-        shard_runs = None
         if params.shards > 1 and refs:
-            shard_runs = run_shards(
-                params,
-                refs,
-                label_map,
-                destination,
-                str(flow_run.get_id() or uuid.uuid4()),
-                spool.add,
-                _shard_progress(len(refs), params.shards),
-                logger,
-                _run_shard_here if params.shard_fallback else None,
-            )
-        elif batches:
-            taker = _TAKERS.add(taken)
-            try:
-                run_batches(params, batches, label_map, colours, previous, token, taker)
-            finally:
-                _TAKERS.pop(taker)
-        _redo_cached(params, taken, destination, refs, label_map, colours, previous, token)
-
-        summary = spool.counts.as_dict(time.perf_counter() - started)
-        partial = bool(params.item_ids or since or params.item_filter)
-        manifest = scratch / "manifest.jsonl"
-        if shard_of is not None:  # records go back to the parent, which writes the manifest
-            spool.write_manifest(manifest)
-            publish_manifest(
-                params.destination, str(manifest), shard_key(shard_of.group, shard_of.index)
-            )
-        elif partial:  # keep the other items' records; forget requested items that are gone
-            gone = []
-            if params.item_ids:
-                known = manifest_paths(scratch / "previous.jsonl")
-                gone = _vanished(params.item_ids, refs, known)
-            for path in gone:
-                destination.remove(previous[path])
-            summary["removed_items"] = gone
-            # Re-read: another partial run may have written the manifest since this one started.
-            latest = scratch / "latest.jsonl"
-            if not destination.read_file(MANIFEST_KEY, latest):
-                latest.write_bytes(b"")
-            spool.write_manifest(manifest, previous=latest, gone=gone)
+            summary_extra = {"shards": _run_sharded(params, refs, label_map, destination, spool)}
         else:
-            spool.write_manifest(manifest)
-        if shard_of is None:
-            publish_manifest(params.destination, str(manifest))
-    retries, cached, previews = taken.retries, taken.cached, taken.previews
-    summary.update(label_map=label_map, retries=retries, cached_batches=cached)
-    if shard_runs is not None:
-        summary["shards"] = shard_runs
-    _publish_artifacts(summary, params, sorted(previews)[:PREVIEW_ITEMS])
+            summary_extra = {}
+            _burn_all(params, batches, label_map, colours, destination, taken)
+        summary = spool.counts.as_dict(time.perf_counter() - started)
+
+    if clock is not None:  # a full run
+        gone = stale_record_keys(destination.state, refs, clock)
+        publish_manifest(params.destination, gone)
+    elif params.item_ids:
+        summary["removed_items"] = _remove_vanished(destination, params, refs)
+    summary.update(summary_extra)
+    summary.update(label_map=label_map, retries=taken.retries, cached_batches=taken.cached)
+    _report(summary, params, taken, logger)
+    if params.incremental and not summary["failed"] and params.shard_of is None:
+        Variable.set(
+            watermark_name(params.source, params.destination),
+            run_started_at.isoformat(),
+            overwrite=True,
+        )
+    if summary["failed"] and params.strict:
+        return Failed(message=f"{summary['failed']} item(s) failed", data=summary)
+    return Completed(message=f"{summary['ok']} ok, {summary['failed']} failed", data=summary)
+
+
+def _since(params: RunParameters) -> datetime | None:
+    """``updated_since``, or for an incremental run the later of it and the watermark."""
+    since = params.updated_since
+    if params.incremental:
+        stored = Variable.get(watermark_name(params.source, params.destination), default=None)
+        if stored:
+            stored_at = datetime.fromisoformat(stored)
+            since = max(since, stored_at) if since else stored_at
+        get_run_logger().info("incremental run: items changed since %s", since or "the beginning")
+    return since
+
+
+def _prepare_destination(params: RunParameters):
+    """The run's destination, with what killed runs of this host left cleaned up and a
+    destination of an earlier polyburn given its per-item records (a shard leaves both to its
+    parent)."""
+    destination = destination_for(params.destination)
+    if params.shard_of is None:
+        destination.recover()
+        created = migrate_state(params.destination)
+        if created:
+            get_run_logger().info(
+                "gave %d items of the earlier manifest records of their own", created
+            )
+    return destination
+
+
+def _local_item_ids(params: RunParameters) -> list[str] | None:
+    """``item_ids`` for the listing; a Dataloop source has them in its filter already."""
+    return None if params.source.startswith("dataloop://") else params.item_ids
+
+
+def _is_full_run(params: RunParameters) -> bool:
+    """A run over every item of its source: it writes the manifest and forgets vanished items."""
+    return params.shard_of is None and not (
+        params.item_ids or params.item_filter or params.updated_since or params.incremental
+    )
+
+
+def _label_map(params: RunParameters, refs: list[ItemRef]):
+    """(label map, colours) of the run: a shard's from its parent, else settled at the
+    destination with the labels found in ``refs`` (unless a label map file is given)."""
+    source = source_for(params.source, _item_filter(params), params.updated_since)
+    declared = source.labels()
+    colours = dict(declared) if declared else None
+    if params.shard_of is not None:
+        return dict(params.shard_of.label_map), colours
+    found: list[str] = []
+    if not params.labels and refs:
+        workers = workers_for(params, len(refs))
+        found = collect_labels(params.source, refs, params.options.max_pixels, workers)
+    label_map = publish_label_map(
+        params.destination, params.labels, found, dict(declared) if declared else None
+    )
+    return label_map, colours
+
+
+def _burn_all(params, batches, label_map, colours, destination, taken: _Taken) -> None:
+    """Burn and publish every batch (threads in this flow, or a Dask subflow), then redo the
+    items of cached batches that need it."""
+    if not batches:
+        return
+    token = _destination_token(destination)
+    unfinished = unfinished_items(destination.state)
+    if unfinished:
+        get_run_logger().warning(
+            "%d item(s) were left unfinished by runs that died or failed while writing them; "
+            "they are burned again",
+            len(unfinished),
+        )
+    # Threads run in this flow; another runner needs a subflow (a task runner is per flow).
+    run_batches = submit_batches
+    if params.task_runner != "threads":
+        run_batches = burn_batches.with_options(task_runner=_task_runner(params))
+    taker = _TAKERS.add(taken)
+    try:
+        run_batches(params, batches, label_map, colours, token, sorted(unfinished), taker)
+    finally:
+        _TAKERS.pop(taker)
+    refs = [ref for batch in batches for ref in batch]
+    _redo_cached(params, taken, destination, refs, label_map, colours, token)
+
+
+def _run_sharded(params, refs, label_map, destination, spool: RecordSpool) -> list[dict]:
+    """Run the shards and put every item's record (as the shards stored it) into ``spool``;
+    the items of a shard that never completed are counted failed."""
+    shard_runs = run_shards(
+        params,
+        refs,
+        label_map,
+        str(flow_run.get_id() or uuid.uuid4()),
+        _shard_progress(len(refs), params.shards),
+        get_run_logger(),
+        _run_shard_here if params.shard_fallback else None,
+    )
+    for outcome in shard_runs:
+        pieces = outcome.pop("refs")
+        if outcome.pop("completed"):
+            for record in read_records(destination.state, [ref.path for ref in pieces]):
+                spool.add(record)
+            continue
+        why = not_processed(outcome)
+        for ref in pieces:
+            spool.add(
+                {
+                    "item": ref.item_id,
+                    "path": ref.path,
+                    "status": "failed",
+                    "error": f"{ref.path}: {why}",
+                }
+            )
+    return shard_runs
+
+
+def _remove_vanished(destination, params: RunParameters, refs: list[ItemRef]) -> list[str]:
+    """Requested items the source no longer has: their outputs and records are removed;
+    returns their paths. (Dataloop items are asked for by id, which the records are not kept
+    by: finding a deleted one reads every record, which only item deletions pay.)"""
+    listed = {ref.path for ref in refs} | {ref.item_id for ref in refs if ref.item_id}
+    missing = [item for item in params.item_ids or () if item not in listed]
+    if params.source.startswith("dataloop://"):
+        records = find_records(destination.state, item_ids=missing)
+    else:
+        records = find_records(destination.state, paths=missing)
+    gone = []
+    for record in records:
+        destination.remove(output_keys(record))
+        gone.append(record["path"])
+    forget_items(destination.state, gone)
+    return sorted(gone)
+
+
+def _report(summary: dict, params: RunParameters, taken: _Taken, logger) -> None:
+    _publish_artifacts(summary, params, sorted(taken.previews)[:PREVIEW_ITEMS])
     logger.info(
         "%d items: %d ok, %d failed; %d annotations, %d repairs, %d rejected; %d batches cached",
         summary["items"],
@@ -279,15 +358,10 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         summary["annotations"],
         summary["repairs"],
         summary["rejected"],
-        cached,
+        taken.cached,
     )
     for failure in summary["failures"][:20]:
         logger.warning("failed: %s", failure["error"])
-    if params.incremental and not summary["failed"] and shard_of is None:
-        Variable.set(watermark, run_started_at.isoformat(), overwrite=True)
-    if summary["failed"] and params.strict:
-        return Failed(message=f"{summary['failed']} item(s) failed", data=summary)
-    return Completed(message=f"{summary['ok']} ok, {summary['failed']} failed", data=summary)
 
 
 def _run_shard_here(parameters: dict[str, Any]):
@@ -348,7 +422,7 @@ class _Taken:
             self.spool.add(record)
 
 
-def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, previous, token):
+def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, token):
     """Items of batches served from the cache are processed again when they failed (the
     failure may have been transient) or when an output their record lists is no longer at the
     destination (deleted by hand since); their fresh records replace the cached ones."""
@@ -372,23 +446,10 @@ def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, p
         params.options,
         label_map,
         colours,
-        {ref.path: previous[ref.path] for ref in again if ref.path in previous},
         0,
         token,
     )
     taken(fresh, cached=False)
-
-
-def _vanished(
-    item_ids: list[str], refs: list[ItemRef], manifest: dict[str, str | None]
-) -> list[str]:
-    """Manifest paths of requested items the source no longer lists (deleted there);
-    ``manifest`` maps item path → item id."""
-    listed = {ref.path for ref in refs} | {ref.item_id for ref in refs if ref.item_id}
-    missing = set(item_ids) - listed
-    return sorted(
-        path for path, item in manifest.items() if path in missing or (item and item in missing)
-    )
 
 
 def _publish_artifacts(summary: dict, params: RunParameters, previews) -> None:

@@ -7,25 +7,20 @@ contiguous slice of the listing as ``item_ids`` and the label map in ``shard_of`
 Prefect worker (or ``polyburn serve``) serves that deployment picks it up, on any machine. They
 show in the UI as subflow runs of the parent.
 
-A shard run burns and publishes its items like any run, but writes its records to
-``.polyburn/shards/<parent-run-id>/<k>.jsonl`` in the destination instead of the manifest. The
-parent waits for all shards, runs a shard that did not complete once more (its finished batches
-come from the cache when the workers share Prefect's result storage), reads the records back into
-its spool, and writes the one manifest last, as an unsharded run does. An item a shard never
-reported (its run crashed twice) gets a failed record naming the shard run and its state: nothing
-is dropped silently. The shard files are removed once the manifest is written, and those of
-earlier parents that ended without removing theirs (killed) when the next sharded run starts.
+A shard run burns and publishes its items like any run: each item's record is stored at the
+destination as the item is done (:mod:`polyburn.state`). The parent waits for all shards, runs a
+shard that did not complete once more (its finished batches come from the cache when the workers
+share Prefect's result storage), and then reads its items' records back for its summary. The
+items of a shard that never completed (its run crashed twice) are reported failed, naming the
+shard run and its state: nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -33,22 +28,14 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled
 
-from polyburn.destinations import Destination
 from polyburn.errors import ConfigError
-from polyburn.manifest import iter_manifest
 from polyburn.model import ItemRef
 from polyburn.params import RunParameters, ShardOf
 
-SHARDS_PREFIX = ".polyburn/shards"
 SHARD_ATTEMPTS = 2
 POLL_SECONDS = float(os.environ.get("POLYBURN_SHARD_POLL_SECONDS", "5"))
 START_TIMEOUT = float(os.environ.get("POLYBURN_SHARD_START_TIMEOUT", "900"))
 """Seconds a shard run may wait for a worker; then it is cancelled and counted as failed."""
-
-
-def shard_key(group: str, index: int) -> str:
-    """Destination key of the records of shard ``index`` of the sharded run ``group``."""
-    return f"{SHARDS_PREFIX}/{group}/{index:04d}.jsonl"
 
 
 def split_evenly(refs: list[ItemRef], count: int) -> list[list[ItemRef]]:
@@ -86,29 +73,19 @@ def run_shards(
     params: RunParameters,
     refs: list[ItemRef],
     label_map: dict[str, int],
-    destination: Destination,
     group: str,
-    add_record: Callable[[dict[str, Any]], None],
     on_progress: Callable[[int, int], None] = lambda done, total: None,
     logger: Any = None,
     run_here: Callable[[dict[str, Any]], Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the shards of ``refs`` and hand every item's record to ``add_record``.
+    """Run the shards of ``refs``; returns one ``{"shard", "run", "state", "message", "items",
+    "attempts", "ran_here", "refs", "completed"}`` per shard.
 
     A shard run that ends without completing is started once more. A shard no worker starts
     within ``START_TIMEOUT`` is cancelled and, when ``run_here`` is given, run by calling
-    ``run_here(shard_params)`` (the parent's process, as a subflow) instead. Returns one
-    ``{"shard", "run", "state", "message", "items", "attempts", "ran_here"}`` per shard.
+    ``run_here(shard_params)`` (the parent's process, as a subflow) instead.
     """
     check_shard_deployment(params.shard_deployment)
-    try:
-        removed = remove_abandoned_groups(destination, group)
-    except Exception as exc:  # noqa: BLE001 - housekeeping never stops the run
-        removed = 0
-        if logger:
-            logger.warning("could not clean up earlier shard files: %s", exc)
-    if removed and logger:
-        logger.info("removed the shard files of %d earlier sharded run(s) that ended", removed)
     slices = split_evenly(refs, params.shards)
     count = len(slices)
 
@@ -177,60 +154,15 @@ def run_shards(
             ran_here=True,
         )
 
-    with tempfile.TemporaryDirectory(prefix="polyburn-shards-") as folder:
-        for k, piece in enumerate(slices):
-            local = Path(folder) / f"{k}.jsonl"
-            reported: set[str] = set()
-            if destination.read_file(shard_key(group, k), local):
-                for _, _, record in iter_manifest(local):
-                    reported.add(record["path"])
-                    add_record(record)
-                local.unlink()
-            why = _never_reported(outcome[k])
-            for ref in piece:
-                if ref.path not in reported:
-                    add_record(
-                        {
-                            "item": ref.item_id,
-                            "path": ref.path,
-                            "status": "failed",
-                            "error": f"{ref.path}: not processed: {why}",
-                        }
-                    )
-    destination.remove([shard_key(group, k) for k in range(count)])
-    return [
-        {key: value for key, value in outcome[k].items() if key != "completed"}
-        for k in range(count)
-    ]
+    for k, piece in enumerate(slices):
+        outcome[k]["refs"] = piece
+    return [outcome[k] for k in range(count)]
 
 
-def remove_abandoned_groups(destination: Destination, current: str) -> int:
-    """Delete the shard files of earlier parents that are no longer running (killed before they
-    could clean up); returns how many groups were removed. A group whose parent flow run is not
-    in a final state is kept: that run may still be merging it."""
-    keys = destination.keys(SHARDS_PREFIX + "/") or []
-    groups: dict[str, list[str]] = {}
-    for key in keys:
-        parts = key[len(SHARDS_PREFIX) + 1 :].split("/")
-        if len(parts) == 2 and parts[0] != current:
-            groups.setdefault(parts[0], []).append(key)
-    abandoned = [group for group in groups if not _parent_running(group)]
-    destination.remove([key for group in abandoned for key in groups[group]])
-    return len(abandoned)
-
-
-def _parent_running(group: str) -> bool:
-    """Whether the flow run named by a shard group id exists and has not reached a final state."""
-    try:
-        run_id = UUID(group)
-    except ValueError:
-        return False
-    with get_client(sync_client=True) as client:
-        try:
-            run = client.read_flow_run(run_id)
-        except ObjectNotFound:
-            return False
-    return run.state is not None and not run.state.is_final()
+def not_processed(outcome: dict[str, Any]) -> str:
+    """Why the items of a shard that did not complete have no fresh record."""
+    message = f": {outcome['message']}" if outcome["message"] else ""
+    return f"not processed: shard run '{outcome['run']}' ended {outcome['state']}{message}"
 
 
 def check_shard_deployment(name: str) -> None:
@@ -249,14 +181,6 @@ def check_shard_deployment(name: str) -> None:
                 f"shard deployment '{name}' does not exist on the Prefect server; serve it "
                 "(`polyburn serve --deployment shard`) or deploy it (`prefect deploy --all`)"
             ) from None
-
-
-def _never_reported(outcome: dict[str, Any]) -> str:
-    state = outcome["state"]
-    message = f": {outcome['message']}" if outcome["message"] else ""
-    if outcome["completed"]:
-        return f"shard run '{outcome['run']}' completed without it (gone from the source?)"
-    return f"shard run '{outcome['run']}' ended {state}{message}"
 
 
 def _wait_for_runs(

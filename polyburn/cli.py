@@ -1,4 +1,4 @@
-"""``polyburn run`` / ``polyburn validate``: the command line.
+"""``polyburn run`` / ``validate`` / ``manifest`` / ``serve`` / ``events``: the command line.
 
 ``run`` starts the Prefect flow on whatever Prefect API is configured (``PREFECT_API_URL``), or on
 Prefect's ephemeral API when none is (no server to start; ~15 s of start-up). ``validate`` needs no
@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--updated-since", metavar="ISO-TIME", help="only items changed after this time"
     )
+    run.add_argument(
+        "--item",
+        action="append",
+        metavar="ID_OR_PATH",
+        help="only this item (repeatable): a Dataloop item id, or the item path as the manifest "
+        "writes it (e.g. street/scene_001)",
+    )
     run.add_argument("--format", default="png", choices=["png", "tif", "npy"])
     run.add_argument("--draw-order", default="file", choices=["file", "area"])
     run.add_argument("--batch-size", type=int, default=100)
@@ -78,6 +85,20 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--json", action="store_true", help="one JSON record per item")
     validate.set_defaults(handler=_validate)
 
+    manifest = sub.add_parser(
+        "manifest", help="print every item's current record of DEST (JSON lines, by path)"
+    )
+    manifest.add_argument(
+        "dest", metavar="DEST", help="folder, s3://bucket/prefix or dataloop://<id>"
+    )
+    manifest.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    manifest.add_argument(
+        "--compact",
+        action="store_true",
+        help="also rewrite DEST/manifest.jsonl from the current records (nothing is burned)",
+    )
+    manifest.set_defaults(handler=_manifest)
+
     serve = sub.add_parser(
         "serve", help="serve the nightly, on-demand, on-annotation and shard deployments"
     )
@@ -85,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         "--limit",
         type=int,
         default=None,
-        help="flow runs at once (default: POLYBURN_SERVE_LIMIT, else 1; 0: no limit)",
+        help="flow runs at once (default: POLYBURN_SERVE_LIMIT, else 4; 0: no limit)",
     )
     serve.add_argument(
         "--deployment",
@@ -124,6 +145,7 @@ def _parameters(args: argparse.Namespace):
             batch_size=args.batch_size,
             item_filter=args.filter,
             updated_since=args.updated_since,
+            item_ids=args.item,
             strict=args.strict,
             shards=args.shards,
             shard_fallback=not args.no_shard_fallback,
@@ -241,6 +263,39 @@ def _validate(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{items} items: {failed} failed, {problems} annotations rejected, {repairs} repairs")
     return 1 if failed or problems else 0
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    """Stream the destination's current manifest; with ``--compact`` also store it as
+    ``manifest.jsonl``. Needs no Prefect."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from polyburn.destinations import open_destination
+    from polyburn.state import current_records, write_snapshot
+
+    destination = open_destination(args.dest)
+    try:
+        with tempfile.TemporaryDirectory(prefix="polyburn-manifest-") as folder:
+            scratch = Path(folder)
+            read = write_snapshot if args.compact else current_records
+            with read(destination.state, scratch) as spool:
+                target = Path(args.output) if args.output else scratch / "manifest.jsonl"
+                spool.write_manifest(target)
+                items = len(spool)
+            if not args.output:
+                with open(target, "rb") as handle:
+                    shutil.copyfileobj(handle, sys.stdout.buffer)
+                sys.stdout.flush()
+    finally:
+        destination.close()
+    where = f" and {args.dest.rstrip('/')}/manifest.jsonl" if args.compact else ""
+    print(
+        f"polyburn: {items} item records{' to ' + args.output if args.output else ''}{where}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -160,6 +160,9 @@ class RecordSpool:
     def __len__(self) -> int:
         return len(self._index)
 
+    def __contains__(self, path: object) -> bool:
+        return path in self._index
+
     def add(self, record: Mapping[str, Any]) -> None:
         path = record["path"]
         if path in self._index:

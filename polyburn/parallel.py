@@ -54,7 +54,6 @@ def process_items(
     options: MaskOptions,
     label_map: Mapping[str, int],
     colours: Mapping[str, tuple[int, int, int]] | None = None,
-    previous: Mapping[str, Sequence[str]] | None = None,
     previews: int = 0,
     workers: int = 1,
 ) -> list[dict[str, Any]]:
@@ -66,7 +65,6 @@ def process_items(
     the client's own retries) are tried again up to ``ITEM_RETRIES`` times with exponential
     backoff and jitter; their records then carry ``retries``.
     """
-    previous = previous or {}
     # What process_item reads of the options, as a plain tuple: workers need no pydantic.
     plain = _Options(list(options.modes), options.format, options.draw_order, options.max_pixels)
     jobs = [
@@ -77,8 +75,8 @@ def process_items(
             plain,
             dict(label_map),
             colours,
-            tuple(previous.get(ref.path, ())),
             k < previews,
+            0,
         )
         for k, ref in enumerate(refs)
     ]
@@ -88,9 +86,8 @@ def process_items(
         if not again:
             break
         time.sleep(ITEM_RETRY_DELAY * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
-        redone = _run_jobs([jobs[k] for k in again], source, destination, workers)
+        redone = _run_jobs([jobs[k][:-1] + (attempt,) for k in again], source, destination, workers)
         for k, record in zip(again, redone, strict=True):
-            record["retries"] = attempt
             records[k] = record
     for record in records:
         record.pop("transient", None)
@@ -158,7 +155,7 @@ def _work(
 ) -> dict[str, Any]:
     """One item. In a worker process the source and destination are opened from their URIs
     once and reused."""
-    ref, source_uri, destination_uri, options, label_map, colours, previous, preview = job
+    ref, source_uri, destination_uri, options, label_map, colours, preview, retries = job
     if source is None:
         source = _worker_source(source_uri)
     if destination is None:
@@ -166,7 +163,7 @@ def _work(
         if destination is None:
             destination = _worker_destinations[destination_uri] = open_destination(destination_uri)
     return process_item(
-        ref, source, destination, options, label_map, colours, previous, preview=preview
+        ref, source, destination, options, label_map, colours, preview=preview, retries=retries
     )
 
 

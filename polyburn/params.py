@@ -49,7 +49,7 @@ class ShardOf(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    group: str = Field(description="The parent flow run's id: names the shards' record files.")
+    group: str = Field(description="The parent flow run's id: keys the shard runs' idempotency.")
     index: int = Field(ge=0, description="This shard's number, from 0.")
     count: int = Field(ge=2, description="How many shards the parent run made.")
     label_map: dict[str, int] = Field(description="The parent run's label map, used as is.")

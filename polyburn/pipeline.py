@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,17 +13,12 @@ from polyburn.destinations import Destination
 from polyburn.destinations.base import LABEL_MAP_KEY
 from polyburn.errors import ConfigError, ItemError, PolyburnError, TransientError
 from polyburn.geometry import repair_item
-from polyburn.labels import (
-    dump_label_map,
-    extend_label_map,
-    load_label_map,
-    palette,
-    parse_label_map,
-    semantic_dtype,
-)
+from polyburn.labels import dump_label_map, load_label_map, palette, semantic_dtype
+from polyburn.manifest import output_keys
 from polyburn.masks import build_masks
 from polyburn.model import Item, ItemRef
 from polyburn.sources import Source
+from polyburn.state import ItemLease, read_record, settle_label_map, write_record
 
 if TYPE_CHECKING:  # burn workers import this module: no pydantic, no PIL there
     from polyburn.params import MaskOptions
@@ -37,25 +33,77 @@ def process_item(
     options: MaskOptions,
     label_map: Mapping[str, int],
     colours: Mapping[str, tuple[int, int, int]] | None = None,
-    previous_keys: Sequence[str] = (),
     preview: bool = False,
+    retries: int = 0,
 ) -> dict[str, Any]:
     """Load, repair, burn and publish one item; never raises for a problem of this item.
 
     Returns the item's manifest record: ``status`` ("ok" or "failed"), ``error`` (one line),
     counts, every repair and rejected annotation, and the outputs with their sha256. With
-    ``destination=None`` nothing is burned (validation only). Outputs listed in
-    ``previous_keys`` that the item no longer produces are removed. With ``preview``, the record
-    also holds ``preview``: a small colourised PNG (base64) of the item's first mask, over the
-    image when the source has it; callers remove it before writing the manifest.
+    ``destination=None`` nothing is burned (validation only).
+
+    With a destination, the item is processed while this call holds the item's lease
+    (:mod:`polyburn.state`), so runs that overlap never mix their outputs: the item is loaded from
+    the source inside it (the newest revision wins), outputs the previous record lists that the
+    item no longer produces are removed, and the record is stored last. A failed item's record
+    keeps the previous record's outputs (marked not written); when the failure came after its
+    outputs started to change, the lease is left abandoned, so the item counts as unfinished
+    until a run processes it again. ``retries`` (the caller's earlier attempts) goes into the
+    record. With ``preview``, the returned record also holds ``preview``: a small colourised PNG
+    (base64) of the item's first mask, over the image when the source has it; it is not stored.
     """
+    started = time.perf_counter()
+    if destination is None:
+        record, _ = _burn(ref, source, None, options, label_map, colours, (), False)
+        return _finish(record, started, retries)
+    state = destination.state
+    lease = ItemLease(state, ref.path)
+    try:
+        lease.acquire()
+        previous = read_record(state, ref.path) or {}
+        record, touched = _burn(
+            ref, source, destination, options, label_map, colours, output_keys(previous), preview
+        )
+        if record["status"] != "ok":
+            _keep_previous_outputs(record, previous)
+        write_record(state, _stored(_finish(record, started, retries)))
+        if touched and record["status"] != "ok":
+            lease.abandon()
+        else:
+            lease.release()
+        return record
+    except Exception as exc:  # noqa: BLE001 - the state store failed (lease, record I/O)
+        with contextlib.suppress(Exception):
+            lease.abandon()
+        failed = {"item": ref.item_id, "path": ref.path, "status": "failed"}
+        failed["error"] = (
+            f"{ref.path}: {exc}"
+            if isinstance(exc, PolyburnError)
+            else (f"{ref.path}: {type(exc).__name__}: {exc}")
+        )
+        if isinstance(exc, TransientError):
+            failed["transient"] = True
+        return _finish(failed, started, retries)
+
+
+def _burn(
+    ref: ItemRef,
+    source: Source,
+    destination: Destination | None,
+    options: MaskOptions,
+    label_map: Mapping[str, int],
+    colours: Mapping[str, tuple[int, int, int]] | None,
+    previous_keys: Sequence[str],
+    preview: bool,
+) -> tuple[dict[str, Any], bool]:
+    """The record of one item and whether its outputs at the destination started to change."""
     record: dict[str, Any] = {
         "item": ref.item_id,
         "path": ref.path,
         "status": "ok",
         "error": None,
     }
-    started = time.perf_counter()
+    touched = False
     try:
         item = source.load(ref, options.max_pixels)
         record.update(_describe(item))
@@ -74,6 +122,7 @@ def process_item(
             )
             pal = palette(label_map, colours)
             retried = destination.retries_in_this_thread()
+            touched = True
             outputs = destination.publish_item(item, masks, options.format, pal)
             if destination.retries_in_this_thread() > retried:
                 record["io_retries"] = destination.retries_in_this_thread() - retried
@@ -92,8 +141,27 @@ def process_item(
     except Exception as exc:  # noqa: BLE001 - one item never takes the run down
         log.debug("unexpected error on %s", ref.path, exc_info=True)
         record.update(status="failed", error=f"{ref.path}: {type(exc).__name__}: {exc}")
+    return record, touched
+
+
+def _finish(record: dict[str, Any], started: float, retries: int) -> dict[str, Any]:
     record["seconds"] = round(time.perf_counter() - started, 4)
+    if retries:
+        record["retries"] = retries
     return record
+
+
+def _keep_previous_outputs(record: dict[str, Any], previous: Mapping[str, Any]) -> None:
+    """A failed item still has what an earlier run stored for it: keep those outputs listed (as
+    not written by this run), so a later run still removes the ones it no longer produces."""
+    kept = [dict(o, written=False) for o in previous.get("outputs", []) if isinstance(o, dict)]
+    if kept:
+        record["outputs"] = kept
+
+
+def _stored(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record as stored at the destination: without the preview and the retry hint."""
+    return {k: v for k, v in record.items() if k not in ("preview", "transient")}
 
 
 def _preview(ref: ItemRef, source: Source, masks, pal) -> str | None:
@@ -144,26 +212,23 @@ def resolve_label_map(
     found: Iterable[str] | None,
     declared: Mapping[str, Any] | None = None,
 ) -> dict[str, int]:
-    """The label map of a run.
+    """Settle the label map of a run and store it at the destination.
 
-    A user file wins. Otherwise the map already at the destination is reused and extended with
-    labels it lacks (declared by the source, e.g. a Dataloop ontology, or ``found`` in the items),
-    so ids never change for a destination.
+    A user file wins and is stored as given. Otherwise the destination's map is extended, by
+    compare-and-swap, with the labels it lacks (declared by the source, e.g. a Dataloop ontology,
+    or ``found`` in the items): ids never change for a destination, and runs that add the same
+    new label at once give it one id. Raises ConfigError when no label is known at all.
     """
     if labels_file:
-        return load_label_map(labels_file)
-    existing_text = destination.read_text(LABEL_MAP_KEY)
-    existing = (
-        parse_label_map(existing_text, f"{destination.uri}/{LABEL_MAP_KEY}")
-        if existing_text
-        else {}
-    )
-    wanted = set(found or ()) | set(declared or ())
-    label_map = extend_label_map(existing, wanted)
+        label_map = load_label_map(labels_file)
+        write_label_map(destination, label_map)
+        return label_map
+    label_map = settle_label_map(destination.state, set(found or ()) | set(declared or ()))
     if not label_map:
         raise ConfigError("no labels found in the source and no label map given")
     return label_map
 
 
 def write_label_map(destination: Destination, label_map: Mapping[str, int]) -> None:
+    """Store ``label_map`` as given (a user's label map file)."""
     destination.write_text(LABEL_MAP_KEY, dump_label_map(label_map))

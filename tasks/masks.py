@@ -34,8 +34,9 @@ CODE_VERSION = _code_version()
 def batch_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
     """Cache key of a batch: what its output depends on — the items' revisions, the options,
     the label map, the source and destination (with the destination's identity token, so a
-    wiped destination is refilled) and the code version. None (no caching) when an item's
-    revision is unknown."""
+    wiped destination is refilled), the code version, and which of its items a killed or failed
+    writer left unfinished at the destination (those are never taken from the cache). None (no
+    caching) when an item's revision is unknown."""
     refs: list[ItemRef] = parameters["refs"]
     if not refs or any(not ref.revision for ref in refs):
         return None
@@ -49,6 +50,7 @@ def batch_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
         "labels": sorted(parameters["label_map"].items()),
         "colours": sorted((parameters.get("colours") or {}).items()),
         "previews": parameters.get("previews", 0),
+        "unfinished": sorted(parameters.get("unfinished") or ()),
     }
     text = json.dumps(payload, sort_keys=True, default=str)
     return "polyburn-batch-" + hashlib.sha256(text.encode()).hexdigest()
@@ -71,16 +73,19 @@ def burn_batch(
     options: MaskOptions,
     label_map: dict[str, int],
     colours: dict[str, tuple[int, int, int]] | None = None,
-    previous: dict[str, list[str]] | None = None,
     previews: int = 0,
     destination_token: str | None = None,
     workers: int = 1,
+    unfinished: list[str] | None = None,
 ) -> dict[str, Any]:
     """Process each item of the batch; an item's failure is in its record, not an exception.
 
-    Returns ``{"records": <packed>, "items": n, "attempts": k}``, the records packed with
-    :func:`~polyburn.manifest.pack_records`. The first ``previews`` items also get a small
-    preview PNG in their record. ``workers`` > 1 spreads the items over that many processes.
+    Each item's record is stored at the destination as the item is done
+    (:func:`~polyburn.pipeline.process_item`). Returns ``{"records": <packed>, "items": n,
+    "attempts": k}``, the records packed with :func:`~polyburn.manifest.pack_records`, for the
+    run's summary. The first ``previews`` items also get a small preview PNG in their record.
+    ``workers`` > 1 spreads the items over that many processes. ``unfinished`` (the batch's
+    items that the destination marks unfinished) only enters the cache key.
     """
     records = process_items(
         refs,
@@ -89,7 +94,6 @@ def burn_batch(
         options,
         label_map,
         colours,
-        previous,
         previews,
         workers,
     )

@@ -1,23 +1,47 @@
-"""Writing the run-level objects: the label map first, the manifest last."""
+"""The run-level state: the label map first, the manifest snapshot last."""
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
-from polyburn.destinations.base import MANIFEST_KEY
-from polyburn.pipeline import write_label_map
+from polyburn.pipeline import resolve_label_map
+from polyburn.state import migrate, write_snapshot
 from tasks.common import IO_TASK_OPTIONS, destination_for
 
 
 @task(name="publish-label-map", **IO_TASK_OPTIONS)
-def publish_label_map(destination_uri: str, label_map: dict[str, int]) -> None:
-    write_label_map(destination_for(destination_uri), label_map)
+def publish_label_map(
+    destination_uri: str,
+    labels_file: str | None,
+    found: Iterable[str],
+    declared: Mapping[str, Any] | None = None,
+) -> dict[str, int]:
+    """The run's label map, settled at the destination (see
+    :func:`polyburn.pipeline.resolve_label_map`)."""
+    return resolve_label_map(labels_file, destination_for(destination_uri), found, declared)
+
+
+@task(name="migrate-state", **IO_TASK_OPTIONS)
+def migrate_state(destination_uri: str) -> int:
+    """Give a destination written by an earlier polyburn its per-item records (once)."""
+    with tempfile.TemporaryDirectory(prefix="polyburn-migrate-") as folder:
+        return migrate(destination_for(destination_uri).state, Path(folder))
 
 
 @task(name="publish-manifest", **IO_TASK_OPTIONS)
-def publish_manifest(destination_uri: str, manifest_file: str, key: str = MANIFEST_KEY) -> None:
-    """Store the run's manifest (a local file, see :class:`polyburn.manifest.RecordSpool`), or
-    a shard's records at ``key``."""
-    destination_for(destination_uri).write_file(key, Path(manifest_file))
+def publish_manifest(destination_uri: str, forget: list[str]) -> dict[str, Any]:
+    """Delete the records at ``forget`` (items gone from the source), then write
+    ``manifest.jsonl`` from every item's current record; returns the snapshot's counts
+    (``RunCounts.as_dict``)."""
+    state = destination_for(destination_uri).state
+    state.remove(forget)
+    with (
+        tempfile.TemporaryDirectory(prefix="polyburn-manifest-") as folder,
+        write_snapshot(state, Path(folder)) as spool,
+    ):
+        return spool.counts.as_dict(0.0)

@@ -25,6 +25,17 @@ LABEL_MAP_KEY = "label_map.json"
 MANIFEST_KEY = "manifest.jsonl"
 
 
+@dataclass(frozen=True, order=True)
+class StoredEntry:
+    """One stored object as a listing shows it: ``tag`` is what :meth:`FileDestination.replace`
+    and :meth:`FileDestination.remove_if` compare (an S3 ETag, a file's inode-size-mtime)."""
+
+    key: str
+    tag: str
+    modified: float  # seconds since the epoch
+    size: int
+
+
 @dataclass(frozen=True)
 class OutputRecord:
     """One object written (or found already identical) for an item."""
@@ -95,6 +106,12 @@ class Destination(ABC):
     def close(self) -> None:  # noqa: B027 - optional for destinations
         """Release connections."""
 
+    @property
+    @abstractmethod
+    def state(self) -> FileDestination:
+        """Where this destination keeps its run state (item records, leases, label map,
+        manifest): the destination itself for a folder or S3, a state folder for Dataloop."""
+
 
 class FileDestination(Destination):
     """A destination that stores bytes under keys mirroring the item path."""
@@ -109,6 +126,37 @@ class FileDestination(Destination):
     @abstractmethod
     def get(self, key: str) -> bytes | None:
         """The bytes at ``key``, or None when absent."""
+
+    @property
+    def state(self) -> FileDestination:
+        return self
+
+    def put_record(self, key: str, data: bytes) -> None:
+        """Store a small state object (an item record) atomically, without comparing first."""
+        self.put(key, data, JSON_CONTENT_TYPE, {})
+
+    # Conditional writes: what per-item leases and the label map's compare-and-swap stand on.
+    @abstractmethod
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """The bytes at ``key`` and their version tag, or None when absent."""
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> str | None:
+        """Store ``data`` at ``key`` if nothing is stored there and return its tag; None
+        (nothing written) if something is. Atomic between concurrent writers."""
+
+    @abstractmethod
+    def replace(self, key: str, data: bytes, tag: str) -> str | None:
+        """Store ``data`` at ``key`` if the stored version still has ``tag`` and return the new
+        tag; None (nothing written) otherwise. Atomic between concurrent writers."""
+
+    @abstractmethod
+    def remove_if(self, key: str, tag: str) -> bool:
+        """Delete ``key`` if the stored version still has ``tag``; False otherwise."""
+
+    @abstractmethod
+    def entries(self, prefix: str) -> list[StoredEntry]:
+        """Every stored object whose key starts with ``prefix``, sorted by key."""
 
     def read_text(self, key: str) -> str | None:
         data = self.get(key)

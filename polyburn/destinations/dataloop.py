@@ -29,9 +29,10 @@ batch's reply must list exactly what was sent, else the item fails and this call
 annotations are deleted again. A batch whose connection broke after the server stored it is found
 again by its ``batch`` marker and not re-sent.
 
-**Label map and manifest** (``read_text`` / ``write_text``) live in a local state folder,
+**Run state** (:attr:`DataloopDestination.state`: item records, item leases, label map and
+manifest, as for a folder destination) lives in a local state folder,
 ``$POLYBURN_STATE_DIR/dataloop/<dataset-id>/`` (default ``$XDG_CACHE_HOME/polyburn`` or
-``~/.cache/polyburn``), written atomically. They do not decide what is replaced in Dataloop (the
+``~/.cache/polyburn``), written atomically. It does not decide what is replaced in Dataloop (the
 markers on the server do), so losing the folder loses the history and the ids of a semantic label
 map, never masks; point ``POLYBURN_STATE_DIR`` at shared storage when several machines run the
 same destination.
@@ -138,6 +139,10 @@ class DataloopDestination(Destination):
         return cls(get_dataset(dataset_id), source_dataset=source_dataset)
 
     # ------------------------------------------------------------------------- run-level text
+    @property
+    def state(self) -> LocalDestination:
+        return self._state
+
     def read_text(self, key: str) -> str | None:
         return self._state.read_text(key)
 

@@ -1,8 +1,9 @@
-"""A local folder destination with atomic writes (temp file in the same folder + rename)."""
+"""A local folder destination with atomic writes (a temp file renamed into place)."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -11,15 +12,28 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from polyburn.destinations.base import FileDestination, OutputRecord, file_sha256
+from polyburn.destinations.base import (
+    FileDestination,
+    OutputRecord,
+    StoredEntry,
+    file_sha256,
+)
+from polyburn.processes import host_name, pid_alive
+
+STAGING = ".polyburn/tmp"
+"""Temp files are written in ``STAGING/<host>-<pid>/`` and renamed into place, so cleaning up
+after killed writers lists this folder only, never the whole destination."""
+_MUTEX = ".polyburn/cas.lock"
 
 
 class LocalDestination(FileDestination):
     """Writes under ``root``; a crash never leaves a half-written file at a final name.
 
-    Masks are renamed into place without ``fsync`` (safe against a killed process; a power loss
-    may lose the newest masks, which the manifest then does not list). Text objects (label map,
-    manifest) are fsynced before the rename.
+    Masks and item records are renamed into place without ``fsync`` (safe against a killed
+    process; a power loss may lose the newest ones). Text objects (label map, manifest) are
+    fsynced before the rename. Conditional writes (:meth:`create`, :meth:`replace`,
+    :meth:`remove_if`) are atomic between processes of any host that share the folder through a
+    filesystem with working ``link`` and ``flock`` (local disks, NFSv4).
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -43,22 +57,96 @@ class LocalDestination(FileDestination):
                 os.fsync(handle.fileno())
         return True
 
+    def put_record(self, key: str, data: bytes) -> None:
+        """Replace ``key`` by ``data`` atomically, without comparing first and without fsync."""
+        with self._temp_for(self._path(key)) as (handle, _):
+            handle.write(data)
+
+    # ------------------------------------------------------------------ conditional writes
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as handle:
+                return handle.read(), _tag(os.fstat(handle.fileno()))
+        except FileNotFoundError:
+            return None
+
+    def create(self, key: str, data: bytes) -> str | None:
+        """Store ``data`` at ``key`` only if nothing is there (``link`` of a complete temp
+        file: atomic, and the file is never seen half-written)."""
+        path = self._path(key)
+        with self._temp_for(path, install=False) as (handle, tmp):
+            handle.write(data)
+            handle.flush()
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return None
+            return _tag(os.stat(tmp))
+
+    def replace(self, key: str, data: bytes, tag: str) -> str | None:
+        path = self._path(key)
+        with self._mutex():
+            if _tag_of(path) != tag:
+                return None
+            with self._temp_for(path) as (handle, _):
+                handle.write(data)
+            return _tag_of(path)
+
+    def remove_if(self, key: str, tag: str) -> bool:
+        path = self._path(key)
+        with self._mutex():
+            if _tag_of(path) != tag:
+                return False
+            path.unlink()
+        return True
+
+    def entries(self, prefix: str) -> list[StoredEntry]:
+        folder = self._path(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+        found = []
+        for top, dirs, names in os.walk(folder):
+            dirs.sort()
+            for name in names:
+                path = os.path.join(top, name)
+                key = Path(path).relative_to(self.root).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    stat = os.stat(path)
+                except FileNotFoundError:  # removed since it was listed
+                    continue
+                found.append(StoredEntry(key, _tag(stat), stat.st_mtime, stat.st_size))
+        return sorted(found)
+
     @contextlib.contextmanager
-    def _temp_for(self, path: Path) -> Iterator[tuple[BinaryIO, str]]:
-        """A temp file beside ``path`` (named with this pid, for :meth:`recover`), renamed to
-        ``path`` when the block ends without error and deleted otherwise."""
+    def _mutex(self) -> Iterator[None]:
+        """An exclusive ``flock`` on one file of the destination: released by the kernel when
+        the holder dies, so a killed run never leaves it held."""
+        path = self._path(_MUTEX)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX
-        )
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _temp_for(self, path: Path, install: bool = True) -> Iterator[tuple[BinaryIO, str]]:
+        """A temp file in this process's staging folder, renamed to ``path`` when the block ends
+        without error (``install``) and deleted in every other case."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.root / STAGING / _writer_name()
+        staging.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=staging, prefix=f"{path.name[:80]}.", suffix=_TEMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as handle:
                 yield handle, tmp
-            os.replace(tmp, path)
-        except BaseException:
+            if install:
+                os.replace(tmp, path)
+        finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            raise
 
     def read_file(self, key: str, target: Path) -> bool:
         try:
@@ -87,19 +175,17 @@ class LocalDestination(FileDestination):
             return None
 
     def recover(self) -> None:
-        """Delete temp files of writers that are no longer running (a killed run's leftovers).
-
-        Temp files carry the writer's pid; files of a live process on this host are kept.
-        """
-        if not self.root.is_dir():
+        """Delete the staging folders of writers of this host that are no longer running (a
+        killed run's temp files); costs one listing of the staging folder, whatever the size
+        of the destination. Folders of other hosts are theirs to clean."""
+        staging = self.root / STAGING
+        if not staging.is_dir():
             return
-        for folder, _, names in os.walk(self.root):
-            for name in names:
-                if name.startswith(".") and name.endswith(_TEMP_SUFFIX):
-                    pid = _writer_pid(name)
-                    if pid is None or not _alive(pid):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(os.path.join(folder, name))
+        host = host_name()
+        for folder in staging.iterdir():
+            owner, _, pid = folder.name.rpartition("-")
+            if owner == host and pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def missing(self, keys: Sequence[str]) -> set[str]:
         gone = set()
@@ -130,22 +216,21 @@ class LocalDestination(FileDestination):
 _TEMP_SUFFIX = ".part"
 
 
-def _writer_pid(name: str) -> int | None:
-    parts = name.split(".")
-    for part in parts[2:]:
-        if part.isdigit():
-            return int(part)
-    return None
+def _writer_name() -> str:
+    """``<host>-<pid>``: the staging folder of this process."""
+    return f"{host_name()}-{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
+def _tag(stat: os.stat_result) -> str:
+    """A version tag of a file: a rename or a rewrite gives another inode, size or mtime."""
+    return f"{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _tag_of(path: Path) -> str | None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return _tag(path.stat())
+    except FileNotFoundError:
+        return None
 
 
 def _same_content(path: Path, data: bytes) -> bool:

@@ -72,7 +72,13 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from polyburn.destinations.base import FileDestination, OutputRecord, text_content_type
+from polyburn.destinations.base import (
+    JSON_CONTENT_TYPE,
+    FileDestination,
+    OutputRecord,
+    StoredEntry,
+    text_content_type,
+)
 from polyburn.errors import ConfigError, PolyburnError, TransientError
 
 log = logging.getLogger("polyburn.s3")
@@ -243,10 +249,11 @@ class S3Destination(FileDestination):
                 IfNoneMatch="*",
             )
         except ClientError as exc:
-            code, status = _code(exc), _status(exc)
-            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if _precondition_failed(exc):
                 return  # already there: the write was authorized, then refused by the condition
-            if status == 501 or code == "NotImplemented":  # a store without conditional writes
+            if (
+                _status(exc) == 501 or _code(exc) == "NotImplemented"
+            ):  # a store without conditional writes
                 try:
                     self.client.put_object(
                         Bucket=self.bucket, Key=key, Body=b"", ContentType="text/plain"
@@ -301,11 +308,29 @@ class S3Destination(FileDestination):
         if why is None:
             return False
         log.debug("uploading %s: %s", full, why)
+        self._send(key, body, size, digest, content_type, wanted)
+        return True
+
+    def _send(
+        self,
+        key: str,
+        body: bytes | BinaryIO,
+        size: int,
+        digest: Any,
+        content_type: str,
+        metadata: Mapping[str, str],
+        **condition: str,
+    ) -> str:
+        """One checksummed ``PutObject`` (sent again when the bytes arrived damaged); returns
+        the new object's ETag. With a ``condition`` (``IfMatch``/``IfNoneMatch``), raises
+        _PreconditionFailed when the server refuses it."""
+        full = self._object_key(key)
+        checksum = base64.b64encode(digest.digest()).decode("ascii")
         for attempt in range(1, self.max_attempts + 1):
             if not isinstance(body, bytes):
                 body.seek(0)
             try:
-                self.client.put_object(
+                response = self.client.put_object(
                     Bucket=self.bucket,
                     Key=full,
                     Body=body,
@@ -313,10 +338,13 @@ class S3Destination(FileDestination):
                     ContentType=content_type,
                     ChecksumAlgorithm="SHA256",
                     ChecksumSHA256=checksum,
-                    Metadata=wanted,
+                    Metadata=dict(metadata),
+                    **condition,
                 )
-                return True
+                return response["ETag"]
             except ClientError as exc:
+                if condition and _precondition_failed(exc):
+                    raise _PreconditionFailed(key) from None
                 if _code(exc) in _RESEND_CODES and attempt < self.max_attempts:
                     log.debug("sending %s again: %s (attempt %d)", full, _code(exc), attempt)
                     continue
@@ -346,7 +374,9 @@ class S3Destination(FileDestination):
         """
         return self._fetch(key, lambda body: body.read())
 
-    def _fetch(self, key: str, consume: Callable[[Any], T]) -> T | None:
+    def _fetch(
+        self, key: str, consume: Callable[[Any], T], with_etag: bool = False
+    ) -> T | tuple[T, str] | None:
         """``consume(body)`` of the object at ``prefix/key`` (None when there is none), with
         :meth:`get`'s checks and re-reads; ``consume`` must read the body to its end."""
         full = self._object_key(key)
@@ -364,7 +394,8 @@ class S3Destination(FileDestination):
                 raise self._error(exc, "read", key) from None
             body = response["Body"]  # not as a context manager: that yields the raw stream
             try:  # the body: botocore does not retry a cut or corrupted body, so we do
-                return consume(body)  # reading to the end checks length and checksum
+                consumed = consume(body)  # reading to the end checks length and checksum
+                return (consumed, response["ETag"]) if with_etag else consumed
             except _BODY_ERRORS as exc:
                 last = exc
                 log.debug("re-reading %s after %s (attempt %d)", full, exc, attempt)
@@ -376,6 +407,76 @@ class S3Destination(FileDestination):
             f"{self._where(key)}: read failed after {self.max_attempts} attempts "
             f"({type(last).__name__})"
         )
+
+    def put_record(self, key: str, data: bytes) -> None:
+        """One checksummed ``PutObject``, without the ``HEAD`` comparison of :meth:`put` (an
+        item record changes whenever it is written)."""
+        digest = hashlib.sha256(data)
+        self._send(key, data, len(data), digest, JSON_CONTENT_TYPE, {"sha256": digest.hexdigest()})
+
+    # ------------------------------------------------------------------ conditional writes
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and its ETag."""
+        return self._fetch(key, lambda body: body.read(), with_etag=True)
+
+    def create(self, key: str, data: bytes) -> str | None:
+        """``PutObject`` with ``If-None-Match: *`` (AWS S3, SeaweedFS ≥ 4.48, MinIO)."""
+        return self._conditional_put(key, data, IfNoneMatch="*")
+
+    def replace(self, key: str, data: bytes, tag: str) -> str | None:
+        """``PutObject`` with ``If-Match: <tag>``."""
+        return self._conditional_put(key, data, IfMatch=tag)
+
+    def remove_if(self, key: str, tag: str) -> bool:
+        """``DeleteObject`` with ``If-Match: <tag>``; a store that ignores the condition on
+        deletes (some S3-compatible servers) deletes unconditionally."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key), IfMatch=tag)
+        except ClientError as exc:
+            if _precondition_failed(exc) or _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise self._error(exc, "delete", key) from None
+        except BotoCoreError as exc:
+            raise self._error(exc, "delete", key) from None
+        return True
+
+    def _conditional_put(self, key: str, data: bytes, **condition: str) -> str | None:
+        digest = hashlib.sha256(data)
+        try:
+            return self._send(
+                key,
+                data,
+                len(data),
+                digest,
+                JSON_CONTENT_TYPE,
+                {"sha256": digest.hexdigest()},
+                **condition,
+            )
+        except _PreconditionFailed:
+            return None
+
+    def entries(self, prefix: str) -> list[StoredEntry]:
+        """``ListObjectsV2`` under ``prefix``, 1,000 keys a request."""
+        found = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key_prefix + prefix
+            )
+            for page in pages:
+                for entry in page.get("Contents", ()):
+                    found.append(
+                        StoredEntry(
+                            entry["Key"][len(self._key_prefix) :],
+                            entry["ETag"],
+                            entry["LastModified"].timestamp(),
+                            entry["Size"],
+                        )
+                    )
+        except ClientError as exc:
+            raise self._error(exc, "list", "") from None
+        except BotoCoreError as exc:
+            raise self._error(exc, "list", "") from None
+        return sorted(found)
 
     def missing(self, keys: Sequence[str]) -> set[str]:
         """One ``ListObjectsV2`` pass over the prefix (1,000 keys a page), not a HEAD per key."""
@@ -536,6 +637,17 @@ class S3Destination(FileDestination):
                 f"{type(exc).__name__}"
             )
         return PolyburnError(f"{where}: {op} failed: {type(exc).__name__}")
+
+
+class _PreconditionFailed(Exception):
+    """A conditional write refused by the server (412, or 409 for a concurrent one)."""
+
+
+def _precondition_failed(exc: ClientError) -> bool:
+    return _status(exc) in (409, 412) or _code(exc) in (
+        "PreconditionFailed",
+        "ConditionalRequestConflict",
+    )
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -35,12 +35,36 @@ class LocalSource:
                 Path(folder, n) for n in names if n.endswith(".json") and not n.startswith(".")
             )
         for file in sorted(files):
+            ref = self._ref(file)
+            if ref is not None:
+                yield ref
+
+    def find(self, paths: Iterable[str]) -> list[ItemRef]:
+        """The items at these item paths (as :meth:`list_items` names them), sorted, without
+        walking the export: paths with no file, or outside the export, are left out."""
+        refs = []
+        for path in sorted(set(paths)):
+            file = self.root / f"{path}.json"
+            if (
+                path
+                and not any(part.startswith(".") for part in Path(path).parts)
+                and file.resolve().is_relative_to(self.root.resolve())
+            ):
+                ref = self._ref(file)
+                if ref is not None:
+                    refs.append(ref)
+        return refs
+
+    def _ref(self, file: Path) -> ItemRef | None:
+        try:
             stat = file.stat()
-            if self.updated_since is not None and stat.st_mtime <= self.updated_since:
-                continue
-            rel = file.relative_to(self.root).as_posix()[: -len(".json")]
-            revision = f"{stat.st_size}-{stat.st_mtime_ns}"
-            yield ItemRef(item_id="", path=rel, locator=str(file), revision=revision)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if self.updated_since is not None and stat.st_mtime <= self.updated_since:
+            return None
+        rel = file.relative_to(self.root).as_posix()[: -len(".json")]
+        revision = f"{stat.st_size}-{stat.st_mtime_ns}"
+        return ItemRef(item_id="", path=rel, locator=str(file), revision=revision)
 
     def load(self, ref: ItemRef, max_pixels: int) -> Item:
         try:

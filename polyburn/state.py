@@ -1,0 +1,365 @@
+"""A destination's run state, kept per item so that runs cost the work they do and may overlap.
+
+Everything lives in the destination's state store (:attr:`Destination.state`: the folder or S3
+prefix itself, or the local state folder of a Dataloop destination):
+
+``.polyburn/records/<item path>.json``
+    The item's record: its manifest line (status, outputs with sha256 and size, repairs,
+    rejections, revision). Written by the run that processed the item, after the item's
+    outputs, while it holds the item's lease; one atomic write.
+``.polyburn/leases/<item path>.json``
+    The item's lease: who is writing the item's outputs and record (host, pid, expiry). At
+    most one run holds it; it is deleted when the record is written. A lease whose holder is gone
+    (a dead process of this host, an expiry passed, or marked abandoned after a failed write)
+    marks the item *unfinished*: its outputs may be a mix, so the next run that lists the item
+    processes it again (never from Prefect's cache) and takes the lease over.
+``label_map.json``
+    Label → id, extended by compare-and-swap (:func:`settle_label_map`): a new label gets one id
+    however many runs add it at once, and an id never changes.
+``manifest.jsonl``
+    A compacted snapshot of every record, sorted by path (:func:`write_snapshot`): written last by
+    full runs and by ``polyburn manifest DEST --compact``. :func:`current_records` is the live
+    view; it also reads destinations written before records existed (``manifest.jsonl`` only).
+``.polyburn/layout``
+    ``records-1`` once the records are the whole truth; before that (a destination written by an
+    earlier polyburn), the snapshot's lines count for items without a record of their own.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from polyburn.destinations.base import LABEL_MAP_KEY, MANIFEST_KEY, FileDestination
+from polyburn.errors import TransientError
+from polyburn.keys import safe_relpath
+from polyburn.labels import dump_label_map, extend_label_map, parse_label_map
+from polyburn.manifest import RecordSpool, iter_manifest, manifest_line
+from polyburn.processes import host_name, pid_alive
+
+log = logging.getLogger("polyburn.state")
+
+RECORDS = ".polyburn/records/"
+LEASES = ".polyburn/leases/"
+LAYOUT_KEY = ".polyburn/layout"
+LAYOUT = "records-1"
+LEASE_SECONDS = float(os.environ.get("POLYBURN_LEASE_SECONDS", "300"))
+"""How long a lease of a holder on another host counts as held. A lease of this host is freed
+as soon as its process is gone."""
+LEASE_WAIT_SECONDS = float(os.environ.get("POLYBURN_LEASE_WAIT_SECONDS", "600"))
+"""How long a run waits for an item another run is writing before reporting it busy."""
+READ_THREADS = 16
+CAS_ATTEMPTS = 50
+
+
+def record_key(path: str) -> str:
+    """The state key of an item's record."""
+    return f"{RECORDS}{safe_relpath(path)}.json"
+
+
+def lease_key(path: str) -> str:
+    """The state key of an item's lease."""
+    return f"{LEASES}{safe_relpath(path)}.json"
+
+
+# ---------------------------------------------------------------------------- records
+def read_record(store: FileDestination, path: str) -> dict[str, Any] | None:
+    """The item's stored record, or None (no record, or one that does not parse)."""
+    return _parse_record(store.get(record_key(path)))
+
+
+def write_record(store: FileDestination, record: Mapping[str, Any]) -> None:
+    """Store ``record`` (a manifest record with a ``path``) as its item's record."""
+    store.put_record(record_key(record["path"]), manifest_line(record))
+
+
+def forget_items(store: FileDestination, paths: Iterable[str]) -> None:
+    """Delete the records of items that are gone from their source."""
+    store.remove([record_key(path) for path in paths])
+
+
+def read_records(store: FileDestination, paths: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The stored records of these items (those that have one), read with a few threads."""
+    yield from _read_many(store, [record_key(path) for path in paths])
+
+
+def find_records(
+    store: FileDestination, paths: Iterable[str] = (), item_ids: Iterable[str] = ()
+) -> list[dict[str, Any]]:
+    """The records of the items with these paths, and of the items with these item ids. Paths
+    cost one read each; item ids cost a read of every record (records are kept by path), so
+    pass them only when some are asked for."""
+    found = list(read_records(store, paths))
+    wanted = set(item_ids)
+    if wanted:
+        found += [r for r in _read_many(store, _record_keys(store)) if r.get("item") in wanted]
+    return found
+
+
+def destination_clock(store: FileDestination) -> float:
+    """The store's own clock now (seconds since the epoch), as its listings will show it, so
+    that run start and record times compare without trusting this host's clock."""
+    key = f".polyburn/clock/{uuid.uuid4().hex}"
+    store.put_record(key, b"{}\n")
+    try:
+        (entry,) = store.entries(key)
+    finally:
+        store.remove([key])
+    return entry.modified
+
+
+def stale_record_keys(store: FileDestination, refs: Iterable[Any], before: float) -> list[str]:
+    """Keys of records of items a full listing (``refs``) no longer has, stored before
+    ``before`` (:func:`destination_clock` at the listing's start): the record of an item that a
+    concurrent run added since is newer and kept."""
+    listed = {record_key(ref.path) for ref in refs}
+    return [
+        entry.key
+        for entry in store.entries(RECORDS)
+        if entry.key.endswith(".json") and entry.key not in listed and entry.modified < before
+    ]
+
+
+def _parse_record(data: bytes | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    try:
+        record = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("path"), str) else None
+
+
+# ---------------------------------------------------------------------------- leases
+class ItemBusyError(TransientError):
+    """Another run kept the item's lease for longer than ``LEASE_WAIT_SECONDS``."""
+
+
+class ItemLease:
+    """The exclusive right to write one item's outputs and record (see the module docstring).
+
+    Use :func:`item_lease`. ``taken_over`` says whether a holder that is gone left the item
+    unfinished (its outputs may be a mix of two versions until this holder writes them all).
+    """
+
+    def __init__(self, store: FileDestination, path: str) -> None:
+        self.store = store
+        self.path = path
+        self.key = lease_key(path)
+        self.owner = uuid.uuid4().hex
+        self.tag: str | None = None
+        self.taken_over = False
+
+    def _body(self, abandoned: bool = False) -> bytes:
+        return json.dumps(
+            {
+                "path": self.path,
+                "owner": self.owner,
+                "host": host_name(),
+                "pid": os.getpid(),
+                "expires": time.time() + LEASE_SECONDS,
+                "abandoned": abandoned,
+            }
+        ).encode("utf-8")
+
+    def acquire(self, wait: float = LEASE_WAIT_SECONDS) -> None:
+        """Take the lease, waiting while a live holder has it; raises ItemBusyError after
+        ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        delay = 0.005
+        while True:
+            self.tag = self.store.create(self.key, self._body())
+            if self.tag is not None:
+                return
+            held = self.store.get_tagged(self.key)
+            if held is not None and lease_is_stale(held[0]):
+                self.tag = self.store.replace(self.key, self._body(), held[1])
+                if self.tag is not None:
+                    self.taken_over = True
+                    return
+                continue  # another run took it over first
+            if held is None:
+                continue  # released in between
+            if time.monotonic() > deadline:
+                raise ItemBusyError(f"{self.path}: another run kept writing it for {wait:.0f} s")
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 0.5)
+
+    def release(self) -> None:
+        """Give the lease up: the item's outputs and record are complete."""
+        if self.tag is not None and not self.store.remove_if(self.key, self.tag):
+            log.warning("%s: lease was taken over before it was released", self.path)
+        self.tag = None
+
+    def abandon(self) -> None:
+        """Give the lease up leaving the item marked unfinished (a write failed half-way)."""
+        if self.tag is not None:
+            self.store.replace(self.key, self._body(abandoned=True), self.tag)
+        self.tag = None
+
+
+def lease_is_stale(data: bytes, now: float | None = None) -> bool:
+    """Whether a stored lease no longer protects anything: abandoned, expired, held by a
+    process of this host that is gone, or unreadable."""
+    try:
+        lease = json.loads(data)
+        if lease.get("abandoned"):
+            return True
+        if lease.get("host") == host_name() and not pid_alive(int(lease["pid"])):
+            return True
+        return float(lease["expires"]) < (time.time() if now is None else now)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return True
+
+
+@contextlib.contextmanager
+def item_lease(store: FileDestination, path: str) -> Iterator[ItemLease]:
+    """Hold the item's lease for the block: released when the block ends, abandoned (the item
+    stays unfinished) when it raises."""
+    lease = ItemLease(store, path)
+    lease.acquire()
+    try:
+        yield lease
+    except BaseException:
+        with contextlib.suppress(Exception):
+            lease.abandon()
+        raise
+    lease.release()
+
+
+def unfinished_items(store: FileDestination) -> set[str]:
+    """Paths of items whose lease is stale: a writer was killed or failed half-way. Costs one
+    listing of the leases (the items being written right now), not of the destination."""
+    stale = set()
+    for entry in store.entries(LEASES):
+        held = store.get_tagged(entry.key)
+        if held is None or not lease_is_stale(held[0]):
+            continue
+        try:
+            stale.add(str(json.loads(held[0])["path"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return stale
+
+
+# ---------------------------------------------------------------------------- label map
+def settle_label_map(store: FileDestination, labels: Iterable[str]) -> dict[str, int]:
+    """The destination's label map with every label of ``labels`` in it, by compare-and-swap:
+    existing ids are kept, new labels get the next ids, and concurrent runs that add labels at
+    the same moment all end up with the same map."""
+    wanted = set(labels)
+    origin = f"{store.uri}/{LABEL_MAP_KEY}"
+    for _ in range(CAS_ATTEMPTS):
+        held = store.get_tagged(LABEL_MAP_KEY)
+        existing = parse_label_map(held[0].decode("utf-8"), origin) if held else {}
+        merged = extend_label_map(existing, wanted)
+        if held is not None and merged == existing:
+            return existing
+        text = dump_label_map(merged).encode("utf-8")
+        tag = (
+            store.create(LABEL_MAP_KEY, text)
+            if held is None
+            else store.replace(LABEL_MAP_KEY, text, held[1])
+        )
+        if tag is not None:
+            return merged
+        time.sleep(random.uniform(0.005, 0.05))
+    raise TransientError(f"{origin}: changed by other runs {CAS_ATTEMPTS} times in a row")
+
+
+# ---------------------------------------------------------------------------- the current view
+def _record_keys(store: FileDestination) -> list[str]:
+    return [entry.key for entry in store.entries(RECORDS) if entry.key.endswith(".json")]
+
+
+def _read_many(store: FileDestination, keys: list[str]) -> Iterator[dict[str, Any]]:
+    """The records at ``keys`` that exist and parse, read with a few threads (S3 answers one
+    small GET at a time), a thousand at a time."""
+    chunk = 1000
+    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+        for start in range(0, len(keys), chunk):
+            for data in pool.map(store.get, keys[start : start + chunk]):
+                record = _parse_record(data)
+                if record is not None:
+                    yield record
+
+
+def is_migrated(store: FileDestination) -> bool:
+    return (store.get(LAYOUT_KEY) or b"").strip() == LAYOUT.encode()
+
+
+def current_records(store: FileDestination, scratch: Path) -> RecordSpool:
+    """Every item's current record, in a spool (on disk under ``scratch``) sorted on output.
+
+    A destination not yet migrated (see :func:`migrate`) also counts the snapshot's records of
+    items that have no record of their own.
+    """
+    spool = RecordSpool(scratch)
+    for record in _read_many(store, _record_keys(store)):
+        spool.add(record)
+    if not is_migrated(store):
+        legacy = scratch / "legacy-manifest.jsonl"
+        if store.read_file(MANIFEST_KEY, legacy):
+            for _, _, record in iter_manifest(legacy):
+                if record["path"] not in spool:
+                    spool.add(record)
+            legacy.unlink()
+    return spool
+
+
+def migrate(store: FileDestination, scratch: Path) -> int:
+    """Give every item of a destination written by an earlier polyburn (``manifest.jsonl``
+    only) a record of its own, without replacing a record a concurrent run wrote; returns how
+    many were created. Idempotent: a killed migration is finished by the next run."""
+    if is_migrated(store):
+        return 0
+    created = 0
+    legacy = scratch / "legacy-manifest.jsonl"
+    if store.read_file(MANIFEST_KEY, legacy):
+        for _, line, record in iter_manifest(legacy):
+            line = line if line.endswith(b"\n") else line + b"\n"
+            created += store.create(record_key(record["path"]), line) is not None
+        legacy.unlink()
+    store.put(LAYOUT_KEY, f"{LAYOUT}\n".encode(), "text/plain", {})
+    return created
+
+
+def write_snapshot(store: FileDestination, scratch: Path) -> RecordSpool:
+    """Write ``manifest.jsonl`` from the current records (atomically: readers see the old file
+    or the new one) and return the spool it was written from (for its counts)."""
+    spool = current_records(store, scratch)
+    target = scratch / "snapshot.jsonl"
+    spool.write_manifest(target)
+    store.write_file(MANIFEST_KEY, target)
+    target.unlink()
+    return spool
+
+
+__all__ = [
+    "ItemBusyError",
+    "ItemLease",
+    "current_records",
+    "destination_clock",
+    "find_records",
+    "forget_items",
+    "item_lease",
+    "lease_is_stale",
+    "migrate",
+    "read_record",
+    "read_records",
+    "record_key",
+    "settle_label_map",
+    "stale_record_keys",
+    "unfinished_items",
+    "write_record",
+    "write_snapshot",
+]
