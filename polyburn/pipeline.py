@@ -57,8 +57,9 @@ def process_item(
         record, _ = _burn(ref, source, None, options, label_map, colours, (), False)
         return _finish(record, started, retries)
     state = destination.state
-    lease = ItemLease(state, ref.path)
+    lease = None
     try:
+        lease = ItemLease(state, ref.path)
         lease.acquire()
         previous = read_record(state, ref.path) or {}
         record, touched = _burn(
@@ -73,16 +74,11 @@ def process_item(
             lease.release()
         return record
     except Exception as exc:  # noqa: BLE001 - the state store failed (lease, record I/O)
-        with contextlib.suppress(Exception):
-            lease.abandon()
-        failed = {"item": ref.item_id, "path": ref.path, "status": "failed"}
-        failed["error"] = (
-            f"{ref.path}: {exc}"
-            if isinstance(exc, PolyburnError)
-            else (f"{ref.path}: {type(exc).__name__}: {exc}")
-        )
-        if isinstance(exc, TransientError):
-            failed["transient"] = True
+        if lease is not None:
+            with contextlib.suppress(Exception):
+                lease.abandon()
+        failed = {"item": ref.item_id, "path": ref.path, "status": "ok", "error": None}
+        _fail(failed, ref, exc)
         return _finish(failed, started, retries)
 
 
@@ -132,16 +128,22 @@ def _burn(
                 destination.remove(stale)
             if preview:
                 record["preview"] = _preview(ref, source, masks, pal)
-    except TransientError as exc:  # worth another try: the caller decides
-        record.update(status="failed", error=f"{ref.path}: {exc}", transient=True)
-    except ItemError as exc:
-        record.update(status="failed", error=str(exc))
-    except PolyburnError as exc:
-        record.update(status="failed", error=f"{ref.path}: {exc}")
     except Exception as exc:  # noqa: BLE001 - one item never takes the run down
+        _fail(record, ref, exc)
+    return record, touched
+
+
+def _fail(record: dict[str, Any], ref: ItemRef, exc: Exception) -> None:
+    """Mark ``record`` failed with a one-line error; a transient error is marked for a retry."""
+    if isinstance(exc, TransientError):  # worth another try: the caller decides
+        record.update(status="failed", error=f"{ref.path}: {exc}", transient=True)
+    elif isinstance(exc, ItemError):
+        record.update(status="failed", error=str(exc))
+    elif isinstance(exc, PolyburnError):
+        record.update(status="failed", error=f"{ref.path}: {exc}")
+    else:
         log.debug("unexpected error on %s", ref.path, exc_info=True)
         record.update(status="failed", error=f"{ref.path}: {type(exc).__name__}: {exc}")
-    return record, touched
 
 
 def _finish(record: dict[str, Any], started: float, retries: int) -> dict[str, Any]:

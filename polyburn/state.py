@@ -109,11 +109,9 @@ def destination_clock(store: FileDestination) -> float:
     """The store's own clock now (seconds since the epoch), as its listings will show it, so
     that run start and record times compare without trusting this host's clock."""
     key = f".polyburn/clock/{uuid.uuid4().hex}"
-    store.put_record(key, b"{}\n")
-    try:
-        (entry,) = store.entries(key)
-    finally:
-        store.remove([key])
+    tag = store.create(key, b"{}\n")
+    (entry,) = store.entries(key)
+    store.remove_if(key, tag or entry.tag)
     return entry.modified
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from prefect.states import Scheduled
 
 from deployments import (
     ANNOTATION_EVENTS,
@@ -743,22 +742,22 @@ import tasks.publish as publish
 from polyburn.errors import TransientError
 
 calls = []
-write = publish.write_label_map
+settle = publish.resolve_label_map
 
 
-def flaky(destination, label_map):
+def flaky(labels_file, destination, found, declared=None):
     calls.append(1)
     if len(calls) < 3:
         raise TransientError("injected: connection reset by peer")
-    return write(destination, label_map)
+    return settle(labels_file, destination, found, declared)
 
 
-publish.write_label_map = flaky
+publish.resolve_label_map = flaky
 
 
 @flow(name="polyburn-retry-probe")
 def probe(destination: str) -> int:
-    publish.publish_label_map.with_options(retry_delay_seconds=1)(destination, {"car": 1})
+    publish.publish_label_map.with_options(retry_delay_seconds=1)(destination, None, ["car"])
     return len(calls)
 
 
@@ -896,24 +895,9 @@ def test_a_sharded_run_spreads_its_items_over_shard_runs_and_writes_one_manifest
 ):
     ids, _, serve_log = served
     sharded, plain = tmp_path / "sharded", tmp_path / "plain"
-    # Shard files of two earlier parents: one killed (its run is unknown here), one that has
-    # not ended (a run scheduled for tomorrow). Only the first is cleaned up.
-    with api(server) as client:
-        pending = client.create_flow_run_from_deployment(
-            ids["on-demand"], state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(days=1))
-        )
-    abandoned = sharded / ".polyburn" / "shards" / str(uuid.uuid4()) / "0000.jsonl"
-    alive = sharded / ".polyburn" / "shards" / str(pending.id) / "0000.jsonl"
-    for leftover in (abandoned, alive):
-        leftover.parent.mkdir(parents=True)
-        leftover.write_text('{"path": "old"}\n')
-    try:
-        code, summary, err = polyburn_run(
-            server, tmp_path / "home", str(EXPORT), str(sharded), "--shards", "3"
-        )
-    finally:
-        with api(server) as client:
-            client.delete_flow_run(pending.id)
+    code, summary, err = polyburn_run(
+        server, tmp_path / "home", str(EXPORT), str(sharded), "--shards", "3"
+    )
     assert code == 0, err[-3000:]
     assert (summary["items"], summary["ok"], summary["failed"]) == (12, 12, 0)
     assert [(s["shard"], s["state"], s["items"]) for s in summary["shards"]] == [
@@ -924,14 +908,11 @@ def test_a_sharded_run_spreads_its_items_over_shard_runs_and_writes_one_manifest
     code, _, err = polyburn_run(server, tmp_path / "home", str(EXPORT), str(plain))
     assert code == 0, err[-3000:]
 
-    # The same masks and the same manifest as an unsharded run; no shard files left behind.
+    # The same masks and the same manifest as an unsharded run; no item lease left behind.
     assert describe_difference(files_of(sharded), files_of(plain)) == ""
     assert len(files_of(plain)) == 13
     assert manifest_of(sharded) == manifest_of(plain)
-    assert alive.exists()
-    assert [
-        p for p in (sharded / ".polyburn").rglob("*") if p.is_file() and "shards" in p.parts
-    ] == [alive]
+    assert not [p for p in (sharded / ".polyburn" / "leases").rglob("*") if p.is_file()]
 
     # Three runs of the shard deployment, subflows of one parent, each with its own items.
     runs = [r for r in runs_of(server, ids["shard"]) if r.parameters["params"].get("shard_of")]
@@ -959,8 +940,8 @@ def test_a_sharded_run_spreads_its_items_over_shard_runs_and_writes_one_manifest
 def test_a_sharded_run_into_s3_stores_what_a_folder_run_stores(
     server, served, second_machine, weed_server, s3_bucket, tmp_path
 ):
-    """Shards on two "machines" write their records to S3 and the parent merges them there:
-    the bucket ends with the masks and manifest of a plain folder run, and no shard files."""
+    """Shards on two "machines" write their records to S3 and the parent compacts them there:
+    the bucket ends with the masks and manifest of a plain folder run, and no item lease."""
     prefix = "sharded"
     code, summary, err = polyburn_run(
         server,
@@ -979,7 +960,7 @@ def test_a_sharded_run_into_s3_stores_what_a_folder_run_stores(
     assert code == 0, err[-3000:]
 
     stored = stored_objects(weed_server, s3_bucket, prefix)
-    assert not [k for k in stored if k.startswith(".polyburn/shards/")]
+    assert not [k for k in stored if k.startswith(".polyburn/leases/")]
     masks = {k: v for k, v in stored.items() if not k.startswith(".polyburn/")}
     manifest = masks.pop("manifest.jsonl").decode()
     assert describe_difference(masks, files_of(plain)) == ""

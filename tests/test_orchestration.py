@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from prefect.artifacts import Artifact
@@ -13,7 +14,9 @@ from prefect.exceptions import ParameterTypeError
 from prefect.variables import Variable
 
 from flows.polygons_to_masks import polygons_to_masks, watermark_name
+from polyburn.destinations.local import LocalDestination
 from polyburn.params import MaskOptions, RunParameters
+from polyburn.state import current_records
 from tests.support.oracle import EXAMPLES, same_output
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -64,19 +67,30 @@ def test_rerun_is_served_from_cache_and_redoes_only_what_changed(export, tmp_pat
     assert second["items"] == 12 and second["failed"] == 0
     assert time.perf_counter() - started < 10
 
-    # One changed item: only its batch runs again.
+    # One changed item: only its batch runs again, and only its record and mask change.
+    before = {r["path"]: r for r in third_records(dest)}
     item = export / "json" / "street" / "scene_002.json"
     item.write_text(item.read_text().replace('"x": 280,', '"x": 279,'))
     _, third = run(source=str(export), destination=str(dest), batch_size=4)
-    assert third["cached_batches"] == 2
-    written = {o["key"] for r in third_records(dest) for o in r["outputs"] if o["written"]}
-    assert written == {"semantic/street/scene_002.png"}
+    assert third["cached_batches"] == 2 and third["outputs_written"] == 1
+    after = {r["path"]: r for r in third_records(dest)}
+    assert [p for p in after if content(after[p]) != content(before[p])] == ["street/scene_002"]
+    (output,) = after["street/scene_002"]["outputs"]
+    assert (
+        output["written"] and output["sha256"] != before["street/scene_002"]["outputs"][0]["sha256"]
+    )
 
     # A wiped destination is refilled, not taken from the cache.
     shutil.rmtree(dest)
     _, fourth = run(source=str(export), destination=str(dest), batch_size=4)
     assert fourth["cached_batches"] == 0
     assert (dest / "semantic" / "street" / "scene_002.png").exists()
+
+
+def content(record: dict) -> dict:
+    """A record without what changes whenever its item is processed again (time, written)."""
+    outputs = [{k: v for k, v in o.items() if k != "written"} for o in record.get("outputs", [])]
+    return {**{k: v for k, v in record.items() if k != "seconds"}, "outputs": outputs}
 
 
 def third_records(dest):
@@ -154,8 +168,15 @@ def test_dask_runner_gives_output_identical_to_threads(tmp_path):
             dask_address=cluster.scheduler_address,
         )
     assert dask["failed"] == threads["failed"] == 0
-    a = sorted(p.relative_to(tmp_path / "threads") for p in (tmp_path / "threads").rglob("*"))
-    b = sorted(p.relative_to(tmp_path / "dask") for p in (tmp_path / "dask").rglob("*"))
+
+    def tree(root: Path) -> list[Path]:  # but the staging folders, named after their process
+        return sorted(
+            p.relative_to(root)
+            for p in root.rglob("*")
+            if p.relative_to(root).parts[:2] != (".polyburn", "tmp")
+        )
+
+    a, b = tree(tmp_path / "threads"), tree(tmp_path / "dask")
     assert a == b
     for rel in a:
         if rel.suffix == ".png" or rel.name.endswith(".json") and "instance" in rel.parts:
@@ -173,21 +194,27 @@ def test_failed_items_of_a_cached_batch_are_processed_again(tmp_path):
     assert [f["path"] for f in first["failures"]] == ["street/scene_001"]
     blocker.rmdir()
     _, second = run(source=str(EXAMPLES / "export"), destination=str(dest))
-    assert second["cached_batches"] == 1
+    # It failed while writing its outputs, so its lease marks it unfinished: not from the cache.
+    assert second["cached_batches"] == 0
     assert second["failed"] == 0 and blocker.is_file()
     records = {r["path"]: r for r in third_records(dest)}
     assert records["street/scene_001"]["status"] == "ok"
 
 
-def test_partial_runs_merge_into_the_manifest_and_forget_deleted_items(export, tmp_path):
+def test_partial_runs_update_the_current_manifest_and_forget_deleted_items(export, tmp_path):
     dest = tmp_path / "masks"
     run(source=str(export), destination=str(dest))
+    snapshot = (dest / "manifest.jsonl").read_bytes()
     (export / "json" / "street" / "scene_005.json").unlink()
     _, summary = run(
         source=str(export), destination=str(dest), item_ids=["street/scene_001", "street/scene_005"]
     )
     assert summary["items"] == 1 and summary["removed_items"] == ["street/scene_005"]
-    paths = [r["path"] for r in third_records(dest)]
+    assert (dest / "manifest.jsonl").read_bytes() == snapshot  # only full runs write it
+    with current_records(LocalDestination(dest), tmp_path) as spool:
+        spool.write_manifest(tmp_path / "current.jsonl")
+    lines = (tmp_path / "current.jsonl").read_text().splitlines()
+    paths = [json.loads(line)["path"] for line in lines]
     assert len(paths) == 11 and "street/scene_005" not in paths and "street/scene_006" in paths
     assert not (dest / "semantic" / "street" / "scene_005.png").exists()
 
@@ -233,10 +260,11 @@ def test_a_cached_rerun_restores_outputs_deleted_by_hand(tmp_path):
     _, first = run(source=str(EXAMPLES / "export"), destination=str(dest), batch_size=4)
     mask = dest / "semantic" / "street" / "scene_002.png"
     original = mask.read_bytes()
+    before = {r["path"]: r for r in third_records(dest)}
     mask.unlink()
     _, second = run(source=str(EXAMPLES / "export"), destination=str(dest), batch_size=4)
     assert second["cached_batches"] == 3 and second["failed"] == 0
     assert same_output(mask.name, mask.read_bytes(), original)
-    written = {o["key"] for r in third_records(dest) for o in r["outputs"] if o["written"]}
-    assert written == {"semantic/street/scene_002.png"}
     assert second["outputs_written"] == 1
+    after = {r["path"]: r for r in third_records(dest)}
+    assert [p for p in after if after[p] != before[p]] == ["street/scene_002"]

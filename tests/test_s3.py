@@ -46,6 +46,16 @@ PREFIX = "runs/r1"
 STATE_KEYS = {"manifest.jsonl", ".polyburn/destination-id", ".polyburn/write-check"}
 
 
+def is_state(key: str) -> bool:
+    """A run-state object (manifest, item records and leases, tokens), not an output."""
+    return key == "manifest.jsonl" or key.startswith(".polyburn/")
+
+
+def output_uploads(proxy, bucket: str) -> list[str]:
+    """The uploads through ``proxy`` of anything but the per-item state (records, leases)."""
+    return [k for k in uploads(proxy, bucket) if k == "manifest.jsonl" or not is_state(k)]
+
+
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -146,7 +156,7 @@ def local_run(tmp_path_factory, prefect_api):
     summary = run_flow(EXAMPLES / "export", str(dest))
     assert summary["failed"] == 0
     files = local_files(dest)
-    masks = {k: v for k, v in files.items() if k not in STATE_KEYS}
+    masks = {k: v for k, v in files.items() if not is_state(k)}
     return dest, masks
 
 
@@ -160,7 +170,8 @@ def test_full_run_matches_a_local_run(weed_server, s3_bucket, s3_env, local_run)
     assert summary["failed"] == 0 and summary["items"] == 12
 
     objects = stored(weed_server, s3_bucket)
-    assert set(objects) == set(local_masks) | STATE_KEYS
+    assert {k for k in objects if not is_state(k)} == set(local_masks)
+    assert set(objects) >= STATE_KEYS
     for key, data in local_masks.items():
         assert same_output(key, objects[key], data), key
     for key in (k for k in local_masks if k.startswith("semantic/")):  # and the pixels
@@ -209,18 +220,17 @@ def test_rerun_uploads_nothing_and_a_changed_item_reuploads_only_itself(
     s3_env(fault_proxy.endpoint_url)
     first = run_flow(source, uri, batch_size=5)
     assert first["failed"] == 0
-    masks = {k for k in stored(weed_server, s3_bucket) if k not in STATE_KEYS}
-    assert set(uploads(fault_proxy, s3_bucket)) == masks | {
+    masks = {k for k in stored(weed_server, s3_bucket) if not is_state(k)} - {"label_map.json"}
+    assert set(output_uploads(fault_proxy, s3_bucket)) == masks | {
         "label_map.json",
         "manifest.jsonl",
-        ".polyburn/destination-id",
     }
 
     # Other batches (so Prefect's batch cache cannot answer): every mask is HEAD-compared.
     fault_proxy.clear()
     second = run_flow(source, uri, batch_size=4)
     assert second["failed"] == 0 and second["outputs_written"] == 0
-    assert uploads(fault_proxy, s3_bucket) == ["manifest.jsonl"]  # its timings changed
+    assert output_uploads(fault_proxy, s3_bucket) == ["manifest.jsonl"]  # its timings changed
     assert masks <= set(proxied(fault_proxy, "HEAD", s3_bucket))
 
     # Drop the only person annotation of scene_003: exactly its objects are uploaded again.
@@ -237,7 +247,7 @@ def test_rerun_uploads_nothing_and_a_changed_item_reuploads_only_itself(
     }
     scene_003 = {o["key"] for o in records["street/scene_003"]["outputs"]}
     assert all(k.endswith(("street/scene_003.png", "street/scene_003.json")) for k in scene_003)
-    assert set(uploads(fault_proxy, s3_bucket)) == scene_003 | {"manifest.jsonl"}
+    assert set(output_uploads(fault_proxy, s3_bucket)) == scene_003 | {"manifest.jsonl"}
     assert "binary/person/street/scene_003.png" not in stored(weed_server, s3_bucket)
     assert len(fault_proxy.requests(r"^POST .*\?delete")) == 1
 
@@ -258,7 +268,7 @@ def test_a_cached_rerun_restores_an_object_deleted_from_the_bucket(
     second = run_flow(EXAMPLES / "export", uri, batch_size=5)
     assert second["cached_batches"] == 3 and second["failed"] == 0
     assert stored(weed_server, s3_bucket)[key] == original
-    assert set(uploads(fault_proxy, s3_bucket)) == {key, "manifest.jsonl"}
+    assert set(output_uploads(fault_proxy, s3_bucket)) == {key, "manifest.jsonl"}
     assert len(fault_proxy.requests(r"^GET .*list-type=2")) >= 1
 
 
@@ -297,7 +307,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(
 
     before = stored(weed_server, s3_bucket)
     assert "manifest.jsonl" not in before  # written last: never by a run that did not finish
-    done_before = set(before) - STATE_KEYS
+    done_before = {k for k in before if not is_state(k)}
     assert "label_map.json" in done_before and done_before < set(local_masks)
     assert "semantic/street/scene_002.png" not in before
 
@@ -307,9 +317,9 @@ def test_killed_run_resumes_without_duplicates_or_gaps(
     assert summary["failed"] == 0
 
     after = stored(weed_server, s3_bucket)
-    assert set(after) == set(local_masks) | STATE_KEYS  # no gap, nothing extra
+    assert {k for k in after if not is_state(k)} == set(local_masks)  # no gap, nothing extra
     assert all(after[k] == v for k, v in local_masks.items())
-    sent = uploads(fault_proxy, s3_bucket)
+    sent = output_uploads(fault_proxy, s3_bucket)
     assert len(sent) == len(set(sent))  # no object uploaded twice
     assert set(sent) == set(local_masks) - done_before | {"manifest.jsonl"}
     assert sent[-1] == "manifest.jsonl"  # after every object it lists was confirmed
@@ -460,7 +470,8 @@ def test_an_item_whose_uploads_never_heal_fails_alone(
     _, local_masks = local_run
     s3_env(fault_proxy.endpoint_url, max_attempts=5)
     uri = f"s3://{s3_bucket}/{PREFIX}"
-    fault_proxy.add("http503", times=None, match=r"^PUT .*/street/scene_003\.")
+    masks_of_003 = r"^PUT [^?]*/(semantic|instance|binary)/[^?]*street/scene_003\."
+    fault_proxy.add("http503", times=None, match=masks_of_003)
     summary = run_flow(EXAMPLES / "export", uri)
     assert (summary["ok"], summary["failed"]) == (11, 1)
     (failure,) = summary["failures"]
@@ -470,12 +481,12 @@ def test_an_item_whose_uploads_never_heal_fails_alone(
         "write failed after 5 attempt(s): HTTP 503 SlowDown"
     )
     # botocore's 5 attempts, then polyburn's item-level retries, 5 attempts each
-    assert len(fault_proxy.requests(r"^PUT .*/street/scene_003\.")) == 5 * (1 + ITEM_RETRIES)
+    assert len(fault_proxy.requests(masks_of_003)) == 5 * (1 + ITEM_RETRIES)
     objects = stored(weed_server, s3_bucket)
     records = [json.loads(line) for line in objects["manifest.jsonl"].splitlines()]
     assert {r["path"] for r in records if r["status"] == "failed"} == {"street/scene_003"}
-    assert not [k for k in objects if "scene_003" in k]
-    assert {k for k in objects if k not in STATE_KEYS} == {
+    assert not [k for k in objects if "scene_003" in k and not is_state(k)]
+    assert {k for k in objects if not is_state(k)} == {
         k for k in local_masks if "scene_003" not in k
     }
 
@@ -484,7 +495,7 @@ def test_an_item_whose_uploads_never_heal_fails_alone(
         again = run_flow(EXAMPLES / "export", uri, batch_size=4)
     assert again["failed"] == 0
     why = [r.getMessage() for r in caplog.records if r.getMessage().startswith("uploading")]
-    sent = set(uploads(fault_proxy, s3_bucket))
+    sent = set(output_uploads(fault_proxy, s3_bucket))
     redone = {k for k in sent if "scene_003" in k or k == "manifest.jsonl"}
     assert {k.rsplit("/", 1)[-1] for k in redone} == {
         "scene_003.png",
@@ -571,7 +582,10 @@ def test_hostile_item_names_stay_under_the_prefix(weed_server, s3_bucket, s3_env
         assert not any(ord(c) < 0x20 or c in "\x7f\\" for c in key), key
         assert all(len(p.encode()) <= 255 for p in parts), key  # fits a file name
     written = sum(len(r.get("outputs", [])) for r in records.values())
-    assert len(keys) == 1 + 1 + written  # canary + write-check + every output, nothing else
+    kept = [k for k in keys if k.startswith(f"{PREFIX}/.polyburn/records/")]
+    assert len(kept) == len(records) - len(failed)  # a record per item that got one
+    # canary + write-check + every output + the records, nothing else
+    assert len(keys) == 1 + 1 + written + len(kept)
     head = client.head_object(Bucket=s3_bucket, Key=f"{PREFIX}/semantic/%2E%2E/%2E%2E/x.png")
     assert head["Metadata"]["item-id"] == "id%00%0A%C3%BC../../x"
 

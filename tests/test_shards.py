@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from flows.shards import shard_key, shard_parameters, split_evenly
+from flows.shards import shard_parameters, split_evenly
 from polyburn.model import ItemRef
 from polyburn.params import RunParameters, ShardOf
 
@@ -59,12 +59,6 @@ def test_sharding_is_refused_where_shards_could_not_hand_back_their_records():
     with pytest.raises(ValidationError):
         RunParameters(shards=-1)
     assert RunParameters(destination="dataloop://ds", shards=1).shards == 1
-
-
-def test_shard_keys_are_per_run_and_sort_in_shard_order():
-    keys = [shard_key("run-9", k) for k in (0, 1, 10, 2)]
-    assert all(k.startswith(".polyburn/shards/run-9/") for k in keys)
-    assert sorted(keys) == [shard_key("run-9", k) for k in (0, 1, 2, 10)]
 
 
 def test_a_folder_lists_the_keys_under_a_prefix_without_temp_files(tmp_path):
