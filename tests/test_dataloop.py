@@ -682,3 +682,51 @@ def test_a_write_back_run_killed_midway_resumes_without_duplicates(fake_gate, tm
         keys = [a["metadata"]["user"]["polyburn"]["key"] for a in ours(fake_gate, item["id"])]
         assert keys and len(keys) == len(set(keys)), item["id"]
     assert {it["id"]: len(theirs(fake_gate, it["id"])) for it in items} == humans
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_write_back_keeps_a_record_per_item_and_a_one_item_run_rewrites_only_its_own(
+    fake_gate, capsys
+):
+    """A Dataloop destination keeps its items' records in its state folder, like a folder or
+    S3 does: `polyburn manifest dataloop://<id>` lists each item once, each output matching the
+    marker of the annotation that holds it; a run of one item rewrites that item's record only."""
+    from polyburn.cli import main
+    from polyburn.state import RECORDS, record_key
+
+    ds, items = build_dataset(fake_gate, "records", 12, seed=4)
+    options = {"modes": ["semantic", "instance"]}
+    _, first = run_flow(f"dataloop://{ds}", "dataloop://", options=options)
+    assert first["failed"] == 0
+
+    def manifest() -> dict[str, dict]:
+        capsys.readouterr()
+        assert main(["manifest", f"dataloop://{ds}"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        records = [json.loads(line) for line in lines]
+        assert [r["path"] for r in records] == sorted(r["path"] for r in records)
+        return {r["item"]: r for r in records}
+
+    records = manifest()
+    # every item the listing has (the item with a box only is not listed) once
+    assert set(records) == {it["id"] for it in pixel_items(items)}
+    for item in pixel_items(items):
+        stored = {
+            (a["metadata"]["user"]["polyburn"]["sha256"], a["metadata"]["user"]["polyburn"]["mode"])
+            for a in ours(fake_gate, item["id"])
+        }
+        listed = {(o["sha256"], o["key"].split("/", 1)[0]) for o in records[item["id"]]["outputs"]}
+        assert listed == stored, item["id"]
+
+    state = DataloopDestination.from_uri(f"dataloop://{ds}").state
+    stamps = {e.key: e.tag for e in state.entries(RECORDS)}
+    assert len(stamps) == len(pixel_items(items))
+    edited = pixel_items(items)[2]["id"]
+    _, one = run_flow(f"dataloop://{ds}", "dataloop://", options=options, item_ids=[edited])
+    assert (one["items"], one["failed"]) == (1, 0)
+    changed = {e.key for e in state.entries(RECORDS) if stamps.get(e.key) != e.tag}
+    assert changed == {record_key(records[edited]["path"])}
+    again = manifest()[edited]["outputs"]  # nothing changed in the item: the same masks, kept
+    assert [(o["key"], o["sha256"], o["written"]) for o in again] == [
+        (o["key"], o["sha256"], False) for o in records[edited]["outputs"]
+    ]
