@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
         help="largest request body; larger ones get 413 without being read (default 1000000)",
     )
     events.add_argument(
-        "--body-timeout",
+        "--request-timeout",
         type=float,
         help="seconds a client may take to send its body, else 408 (default 15)",
     )
@@ -317,9 +317,7 @@ def _events(args: argparse.Namespace) -> int:
     options = _receiver_options(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     verifier = load_verifier()
-    app = create_app(
-        verifier, max_body_bytes=options.max_body_bytes, body_timeout=options.body_timeout
-    )
+    app = create_app(verifier, options=options)
     modes = [m for m, on in (("HMAC", verifier.secret), ("token", verifier.token)) if on]
 
     def ready(url: str) -> None:
@@ -346,7 +344,7 @@ def _receiver_options(args: argparse.Namespace):
             raise ConfigError(f"no such file: {path}")
     tuning = {
         name: getattr(args, name)
-        for name in ("max_body_bytes", "body_timeout", "shutdown_timeout", "max_connections")
+        for name in ("max_body_bytes", "request_timeout", "shutdown_timeout", "max_connections")
         if getattr(args, name) is not None
     }
     for name, value in tuning.items():

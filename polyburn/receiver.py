@@ -5,10 +5,12 @@ Routes:
 * ``POST /dataloop`` (also ``/dataloop/``): the webhook. The body is read only up to
   ``max_body_bytes``: a ``Content-Length`` above it gets 413 before any of the body is read, and
   a body without one (chunked) gets 413 as soon as it grows past it, without reading the rest.
-  The whole body must arrive within ``body_timeout`` seconds (else 408), and a slow sender only
-  holds its own connection. Then authentication (:class:`polyburn.events.Verifier`; 401), the
-  payload (:func:`polyburn.events.parse_change`; 400), and the event is handed to ``emit`` (in a
-  worker thread): 202 with ``{"event", "resource"}``, or 503 when it was not accepted.
+  The headers must arrive within ``request_timeout`` seconds of the connection (or of the
+  previous response), else the connection is closed; the whole body within ``request_timeout``
+  seconds more, else 408. A slow sender only holds its own connection. Then authentication
+  (:class:`polyburn.events.Verifier`; 401), the payload (:func:`polyburn.events.parse_change`;
+  400), and the event is handed to ``emit`` (in a worker thread): 202 with
+  ``{"event", "resource"}``, or 503 when it was not accepted.
 * ``GET /healthz``: 200 ``{"status": "ok"}``.
 * Anything else: 404 (405 for a known path with another method), JSON.
 
@@ -40,6 +42,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from polyburn.events import (
     HOOK_PATH,
@@ -55,8 +58,8 @@ from polyburn.events import (
 
 log = logging.getLogger("polyburn.events")
 
-#: Seconds a client may take to send its whole body.
-BODY_TIMEOUT_SECONDS = 15.0
+#: Seconds a client may take to send its request's headers, and again its body.
+REQUEST_TIMEOUT_SECONDS = 15.0
 #: Seconds accepted requests may take to finish once shutdown starts.
 SHUTDOWN_TIMEOUT_SECONDS = 30.0
 #: Seconds to deliver the queued events to Prefect at shutdown.
@@ -74,7 +77,7 @@ class ReceiverOptions:
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     max_body_bytes: int = MAX_BODY_BYTES
-    body_timeout: float = BODY_TIMEOUT_SECONDS
+    request_timeout: float = REQUEST_TIMEOUT_SECONDS
     shutdown_timeout: float = SHUTDOWN_TIMEOUT_SECONDS
     max_connections: int = MAX_CONNECTIONS
 
@@ -99,22 +102,24 @@ def create_app(
     verifier: Verifier,
     emit: Emitter = emit_to_prefect,
     *,
-    max_body_bytes: int = MAX_BODY_BYTES,
-    body_timeout: float = BODY_TIMEOUT_SECONDS,
+    options: ReceiverOptions | None = None,
     flush: Callable[[], None] = flush_prefect_events,
 ) -> Starlette:
-    """The receiver's ASGI app. ``emit`` is called in a worker thread with each accepted change;
-    ``flush`` in a worker thread once, when the app shuts down (after the server stopped taking
-    requests)."""
+    """The receiver's ASGI app, with the body limit and request timeout of ``options`` (serve it
+    with :func:`build_server` and the same options). ``emit`` is called in a worker thread with
+    each accepted change; ``flush`` in a worker thread once, when the app shuts down (after the
+    server stopped taking requests)."""
+    options = options or ReceiverOptions()
+    max_body_bytes, request_timeout = options.max_body_bytes, options.request_timeout
 
     async def receive_hook(request: Request) -> Response:
         peer = request.client.host if request.client else "?"
         try:
-            body = await _read_body(request, max_body_bytes, body_timeout)
+            body = await _read_body(request, max_body_bytes, request_timeout)
         except _TooLarge:
             return _reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
         except TimeoutError:
-            log.warning("body from %s not received within %s s", peer, body_timeout)
+            log.warning("body from %s not received within %s s", peer, request_timeout)
             return _reply(HTTPStatus.REQUEST_TIMEOUT, {"error": "body not received in time"})
         except ClientDisconnect:
             log.warning("%s disconnected before sending its body", peer)
@@ -192,6 +197,38 @@ def _reply(status: HTTPStatus, body: dict[str, Any]) -> Response:
 _NO_CACHE = {"Cache-Control": "no-store"}
 
 
+class _HeadersInTime(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection on which no request has begun
+    ``header_timeout`` seconds after it opened or after its last response (uvicorn waits for
+    the first request's headers for ever, so idle or slow-header connections would pile up)."""
+
+    header_timeout: float = REQUEST_TIMEOUT_SECONDS
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        previous = getattr(self, "_timer", None)
+        if previous is not None:
+            previous.cancel()
+        self._timer = self.loop.call_later(self.header_timeout, self._late, self.cycle)
+
+    def _late(self, cycle_when_armed: Any) -> None:
+        if self.cycle is cycle_when_armed and not self.transport.is_closing():
+            host = self.client[0] if self.client else "?"
+            log.warning("no request from %s within %s s: closing", host, self.header_timeout)
+            self.transport.close()
+
+
 def _drop(record: logging.LogRecord) -> bool:
     return False
 
@@ -204,6 +241,10 @@ def build_server(app: Starlette, options: ReceiverOptions) -> tuple[uvicorn.Serv
     ``access_log=False`` only unhooks its handlers, and a later ``logging.config.dictConfig``
     (Prefect's, when it is first imported) hooks it up again: its lines hold ``?token=``.
     """
+
+    class Protocol(_HeadersInTime):
+        header_timeout = options.request_timeout
+
     access = logging.getLogger("uvicorn.access")
     if _drop not in access.filters:
         access.addFilter(_drop)
@@ -213,6 +254,7 @@ def build_server(app: Starlette, options: ReceiverOptions) -> tuple[uvicorn.Serv
         port=options.port,
         ssl_certfile=str(options.ssl_certfile) if options.ssl_certfile else None,
         ssl_keyfile=str(options.ssl_keyfile) if options.ssl_keyfile else None,
+        http=Protocol,
         lifespan="on",
         access_log=False,  # its lines hold the request line, with ?token=
         log_config=None,  # the process's logging configuration applies
