@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument(
         "--request-timeout",
         type=float,
-        help="seconds a client may take to send its body, else 408 (default 15)",
+        help="seconds a client may take to send its headers, and again its body (default 15)",
     )
     events.add_argument(
         "--shutdown-timeout",

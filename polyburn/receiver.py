@@ -83,6 +83,7 @@ class ReceiverOptions:
 
     @property
     def scheme(self) -> str:
+        """``https`` when a certificate is given, else ``http``."""
         return "https" if self.ssl_certfile else "http"
 
 

@@ -17,6 +17,7 @@ class SelfSigned:
     keyfile: Path
 
     def client_context(self) -> ssl.SSLContext:
+        """A client TLS context that verifies against this certificate only."""
         return ssl.create_default_context(cafile=str(self.certfile))
 
 

@@ -120,6 +120,7 @@ class SlowClient:
     _thread: threading.Thread | None = None
 
     def start(self) -> SlowClient:
+        """Start sending, in a thread; returns self."""
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -129,6 +130,7 @@ class SlowClient:
         self._hurry.set()
 
     def join(self, timeout: float) -> None:
+        """Wait at most ``timeout`` seconds for the response."""
         assert self._thread is not None
         self._thread.join(timeout)
 
