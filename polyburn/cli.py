@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from polyburn.errors import ConfigError, PolyburnError
@@ -120,6 +121,32 @@ def _parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="receive Dataloop webhooks and emit Prefect events")
     events.add_argument("--host", default="127.0.0.1", help="address to listen on")
     events.add_argument("--port", type=int, default=8787, help="port to listen on")
+    events.add_argument(
+        "--ssl-certfile", type=Path, help="serve HTTPS with this PEM certificate (chain)"
+    )
+    events.add_argument(
+        "--ssl-keyfile", type=Path, help="the certificate's PEM private key (if not in it)"
+    )
+    events.add_argument(
+        "--max-body-bytes",
+        type=int,
+        help="largest request body; larger ones get 413 without being read (default 1000000)",
+    )
+    events.add_argument(
+        "--request-timeout",
+        type=float,
+        help="seconds a client may take to send its headers, and again its body (default 15)",
+    )
+    events.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        help="on SIGTERM/SIGINT, seconds accepted requests may take to finish (default 30)",
+    )
+    events.add_argument(
+        "--max-connections",
+        type=int,
+        help="connections served at once; more get 503 (default 500)",
+    )
     events.set_defaults(handler=_events)
     return parser
 
@@ -331,7 +358,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _events(args: argparse.Namespace) -> int:
-    """Run the Dataloop webhook receiver until interrupted."""
+    """Run the Dataloop webhook receiver until SIGTERM or SIGINT, then shut down gracefully."""
     import logging
 
     if not _prefect_api_url():
@@ -339,24 +366,52 @@ def _events(args: argparse.Namespace) -> int:
             "polyburn events needs PREFECT_API_URL (the Prefect server that runs the "
             "on-annotation deployment); an ephemeral API would swallow the events"
         )
-    from polyburn.events import HOOK_PATH, load_verifier, make_server
+    from polyburn.events import load_verifier
+    from polyburn.receiver import create_app, serve
 
+    options = _receiver_options(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     verifier = load_verifier()
-    server = make_server(args.host, args.port, verifier)
-    host, port = server.server_address[:2]
+    app = create_app(verifier, options=options)
     modes = [m for m, on in (("HMAC", verifier.secret), ("token", verifier.token)) if on]
-    print(
-        f"polyburn: receiving Dataloop webhooks on http://{host}:{port}{HOOK_PATH} "
-        f"({' and '.join(modes)} authentication)",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+
+    def ready(url: str) -> None:
+        print(
+            f"polyburn: receiving Dataloop webhooks on {url} "
+            f"({' and '.join(modes)} authentication)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    serve(app, options, on_ready=ready)
     return 0
+
+
+def _receiver_options(args: argparse.Namespace):
+    """The receiver's options from the command line (unset ones keep ReceiverOptions'
+    defaults); ConfigError for impossible ones."""
+    from polyburn.receiver import ReceiverOptions
+
+    if args.ssl_keyfile and not args.ssl_certfile:
+        raise ConfigError("--ssl-keyfile needs --ssl-certfile")
+    for path in (args.ssl_certfile, args.ssl_keyfile):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"no such file: {path}")
+    tuning = {
+        name: getattr(args, name)
+        for name in ("max_body_bytes", "request_timeout", "shutdown_timeout", "max_connections")
+        if getattr(args, name) is not None
+    }
+    for name, value in tuning.items():
+        if value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    return ReceiverOptions(
+        host=args.host,
+        port=args.port,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        **tuning,
+    )
 
 
 def _prefect_api_url() -> str | None:

@@ -1,7 +1,8 @@
-"""``polyburn events``: a small HTTP receiver that turns Dataloop webhook calls into Prefect events.
+"""``polyburn events``: what a Dataloop webhook call means, and who may make one.
 
 Dataloop calls ``POST /dataloop`` with the JSON of the resource that triggered (an item or an
-annotation). The receiver authenticates the call, derives the item and its dataset, and emits
+annotation). The receiver (:mod:`polyburn.receiver`, the HTTP side) authenticates the call with a
+:class:`Verifier`, derives the change with :func:`parse_change`, and emits
 
 * ``dataloop.annotation.<action>`` for an annotation, ``dataloop.item.annotated`` (or
   ``dataloop.item.<action>``) for an item, where ``<action>`` is the ``?action=`` query value
@@ -20,12 +21,12 @@ Authentication (either or both; a request must pass the one it uses):
 * **Static token** (``POLYBURN_WEBHOOK_TOKEN`` or ``POLYBURN_WEBHOOK_TOKEN_BLOCK``):
   ``Authorization: Bearer <token>`` or ``?token=<token>``. This is what a Dataloop webhook can do
   (it has a URL and an HTTP method, no headers and no signing); it proves knowledge of the token,
-  not freshness, so anyone who sees the URL can replay or forge calls. See
-  ``deployments/README.md``.
+  not freshness, so anyone who sees the URL can replay or forge calls (see the README's
+  "Events from Dataloop" section).
 
 Unauthenticated calls get 401 and emit nothing. Accepted calls get 202: the event is queued to the
-Prefect API (``emit_event``), which delivers it in the background. Secrets, tokens, signatures and
-query strings are never logged.
+Prefect API (:func:`emit_to_prefect`), which delivers it in the background. Secrets, tokens,
+signatures and query strings are never logged.
 """
 
 from __future__ import annotations
@@ -40,10 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from polyburn.errors import ConfigError
 
@@ -125,13 +123,15 @@ class Verifier:
             if value and len(value) < MIN_SECRET_BYTES:
                 raise ConfigError(f"the webhook {name} must be at least {MIN_SECRET_BYTES} bytes")
 
-    def check(self, headers: Mapping[str, str], query: Mapping[str, list[str]], body: bytes):
+    def check(
+        self, headers: Mapping[str, str], query: Mapping[str, list[str]], body: bytes
+    ) -> str | None:
         """None when authenticated, else why not. A request carrying a signature is judged by
         it alone; otherwise by its token."""
         signature = headers.get(SIGNATURE_HEADER)
         if signature is not None:
             return self._check_signature(signature, headers.get(TIMESTAMP_HEADER), body)
-        presented = _bearer(headers.get("Authorization")) or _single(query.get("token"))
+        presented = _bearer(headers.get("Authorization")) or single(query.get("token"))
         if presented is not None:
             return self._check_token(presented)
         return "no credentials"
@@ -139,7 +139,7 @@ class Verifier:
     def _check_signature(self, signature: str, timestamp: str | None, body: bytes) -> str | None:
         if not self.secret:
             return "signature given but no HMAC secret configured"
-        if timestamp is None or not _is_number(timestamp):
+        if timestamp is None or not is_number(timestamp):
             return "missing or malformed timestamp"
         sent = int(timestamp)
         if abs(self.clock() - sent) > self.max_skew:
@@ -159,7 +159,8 @@ class Verifier:
         return None
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """True for a short string of ASCII digits (a unix timestamp, a Content-Length)."""
     return text.isascii() and text.isdigit() and len(text) <= 12
 
 
@@ -170,7 +171,8 @@ def _bearer(value: str | None) -> str | None:
     return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
 
 
-def _single(values: list[str] | None) -> str | None:
+def single(values: list[str] | None) -> str | None:
+    """The value of a query parameter given exactly once, else None."""
     return values[0] if values and len(values) == 1 else None
 
 
@@ -300,7 +302,7 @@ def _optional_id(data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
-# --------------------------------------------------------------------------- server
+# --------------------------------------------------------------------------- emitting
 
 
 Emitter = Callable[[DataloopChange], str | None]
@@ -313,84 +315,3 @@ def emit_to_prefect(change: DataloopChange) -> str | None:
 
     event = emit_event(event=change.event, resource=change.resource, payload=change.payload)
     return str(event.id) if event is not None else None
-
-
-class WebhookHandler(BaseHTTPRequestHandler):
-    """``POST /dataloop`` (the hook) and ``GET /healthz``. Set ``verifier`` and ``emit`` on a
-    subclass (see :func:`make_server`)."""
-
-    server_version = "polyburn-events"
-    sys_version = ""
-    timeout = 15  # seconds a client may take to send its request (slow senders hold a thread)
-    verifier: Verifier
-    emit: Emitter
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        if urlsplit(self.path).path == "/healthz":
-            self._reply(HTTPStatus.OK, {"status": "ok"})
-        else:
-            self._reply(HTTPStatus.NOT_FOUND, {"error": "not found"})
-
-    def do_POST(self) -> None:  # noqa: N802
-        url = urlsplit(self.path)
-        if url.path.rstrip("/") != HOOK_PATH:
-            self._reply(HTTPStatus.NOT_FOUND, {"error": "not found"})
-            return
-        length = self.headers.get("Content-Length")
-        if length is None or not _is_number(length):
-            self._reply(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
-            return
-        if int(length) > MAX_BODY_BYTES:
-            self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
-            return
-        body = self.rfile.read(int(length))
-        query = parse_qs(url.query, keep_blank_values=True)
-        reason = self.verifier.check(self.headers, query, body)
-        if reason is not None:
-            log.warning("rejected %s %s from %s: %s", "POST", url.path, self._peer(), reason)
-            self._reply(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized"})
-            return
-        try:
-            change = parse_change(body, _single(query.get("action")))
-        except PayloadError as exc:
-            log.warning("bad payload from %s: %s", self._peer(), exc)
-            self._reply(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-            return
-        event_id = self.emit(change)
-        if event_id is None:
-            log.error("Prefect did not accept %s for item %s", change.event, change.item_id)
-            self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "event not emitted"})
-            return
-        log.info("emitted %s for item %s (event %s)", change.event, change.item_id, event_id)
-        self._reply(
-            HTTPStatus.ACCEPTED,
-            {"event": change.event, "resource": change.resource["prefect.resource.id"]},
-        )
-
-    def _reply(self, status: HTTPStatus, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _peer(self) -> str:
-        return self.client_address[0] if self.client_address else "?"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        """Silence http.server's own log: its lines hold the request line (with ``?token=``)."""
-
-
-def make_server(
-    host: str, port: int, verifier: Verifier, emit: Emitter = emit_to_prefect
-) -> ThreadingHTTPServer:
-    """A ready-to-run receiver (``serve_forever()``; port 0 picks a free port)."""
-    handler = type(
-        "BoundWebhookHandler",
-        (WebhookHandler,),
-        {"verifier": verifier, "emit": staticmethod(emit)},
-    )
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server

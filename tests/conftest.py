@@ -29,5 +29,18 @@ def prefect_api():
 
 
 @pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real ``prefect server start`` (every service, SQLite in a temporary home), started once
+    per session; clients reach it through ``prefect_server.client_env()``."""
+    from tests.support.prefect_server import start_prefect_server
+
+    server = start_prefect_server(tmp_path_factory.mktemp("prefect-server"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def examples():
     return EXAMPLES

@@ -1,28 +1,25 @@
-"""The deployments, ``prefect.yaml`` and the webhook receiver.
+"""The deployments, ``prefect.yaml`` and the webhook receiver in the whole chain.
 
-The first part needs no Prefect server: settings, the trigger's shape and templates, the
-``prefect.yaml`` file against the code, and the receiver's authentication (in-process, with a
-recording emitter).
+The first part needs no Prefect server: settings, the trigger's shape and templates, and the
+``prefect.yaml`` file against the code (the receiver's own tests are in ``tests/test_events.py``).
 
 The second part runs against ONE real ``prefect server start`` (SQLite in a temporary
-PREFECT_HOME, started once for this module), with ``polyburn serve`` and ``polyburn events`` in
-subprocesses pointed at it; the example export is the source, so no Dataloop is needed. It does
-not use the session ``prefect_api`` harness, and this process's Prefect settings point at the
-server only inside :func:`api`.
+PREFECT_HOME, the session's ``prefect_server`` from conftest), with ``polyburn serve`` and
+``polyburn events`` in subprocesses pointed at it; the example export is the source, so no
+Dataloop is needed. It does not use the session ``prefect_api`` harness, and this process's
+Prefect settings point at the server only inside :func:`api`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,25 +35,12 @@ from deployments import (
     build_deployments,
 )
 from polyburn.errors import ConfigError
-from polyburn.events import (
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
-    DataloopChange,
-    PayloadError,
-    ReplayCache,
-    Verifier,
-    make_server,
-    parse_change,
-    sign,
-)
+from polyburn.events import SIGNATURE_HEADER
 from tests.support.oracle import describe_difference
-from tests.support.prefect_server import (
-    PrefectServer,
-    free_port,
-    start_prefect_server,
-    stop_process,
-)
+from tests.support.prefect_server import PrefectServer, stop_process
+from tests.support.processes import start_cli, start_events, wait_for, wait_healthy
 from tests.support.s3_fixtures import aws_env, stored_objects
+from tests.support.webhook_load import signed
 
 REPO = Path(__file__).resolve().parents[1]
 EXPORT = REPO / "examples" / "export"
@@ -230,152 +214,13 @@ def test_prefect_yaml_declares_the_same_deployments_as_the_code(monkeypatch):
     assert flow.name == FLOW
 
 
-# ============================================================== no server: the receiver
-
-
-def test_parse_change_reads_annotations_and_items():
-    annotation = json.dumps({"id": "a1", "itemId": "i1", "datasetId": "d1", "type": "segment"})
-    change = parse_change(annotation.encode(), "Created")
-    assert change == DataloopChange(
-        event="dataloop.annotation.created",
-        item_id="i1",
-        dataset_id="d1",
-        kind="annotation",
-        annotation_id="a1",
-    )
-    assert change.resource == {
-        "prefect.resource.id": "dataloop.item.i1",
-        "dataloop.item.id": "i1",
-        "dataloop.dataset.id": "d1",
-    }
-    item = parse_change(json.dumps({"item": {"id": "i2", "datasetId": "d2"}}).encode())
-    assert (item.event, item.item_id, item.dataset_id) == ("dataloop.item.annotated", "i2", "d2")
-    local = parse_change(b'{"id": "street/scene_001"}')
-    assert local.resource == {
-        "prefect.resource.id": "dataloop.item.street/scene_001",
-        "dataloop.item.id": "street/scene_001",
-    }
-    for bad in [b"not json", b"[1]", b'{"name": "x"}', b'{"id": 7}', b'{"itemId": "../x"}']:
-        with pytest.raises(PayloadError):
-            parse_change(bad)
-    with pytest.raises(PayloadError):
-        parse_change(b'{"id": "i"}', "Drop Table")
-
-
-def test_replay_cache_forgets_expired_and_never_evicts_live_entries():
-    now = [1000.0]
-    cache = ReplayCache(max_entries=2, clock=lambda: now[0])
-    assert cache.add("a", 1100) and not cache.add("a", 1100)
-    assert cache.add("b", 1200)
-    assert not cache.add("c", 1300)  # full of live entries: refuse, do not evict
-    now[0] = 1150.0
-    assert cache.add("c", 1300)  # "a" expired and was dropped
-    assert not cache.add("b", 1200)  # still live: a replay
-
-
-@pytest.fixture
-def receiver():
-    """An in-process receiver with a recording emitter: (url, emitted changes, clock)."""
-    emitted: list[DataloopChange] = []
-    clock = [time.time()]
-    verifier = Verifier(secret=SECRET.encode(), token=TOKEN, clock=lambda: clock[0])
-    server = make_server("127.0.0.1", 0, verifier, emit=lambda c: emitted.append(c) or "id")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/dataloop", emitted, clock
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def signed(body: bytes, secret: str = SECRET, at: float | None = None) -> dict[str, str]:
-    timestamp = str(int(time.time() if at is None else at))
-    return {
-        TIMESTAMP_HEADER: timestamp,
-        SIGNATURE_HEADER: sign(secret.encode(), timestamp, body),
-        "Content-Type": "application/json",
-    }
-
-
-def test_receiver_accepts_a_signed_call_once(receiver):
-    url, emitted, _ = receiver
-    body = json.dumps({"id": "a1", "itemId": "i1", "datasetId": "d1"}).encode()
-    headers = signed(body)
-    response = httpx.post(url + "?action=updated", content=body, headers=headers)
-    assert response.status_code == 202
-    assert response.json() == {
-        "event": "dataloop.annotation.updated",
-        "resource": "dataloop.item.i1",
-    }
-    assert [c.item_id for c in emitted] == ["i1"]
-    assert httpx.post(url, content=body, headers=headers).status_code == 401  # replay
-    assert len(emitted) == 1
-
-
-def test_receiver_rejects_unsigned_badly_signed_stale_and_tampered_calls(receiver, caplog):
-    url, emitted, clock = receiver
-    body = b'{"id": "i1", "datasetId": "d1"}'
-    stale = signed(body, at=clock[0] - 301)
-    future = signed(body, at=clock[0] + 301)
-    tampered = signed(b'{"id": "i2", "datasetId": "d1"}')
-    wrong_key = signed(body, secret="another-secret-0123456789")
-    no_timestamp = {SIGNATURE_HEADER: signed(body)[SIGNATURE_HEADER]}
-    with caplog.at_level(logging.INFO, logger="polyburn.events"):
-        for headers in [{}, stale, future, tampered, wrong_key, no_timestamp]:
-            response = httpx.post(url, content=body, headers=headers)
-            assert response.status_code == 401, headers
-            assert response.json() == {"error": "unauthorized"}
-        assert httpx.post(url + "?token=nope", content=body).status_code == 401
-        bearer = {"Authorization": "Bearer nope"}
-        assert httpx.post(url, content=body, headers=bearer).status_code == 401
-    assert emitted == []
-    logged = caplog.text
-    assert SECRET not in logged and TOKEN not in logged and "sha256=" not in logged
-    assert "stale timestamp" in logged and "bad signature" in logged
-
-
-def test_receiver_token_mode_and_request_hygiene(receiver, caplog):
-    url, emitted, _ = receiver
-    body = b'{"id": "i1", "datasetId": "d1"}'
-    with caplog.at_level(logging.INFO, logger="polyburn.events"):
-        assert httpx.post(f"{url}?token={TOKEN}", content=body).status_code == 202
-        bearer = {"Authorization": f"Bearer {TOKEN}"}
-        assert httpx.post(url, content=body, headers=bearer).status_code == 202
-        assert httpx.post(url, content=b"{oops", headers=bearer).status_code == 400
-        too_big = b" " * 1_000_001
-        assert httpx.post(url, content=too_big, headers=bearer).status_code == 413
-        assert httpx.post(url[: -len("dataloop")] + "x", content=body).status_code == 404
-        assert httpx.get(url[: -len("dataloop")] + "healthz").status_code == 200
-    assert len(emitted) == 2
-    assert TOKEN not in caplog.text
-
-
-def test_receiver_needs_credentials_and_the_cli_needs_an_api(monkeypatch, capsys):
-    from polyburn.cli import main
-
-    with pytest.raises(ConfigError, match="no webhook credentials"):
-        Verifier()
-    with pytest.raises(ConfigError, match="at least 16 bytes"):
-        Verifier(secret=b"short")
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        assert main(["events", "--port", "0"]) == 2
-    assert "needs PREFECT_API_URL" in capsys.readouterr().err
-
-
 # ============================================================== a real Prefect server
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[PrefectServer]:
-    server = start_prefect_server(tmp_path_factory.mktemp("prefect-server"))
-    try:
-        yield server
-    finally:
-        server.stop()
+def server(prefect_server) -> PrefectServer:
+    """The session's ``prefect server start`` (conftest)."""
+    return prefect_server
 
 
 @contextmanager
@@ -389,31 +234,6 @@ def api(server: PrefectServer):
         get_client(sync_client=True) as client,
     ):
         yield client
-
-
-def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "polyburn.cli", *args],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-
-def wait_for(what: str, check, timeout: float, every: float = 0.5, log: Path | None = None):
-    """``check()``'s first truthy value, polling; fails with ``what`` (and ``log``'s tail)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log else ""
-    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tail}")
 
 
 @pytest.fixture(scope="module")
@@ -453,28 +273,12 @@ def served(server, weed_server, tmp_path_factory):
 @pytest.fixture(scope="module")
 def events_receiver(server, tmp_path_factory):
     """``polyburn events`` against the server (HMAC and token): its hook URL."""
-    root = tmp_path_factory.mktemp("events")
-    log = root / "events.log"
-    port = free_port()
-    env = server.client_env(
-        {
-            "PREFECT_HOME": str(root / "home"),
-            "POLYBURN_WEBHOOK_SECRET": SECRET,
-            "POLYBURN_WEBHOOK_TOKEN": TOKEN,
-        }
-    )
-    process = start_cli(["events", "--port", str(port)], env, log)
+    credentials = {"POLYBURN_WEBHOOK_SECRET": SECRET, "POLYBURN_WEBHOOK_TOKEN": TOKEN}
+    env = server.client_env(credentials)
+    process, port, log = start_events(env, tmp_path_factory.mktemp("events"))
     base = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        assert process.poll() is None, log.read_text(errors="replace")
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for("polyburn events", healthy, timeout=60, log=log)
+        wait_healthy(f"{base}/healthz", process, log)
         yield f"{base}/dataloop", log
     finally:
         stop_process(process)
@@ -640,16 +444,16 @@ def fired(server, served, events_receiver):
     Returns the webhook calls' HTTP statuses and the time of the burst's last event."""
     hook, _ = events_receiver
     body = json.dumps({"id": HOOK_ITEM, "name": "plot_001.json"}).encode()
-    headers = signed(body)
+    headers = signed(body, SECRET)
     statuses = {"signed": httpx.post(hook, content=body, headers=headers).status_code}
     statuses["replayed"] = httpx.post(hook, content=body, headers=headers).status_code
     bad = json.dumps({"id": REJECTED_ITEM}).encode()
     statuses["unsigned"] = httpx.post(hook, content=bad).status_code
     statuses["bad signature"] = httpx.post(
-        hook, content=bad, headers={**signed(bad), SIGNATURE_HEADER: "sha256=" + "0" * 64}
+        hook, content=bad, headers={**signed(bad, SECRET), SIGNATURE_HEADER: "sha256=" + "0" * 64}
     ).status_code
     statuses["stale"] = httpx.post(
-        hook, content=bad, headers=signed(bad, at=time.time() - 600)
+        hook, content=bad, headers=signed(bad, SECRET, at=time.time() - 600)
     ).status_code
     statuses["bad token"] = httpx.post(f"{hook}?token=guess", content=bad).status_code
 
