@@ -43,7 +43,9 @@ def process_item(
     """Load, repair, burn and publish one item; never raises for a problem of this item.
 
     Returns the item's manifest record: ``status`` ("ok" or "failed"), ``error`` (one line),
-    counts, every repair and rejected annotation, and the outputs with their sha256. With
+    counts, every repair and rejected annotation, and the outputs with their sha256; with
+    ``options.skip_empty``, an item with no shape to burn gets no outputs and
+    ``skipped_empty: true`` (status "ok"). With
     ``destination=None`` nothing is burned (validation only). Outputs listed in
     ``previous_keys`` that the item no longer produces are removed. With ``preview``, the record
     also holds ``preview``: a small colourised PNG (base64) of the item's first mask, over the
@@ -63,7 +65,11 @@ def process_item(
         record["repairs"] = [r.as_dict() for r in repairs]
         record["problems"] += [p.as_dict() for p in problems]
         record["shapes"] = len(shapes)
-        if destination is not None:
+        if destination is not None and not shapes and options.skip_empty:
+            record.update(skipped_empty=True, outputs=[])  # nothing to burn: no mask at all
+            if previous_keys:
+                destination.remove(sorted(previous_keys))
+        elif destination is not None:
             masks = build_masks(
                 item,
                 shapes,
