@@ -242,6 +242,8 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         _redo_cached(params, taken, destination, refs, label_map, colours, previous, token)
 
         summary = spool.counts.as_dict(time.perf_counter() - started)
+        if shard_of is None:  # every rejection, for the CLI's --json (a shard's go to its parent)
+            progress.report_records(spool.records())
         partial = bool(params.item_ids or since or params.item_filter)
         manifest = scratch / "manifest.jsonl"
         if shard_of is not None:  # records go back to the parent, which writes the manifest
@@ -399,7 +401,7 @@ def _publish_artifacts(summary: dict, params: RunParameters, previews) -> None:
     create_markdown_artifact(
         key="polyburn-failures",
         markdown=failures_markdown(summary, manifest),
-        description="Failed items",
+        description="Failed items, rejected annotations, items with nothing to burn",
     )
     create_markdown_artifact(
         key="polyburn-preview", markdown=previews_markdown(previews), description="Mask previews"
