@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     validate = sub.add_parser("validate", help="report geometry problems without writing masks")
-    validate.add_argument("source", metavar="SOURCE")
+    validate.add_argument("source", metavar="SOURCE", help="export folder or dataloop://<dataset>")
     validate.add_argument("--max-pixels", type=int, default=None)
     validate.add_argument("--json", action="store_true", help="one JSON record per item")
     validate.set_defaults(handler=_validate)
