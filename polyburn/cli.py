@@ -227,8 +227,10 @@ def _print_summary(summary: dict, destination: str, seconds: float) -> None:
 
 def _validate(args: argparse.Namespace) -> int:
     from polyburn.dataloop_json import DEFAULT_MAX_PIXELS
+    from polyburn.losses import rejections_of
     from polyburn.params import MaskOptions
     from polyburn.pipeline import process_item
+    from polyburn.report import rejection_line
     from polyburn.sources import open_source
 
     source = open_source(args.source)
@@ -243,13 +245,9 @@ def _validate(args: argparse.Namespace) -> int:
             continue
         if record["error"]:
             print(f"FAILED {record['error']}")
-        for problem in record.get("problems", []):
+        for rejection in rejections_of(record):
             problems += 1
-            field = f" [{problem['field']}]" if problem.get("field") else ""
-            print(
-                f"REJECTED {record['path']} annotation {problem['annotation']}{field}: "
-                f"{problem['reason']}"
-            )
+            print(f"REJECTED {rejection_line(rejection)}")
         for repair in record.get("repairs", []):
             repairs += 1
             area = ""
