@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from flows.polygons_to_masks import polygons_to_masks
 from polyburn.cli import main
 from polyburn.losses import MAX_LISTED_LOSSES, RejectionLog
 from polyburn.manifest import RunCounts
+from polyburn.params import MaskOptions, RunParameters
 from polyburn.report import LISTED_LOSSES, failures_markdown, losses_text, write_json_summary
 
 HOSTILE_REJECTS = LISTED_LOSSES + 5  # more than a summary names
@@ -82,7 +84,7 @@ def _record(path: str, problems: int = 0, shapes: int = 1, **extra) -> dict:
 
 @pytest.mark.usefixtures("prefect_api")
 def test_cli_summary_names_each_rejection_and_each_item_with_nothing_to_burn(
-    hostile_export, tmp_path, capsys
+    hostile_export, tmp_path, capsys, monkeypatch
 ):
     dest = tmp_path / "masks"
     code = main(["run", str(hostile_export), str(dest), "--no-progress", "--mode", "semantic"])
@@ -108,7 +110,9 @@ def test_cli_summary_names_each_rejection_and_each_item_with_nothing_to_burn(
     assert [p["label"] for p in records["hostile"]["problems"]][:3] == ["lbl0", "lbl1", "lbl2"]
     assert not records["boxes"].get("skipped_empty")
 
-    # --json carries every rejection, streamed from the run's records
+    # --json carries every rejection, streamed from the run's records: also past what the run
+    # keeps in memory for its summary
+    monkeypatch.setattr("polyburn.manifest.MAX_LISTED_LOSSES", 5)
     assert main(["run", str(hostile_export), str(dest), "--no-progress", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rejected"] == HOSTILE_REJECTS == len(summary["rejections"])
@@ -118,6 +122,7 @@ def test_cli_summary_names_each_rejection_and_each_item_with_nothing_to_burn(
     assert {r["path"] for r in summary["rejections"]} == {"hostile"}
     assert summary["empty_items"] == 2 and summary["skipped_empty"] == 0
     assert [e["path"] for e in summary["empty"]] == ["bare", "boxes"]
+    monkeypatch.undo()
 
     # --skip-empty: no masks for them, the earlier ones removed, the record says why
     code = main(["run", str(hostile_export), str(dest), "--no-progress", "--skip-empty"])
@@ -134,6 +139,28 @@ def test_cli_summary_names_each_rejection_and_each_item_with_nothing_to_burn(
         assert records[path]["status"] == "ok" and records[path]["skipped_empty"] is True
         assert records[path]["outputs"] == []
     assert "skipped_empty" not in records["good"] and records["good"]["outputs"]
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_skip_empty_holds_in_the_burn_pool(hostile_export, tmp_path):
+    """Items burned in worker processes get the option too (it crosses as a plain tuple)."""
+    state = polygons_to_masks(
+        RunParameters(
+            source=str(hostile_export),
+            destination=str(tmp_path / "masks"),
+            workers=2,
+            options=MaskOptions(skip_empty=True),
+        ),
+        return_state=True,
+    )
+    summary = state.result()
+    assert summary["skipped_empty"] == summary["empty_items"] == 2
+    records = _manifest(tmp_path / "masks")
+    assert records["boxes"]["skipped_empty"] and records["bare"]["skipped_empty"]
+    assert sorted(p.name for p in (tmp_path / "masks" / "semantic").iterdir()) == [
+        "good.png",
+        "hostile.png",
+    ]
 
 
 def test_counts_keep_a_capped_list_and_forget_a_replaced_record():
