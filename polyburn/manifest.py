@@ -92,6 +92,7 @@ class RunCounts:
     def add(self, record: Mapping[str, Any], sign: int = 1) -> None:
         """Count ``record`` in (``sign=1``) or out again (``sign=-1``, a replaced record)."""
         failed = record["status"] != "ok"
+        empty = is_empty(record)
         self.totals.update(
             {
                 "items": sign,
@@ -100,8 +101,8 @@ class RunCounts:
                 "annotations": sign * record.get("annotations", 0),
                 "shapes": sign * record.get("shapes", 0),
                 "rejected": sign * len(record.get("problems", [])),
-                "empty": sign * is_empty(record),
-                "skipped_empty": sign * bool(record.get("skipped_empty")),
+                "empty": sign * empty,
+                "empty_skipped": sign * bool(record.get("skipped_empty")),
                 "item_retries": sign * record.get("retries", 0),
                 "io_retries": sign * record.get("io_retries", 0),
                 "outputs_written": sign
@@ -118,7 +119,7 @@ class RunCounts:
         elif failed:
             self.failures.pop(record["path"], None)
         self.rejections.update(record["path"], rejections_of(record), sign)
-        self.empty.update(record["path"], [empty_entry(record)] if is_empty(record) else [], sign)
+        self.empty.update(record["path"], [empty_entry(record)] if empty else [], sign)
 
     def as_dict(self, seconds: float) -> dict[str, Any]:
         totals = self.totals
@@ -133,7 +134,7 @@ class RunCounts:
             "rejected": totals["rejected"],
             "rejections": self.rejections.listed(),
             "empty_items": totals["empty"],
-            "skipped_empty": totals["skipped_empty"],
+            "empty_items_skipped": totals["empty_skipped"],
             "empty": self.empty.listed(),
             "skipped_by_type": {k: v for k, v in sorted(self.skipped.items()) if v},
             "item_retries": totals["item_retries"],

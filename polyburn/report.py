@@ -29,7 +29,7 @@ def summary_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         *((f"repairs: {kind}", n) for kind, n in summary["repairs_by_kind"].items()),
         ("annotations rejected", summary["rejected"]),
         ("items with nothing to burn", summary.get("empty_items", 0)),
-        ("items left without masks (skip_empty)", summary.get("skipped_empty", 0)),
+        ("items left without masks (skip_empty)", summary.get("empty_items_skipped", 0)),
         *((f"skipped: {kind}", n) for kind, n in summary["skipped_by_type"].items()),
         ("files written", summary["outputs_written"]),
         ("batches from cache", summary.get("cached_batches", 0)),
@@ -74,7 +74,7 @@ def losses_text(summary: Mapping[str, Any], manifest: str, limit: int = LISTED_L
         tail = f" and {rest} more" if rest > 0 else ""
         what = (
             "no masks written (skip-empty)"
-            if summary.get("skipped_empty")
+            if summary.get("empty_items_skipped")
             else ("all-background masks written; --skip-empty leaves them out")
         )
         lines.append(f"NOTHING TO BURN in {empty} item(s), {what}: {names}{tail}")
@@ -119,7 +119,7 @@ def failures_markdown(
     if empty:
         lines.append(
             "No masks written for them (skip_empty)."
-            if summary.get("skipped_empty")
+            if summary.get("empty_items_skipped")
             else "All-background masks written for them; skip_empty leaves them out."
         )
         lines.append("")

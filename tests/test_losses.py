@@ -120,7 +120,7 @@ def test_cli_summary_names_each_rejection_and_each_item_with_nothing_to_burn(
         f"h{k:02d}" for k in range(HOSTILE_REJECTS)
     ]
     assert {r["path"] for r in summary["rejections"]} == {"hostile"}
-    assert summary["empty_items"] == 2 and summary["skipped_empty"] == 0
+    assert summary["empty_items"] == 2 and summary["empty_items_skipped"] == 0
     assert [e["path"] for e in summary["empty"]] == ["bare", "boxes"]
     monkeypatch.undo()
 
@@ -154,7 +154,7 @@ def test_skip_empty_holds_in_the_burn_pool(hostile_export, tmp_path):
         return_state=True,
     )
     summary = state.result()
-    assert summary["skipped_empty"] == summary["empty_items"] == 2
+    assert summary["empty_items_skipped"] == summary["empty_items"] == 2
     records = _manifest(tmp_path / "masks")
     assert records["boxes"]["skipped_empty"] and records["bare"]["skipped_empty"]
     assert sorted(p.name for p in (tmp_path / "masks" / "semantic").iterdir()) == [
@@ -179,7 +179,7 @@ def test_counts_keep_a_capped_list_and_forget_a_replaced_record():
         "field": "coordinates",
         "reason": "degenerate",
     }
-    assert summary["empty_items"] == 1 and summary["skipped_empty"] == 1
+    assert summary["empty_items"] == 1 and summary["empty_items_skipped"] == 1
     assert summary["empty"] == [
         {"path": "empty", "skipped": {"box": 2}, "rejected": 0, "skipped_empty": True}
     ]
