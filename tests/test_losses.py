@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from prefect.artifacts import Artifact
 
 from flows.polygons_to_masks import polygons_to_masks
 from polyburn.cli import main
@@ -142,8 +143,11 @@ def test_cli_summary_names_each_rejection_and_each_item_with_nothing_to_burn(
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_skip_empty_holds_in_the_burn_pool(hostile_export, tmp_path):
-    """Items burned in worker processes get the option too (it crosses as a plain tuple)."""
+def test_skip_empty_holds_in_the_burn_pool_and_the_artifacts_name_every_loss(
+    hostile_export, tmp_path
+):
+    """Items burned in worker processes get the option too (it crosses as a plain tuple); the
+    run's summary table and failures artifact count and name the losses."""
     state = polygons_to_masks(
         RunParameters(
             source=str(hostile_export),
@@ -161,6 +165,17 @@ def test_skip_empty_holds_in_the_burn_pool(hostile_export, tmp_path):
         "good.png",
         "hostile.png",
     ]
+
+    # the run's artifacts on the Prefect API say the same
+    table = Artifact.get("polyburn-summary")
+    assert table.flow_run_id == state.state_details.flow_run_id
+    rows = {row["metric"]: row["value"] for row in json.loads(table.data)}
+    assert rows["annotations rejected"] == HOSTILE_REJECTS
+    assert rows["items with nothing to burn"] == rows["items left without masks (skip_empty)"] == 2
+    failures = Artifact.get("polyburn-failures").data
+    assert failures.count("| `hostile` | `h") == LISTED_LOSSES
+    assert f"… and {HOSTILE_REJECTS - LISTED_LOSSES} more, see the manifest." in failures
+    assert "* `bare (no annotation)`" in failures and "* `boxes (box 1, point 1)`" in failures
 
 
 def test_counts_keep_a_capped_list_and_forget_a_replaced_record():
