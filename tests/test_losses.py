@@ -12,6 +12,7 @@ import pytest
 from prefect.artifacts import Artifact
 
 from flows.polygons_to_masks import polygons_to_masks
+from polyburn import parallel
 from polyburn.cli import main
 from polyburn.losses import MAX_LISTED_LOSSES, RejectionLog
 from polyburn.manifest import RunCounts
@@ -142,7 +143,17 @@ def test_cli_summary_names_each_rejection_and_each_item_with_nothing_to_burn(
     assert "skipped_empty" not in records["good"] and records["good"]["outputs"]
 
 
-@pytest.mark.usefixtures("prefect_api")
+@pytest.fixture()
+def no_pool_left():
+    """Burn workers get SIGTERM when the thread that spawned them ends (PR_SET_PDEATHSIG is per
+    thread), here a flow's task thread: discard the shared pool so no later test inherits one
+    whose workers are gone."""
+    yield
+    if parallel._pool is not None:
+        parallel._discard_pool(parallel._pool)
+
+
+@pytest.mark.usefixtures("prefect_api", "no_pool_left")
 def test_skip_empty_holds_in_the_burn_pool_and_the_artifacts_name_every_loss(
     hostile_export, tmp_path
 ):
