@@ -196,6 +196,8 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
             summary_extra = {}
             _burn_all(params, batches, label_map, colours, destination, taken)
         summary = spool.counts.as_dict(time.perf_counter() - started)
+        if params.shard_of is None:  # every rejection, for the CLI's --json
+            progress.report_records(spool.records())
 
     if clock is not None:  # a full run
         gone = stale_record_keys(destination.state, refs, clock)
@@ -460,7 +462,7 @@ def _publish_artifacts(summary: dict, params: RunParameters, previews) -> None:
     create_markdown_artifact(
         key="polyburn-failures",
         markdown=failures_markdown(summary, manifest),
-        description="Failed items",
+        description="Failed items, rejected annotations, items with nothing to burn",
     )
     create_markdown_artifact(
         key="polyburn-preview", markdown=previews_markdown(previews), description="Mask previews"

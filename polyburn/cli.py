@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-pixels", type=int, default=None)
     run.add_argument("--strict", action="store_true", help="fail the flow run on any failure")
     run.add_argument(
+        "--skip-empty",
+        action="store_true",
+        help="write no masks for items with nothing to burn (only boxes, points, classes...) "
+        "and remove those an earlier run wrote",
+    )
+    run.add_argument(
         "--shards",
         type=int,
         default=0,
@@ -81,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     validate = sub.add_parser("validate", help="report geometry problems without writing masks")
-    validate.add_argument("source", metavar="SOURCE")
+    validate.add_argument("source", metavar="SOURCE", help="export folder or dataloop://<dataset>")
     validate.add_argument("--max-pixels", type=int, default=None)
     validate.add_argument("--json", action="store_true", help="one JSON record per item")
     validate.set_defaults(handler=_validate)
@@ -160,6 +167,7 @@ def _parameters(args: argparse.Namespace):
         "modes": [m.strip() for m in args.mode.split(",") if m.strip()],
         "format": args.format,
         "draw_order": args.draw_order,
+        "skip_empty": args.skip_empty,
     }
     if args.max_pixels is not None:
         options["max_pixels"] = args.max_pixels
@@ -196,14 +204,19 @@ def _run(args: argparse.Namespace) -> int:
 
     from flows.polygons_to_masks import polygons_to_masks
     from polyburn import progress
+    from polyburn.losses import RejectionLog
+    from polyburn.report import write_json_summary
 
     bar = None if args.no_progress or not sys.stderr.isatty() else _ProgressBar()
     progress.set_listener(bar.update if bar else None)
+    rejections = RejectionLog() if args.json else None  # --json lists every one of them
+    progress.set_records_listener(rejections.take if rejections else None)
     started = time.perf_counter()
     try:
         state = polygons_to_masks(params, return_state=True)
     finally:
         progress.set_listener(None)
+        progress.set_records_listener(None)
         if bar:
             bar.close()
     try:
@@ -214,8 +227,10 @@ def _run(args: argparse.Namespace) -> int:
     if not isinstance(summary, dict):
         print(f"polyburn: run failed: {state.message or summary}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(summary, indent=2))
+    if rejections is not None:
+        with closing(rejections):
+            every = rejections if rejections.taken else summary["rejections"]
+            write_json_summary(summary, every, sys.stdout)
     else:
         _print_summary(summary, params.destination, time.perf_counter() - started)
     return 1 if summary["failed"] else 0
@@ -239,6 +254,9 @@ def _check_before_prefect(params) -> None:
 
 
 def _print_summary(summary: dict, destination: str, seconds: float) -> None:
+    from polyburn.destinations.base import MANIFEST_KEY
+    from polyburn.report import losses_text
+
     print(
         f"{summary['items']} items: {summary['ok']} ok, {summary['failed']} failed | "
         f"{summary['annotations']} annotations, {summary['repairs']} repairs, "
@@ -250,13 +268,18 @@ def _print_summary(summary: dict, destination: str, seconds: float) -> None:
         print(f"repairs: {kinds}")
     for failure in summary["failures"]:
         print(f"FAILED {failure['error']}")
+    manifest = f"{destination.rstrip('/')}/{MANIFEST_KEY}"
+    for line in losses_text(summary, manifest):
+        print(line)
     print(f"masks, label_map.json and manifest.jsonl in {destination}")
 
 
 def _validate(args: argparse.Namespace) -> int:
     from polyburn.dataloop_json import DEFAULT_MAX_PIXELS
+    from polyburn.losses import rejections_of
     from polyburn.params import MaskOptions
     from polyburn.pipeline import process_item
+    from polyburn.report import rejection_line
     from polyburn.sources import open_source
 
     source = open_source(args.source)
@@ -271,13 +294,9 @@ def _validate(args: argparse.Namespace) -> int:
             continue
         if record["error"]:
             print(f"FAILED {record['error']}")
-        for problem in record.get("problems", []):
+        for rejection in rejections_of(record):
             problems += 1
-            field = f" [{problem['field']}]" if problem.get("field") else ""
-            print(
-                f"REJECTED {record['path']} annotation {problem['annotation']}{field}: "
-                f"{problem['reason']}"
-            )
+            print(f"REJECTED {rejection_line(rejection)}")
         for repair in record.get("repairs", []):
             repairs += 1
             area = ""

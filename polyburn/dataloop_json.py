@@ -187,6 +187,9 @@ def _parse_annotations(
         try:
             parsed = _parse_annotation(raw, index, width, height, pending)
         except _AnnotationRejected as rejected:
+            if rejected.problem.label is None and isinstance(raw, Mapping):
+                label = raw.get("label")
+                rejected.problem.label = label if isinstance(label, str) and label else None
             problems.append(rejected.problem)
             continue
         if isinstance(parsed, str):

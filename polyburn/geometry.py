@@ -82,7 +82,11 @@ def repair_item(item: Item) -> tuple[list[Shape], list[Repair], list[Problem]]:
                 else:
                     geometry = _finish(polygons[k], False, annotation, image, repairs)
             except _Rejected as rejected:
-                problems.append(Problem(str(rejected), annotation.annotation_id, "coordinates"))
+                problems.append(
+                    Problem(
+                        str(rejected), annotation.annotation_id, "coordinates", annotation.label
+                    )
+                )
             else:
                 geometries[id(annotation)] = geometry
 
@@ -90,7 +94,11 @@ def repair_item(item: Item) -> tuple[list[Shape], list[Repair], list[Problem]]:
     for annotation in item.annotations:
         if annotation.type == "binary":
             if annotation.mask is None or not annotation.mask.any():
-                problems.append(Problem("binary mask is empty", annotation.annotation_id))
+                problems.append(
+                    Problem(
+                        "binary mask is empty", annotation.annotation_id, label=annotation.label
+                    )
+                )
             else:
                 shapes.append(Shape(annotation, mask=annotation.mask))
         elif id(annotation) in geometries:
@@ -183,7 +191,7 @@ def _clean_rings(
             else:
                 kept.append(r - 1)
         if rejected:
-            problems.append(Problem(rejected, aid, "coordinates"))
+            problems.append(Problem(rejected, aid, "coordinates", annotation.label))
         else:
             result.append((annotation, kept))
     return result, coords, starts, ends

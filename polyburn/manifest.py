@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from polyburn.destinations.base import MANIFEST_KEY, Destination
+from polyburn.losses import MAX_LISTED_LOSSES, ListedByPath, empty_entry, is_empty, rejections_of
 
 MAX_LISTED_FAILURES = 1000
 """Failures kept for the summary and the artifacts; all of them are in the manifest."""
@@ -85,10 +86,13 @@ class RunCounts:
         self.repairs: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
         self.failures: dict[str, str] = {}
+        self.rejections = ListedByPath(MAX_LISTED_LOSSES)
+        self.empty = ListedByPath(MAX_LISTED_LOSSES)
 
     def add(self, record: Mapping[str, Any], sign: int = 1) -> None:
         """Count ``record`` in (``sign=1``) or out again (``sign=-1``, a replaced record)."""
         failed = record["status"] != "ok"
+        empty = is_empty(record)
         self.totals.update(
             {
                 "items": sign,
@@ -97,6 +101,8 @@ class RunCounts:
                 "annotations": sign * record.get("annotations", 0),
                 "shapes": sign * record.get("shapes", 0),
                 "rejected": sign * len(record.get("problems", [])),
+                "empty": sign * empty,
+                "empty_skipped": sign * bool(record.get("skipped_empty")),
                 "item_retries": sign * record.get("retries", 0),
                 "io_retries": sign * record.get("io_retries", 0),
                 "outputs_written": sign
@@ -112,6 +118,8 @@ class RunCounts:
                 self.failures[record["path"]] = record["error"]
         elif failed:
             self.failures.pop(record["path"], None)
+        self.rejections.update(record["path"], rejections_of(record), sign)
+        self.empty.update(record["path"], [empty_entry(record)] if empty else [], sign)
 
     def as_dict(self, seconds: float) -> dict[str, Any]:
         totals = self.totals
@@ -124,6 +132,10 @@ class RunCounts:
             "repairs": sum(self.repairs.values()),
             "repairs_by_kind": {k: v for k, v in sorted(self.repairs.items()) if v},
             "rejected": totals["rejected"],
+            "rejections": self.rejections.listed(),
+            "empty_items": totals["empty"],
+            "empty_items_skipped": totals["empty_skipped"],
+            "empty": self.empty.listed(),
             "skipped_by_type": {k: v for k, v in sorted(self.skipped.items()) if v},
             "item_retries": totals["item_retries"],
             "io_retries": totals["io_retries"],
@@ -182,6 +194,11 @@ class RecordSpool:
         offset, length = self._index[path]
         self._file.seek(offset)
         return self._file.read(length)
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """This run's records, sorted by item path, read back one at a time."""
+        for _, line in self._sorted_lines():
+            yield json.loads(line)
 
     def _sorted_lines(self) -> Iterator[tuple[str, bytes]]:
         for path in sorted(self._index):

@@ -74,9 +74,15 @@ class Problem:
     reason: str
     annotation_id: str | None = None
     field: str | None = None
+    label: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"annotation": self.annotation_id, "field": self.field, "reason": self.reason}
+        return {
+            "annotation": self.annotation_id,
+            "field": self.field,
+            "label": self.label,
+            "reason": self.reason,
+        }
 
 
 @dataclass

@@ -66,7 +66,13 @@ def process_items(
     backoff and jitter; their records then carry ``retries``.
     """
     # What process_item reads of the options, as a plain tuple: workers need no pydantic.
-    plain = _Options(list(options.modes), options.format, options.draw_order, options.max_pixels)
+    plain = _Options(
+        list(options.modes),
+        options.format,
+        options.draw_order,
+        options.max_pixels,
+        options.skip_empty,
+    )
     jobs = [
         (
             ref,
@@ -101,6 +107,7 @@ class _Options(NamedTuple):
     format: str
     draw_order: str
     max_pixels: int
+    skip_empty: bool
 
 
 SCAN_CHUNK = 50  # items per job of a label scan

@@ -37,6 +37,13 @@ class MaskOptions(BaseModel):
         gt=0,
         description="Largest width x height accepted for an item (guards memory).",
     )
+    skip_empty: bool = Field(
+        default=False,
+        description="Write no masks for an item with nothing to burn (no polygon or binary "
+        "annotation left: only boxes, points, classes...) and remove those an earlier run wrote "
+        "for it; default: an all-background mask. Such items are listed in the summary either "
+        "way.",
+    )
 
     @field_validator("modes")
     @classmethod

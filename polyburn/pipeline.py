@@ -39,8 +39,10 @@ def process_item(
     """Load, repair, burn and publish one item; never raises for a problem of this item.
 
     Returns the item's manifest record: ``status`` ("ok" or "failed"), ``error`` (one line),
-    counts, every repair and rejected annotation, and the outputs with their sha256. With
-    ``destination=None`` nothing is burned (validation only).
+    counts, every repair and rejected annotation, and the outputs with their sha256; with
+    ``options.skip_empty``, an item with no shape to burn gets no outputs and
+    ``skipped_empty: true`` (status "ok"). With ``destination=None`` nothing is burned
+    (validation only).
 
     With a destination, the item is processed while this call holds the item's lease
     (:mod:`polyburn.state`), so runs that overlap never mix their outputs: the item is loaded from
@@ -107,7 +109,12 @@ def _burn(
         record["repairs"] = [r.as_dict() for r in repairs]
         record["problems"] += [p.as_dict() for p in problems]
         record["shapes"] = len(shapes)
-        if destination is not None:
+        if destination is not None and not shapes and options.skip_empty:
+            record.update(skipped_empty=True, outputs=[])  # nothing to burn: no mask at all
+            if previous_keys:
+                touched = True
+                destination.remove(sorted(previous_keys))
+        elif destination is not None:
             masks = build_masks(
                 item,
                 shapes,

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Mapping, Sequence
-from typing import Any
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TextIO
 
 import numpy as np
 from PIL import Image
 
 PREVIEW_WIDTH = 320
+LISTED_LOSSES = 20
+"""Rejected annotations and items with nothing to burn named in a summary; the rest are
+counted, and all of them are in the manifest."""
 
 
 def summary_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -24,6 +28,8 @@ def summary_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         ("repairs", summary["repairs"]),
         *((f"repairs: {kind}", n) for kind, n in summary["repairs_by_kind"].items()),
         ("annotations rejected", summary["rejected"]),
+        ("items with nothing to burn", summary.get("empty_items", 0)),
+        ("items left without masks (skip_empty)", summary.get("empty_items_skipped", 0)),
         *((f"skipped: {kind}", n) for kind, n in summary["skipped_by_type"].items()),
         ("files written", summary["outputs_written"]),
         ("batches from cache", summary.get("cached_batches", 0)),
@@ -35,8 +41,52 @@ def summary_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"metric": metric, "value": value} for metric, value in rows]
 
 
-def failures_markdown(summary: Mapping[str, Any], manifest: str, limit: int = 200) -> str:
-    """A markdown report of failed items with their one-line reasons, linking the manifest."""
+def rejection_line(rejection: Mapping[str, Any]) -> str:
+    """One line naming a rejected annotation: item path, annotation id, label, field, reason."""
+    label = f" ({rejection['label']})" if rejection.get("label") else ""
+    field = f" [{rejection['field']}]" if rejection.get("field") else ""
+    return (
+        f"{rejection['path']} annotation {rejection['annotation']}{label}{field}: "
+        f"{rejection['reason']}"
+    )
+
+
+def empty_line(entry: Mapping[str, Any]) -> str:
+    """An item with nothing to burn and what it had instead (``box 2, point 1``, rejected
+    annotations, or no annotation at all)."""
+    had = [f"{kind} {count}" for kind, count in sorted(entry.get("skipped", {}).items())]
+    if entry.get("rejected"):
+        had.append(f"{entry['rejected']} rejected")
+    return f"{entry['path']} ({', '.join(had) or 'no annotation'})"
+
+
+def losses_text(summary: Mapping[str, Any], manifest: str, limit: int = LISTED_LOSSES) -> list[str]:
+    """The summary's lines naming each rejected annotation (the first ``limit``, then how many
+    more) and the items with nothing to burn (the first ``limit``)."""
+    lines = [f"REJECTED {rejection_line(r)}" for r in summary["rejections"][:limit]]
+    more = summary["rejected"] - min(limit, len(summary["rejections"]))
+    if more > 0:
+        lines.append(f"... and {more} more rejected annotations, see the manifest {manifest}")
+    empty = summary.get("empty_items", 0)
+    if empty:
+        names = ", ".join(empty_line(e) for e in summary["empty"][:limit])
+        rest = empty - min(limit, len(summary["empty"]))
+        tail = f" and {rest} more" if rest > 0 else ""
+        what = (
+            "no masks written (skip-empty)"
+            if summary.get("empty_items_skipped")
+            else ("all-background masks written; --skip-empty leaves them out")
+        )
+        lines.append(f"NOTHING TO BURN in {empty} item(s), {what}: {names}{tail}")
+    return lines
+
+
+def failures_markdown(
+    summary: Mapping[str, Any], manifest: str, limit: int = 200, listed: int = LISTED_LOSSES
+) -> str:
+    """A markdown report of failed items with their one-line reasons, every rejected annotation
+    (the first ``listed``, then how many more) and the items with nothing to burn, linking the
+    manifest."""
     lines = [
         f"# polyburn: {summary['ok']} ok, {summary['failed']} failed of {summary['items']} items",
         "",
@@ -49,11 +99,52 @@ def failures_markdown(summary: Mapping[str, Any], manifest: str, limit: int = 20
     else:
         lines += ["| item | error |", "|---|---|"]
         for failure in failures[:limit]:
-            error = str(failure["error"]).replace("|", "\\|")
-            lines.append(f"| `{failure['path']}` | {error} |")
+            lines.append(f"| `{failure['path']}` | {_cell(failure['error'])} |")
         if len(failures) > limit:
             lines.append(f"\n… and {len(failures) - limit} more in the manifest.")
+    lines += ["", f"## Rejected annotations: {summary['rejected']}", ""]
+    if summary["rejections"]:
+        lines += ["| item | annotation | label | reason |", "|---|---|---|---|"]
+        for r in summary["rejections"][:listed]:
+            field = f" [{r['field']}]" if r.get("field") else ""
+            lines.append(
+                f"| `{r['path']}` | `{r['annotation']}` | {_cell(r.get('label') or '')} | "
+                f"{_cell(r['reason'])}{_cell(field)} |"
+            )
+    more = summary["rejected"] - min(listed, len(summary["rejections"]))
+    if more > 0:
+        lines.append(f"\n… and {more} more, see the manifest.")
+    empty = summary.get("empty_items", 0)
+    lines += ["", f"## Items with nothing to burn: {empty}", ""]
+    if empty:
+        lines.append(
+            "No masks written for them (skip_empty)."
+            if summary.get("empty_items_skipped")
+            else "All-background masks written for them; skip_empty leaves them out."
+        )
+        lines.append("")
+        lines += [f"* `{_cell(empty_line(e))}`" for e in summary["empty"][:listed]]
+        rest = empty - min(listed, len(summary["empty"]))
+        if rest > 0:
+            lines.append(f"\n… and {rest} more, see the manifest.")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def write_json_summary(
+    summary: Mapping[str, Any], rejections: Iterable[Mapping[str, Any]], out: TextIO
+) -> None:
+    """Write ``summary`` as one indented JSON object whose ``rejections`` is every entry of
+    ``rejections``, streamed one at a time (a run's rejections need not fit in memory)."""
+    head = {key: value for key, value in summary.items() if key != "rejections"}
+    fields = json.dumps(head, indent=2)[1:-1].rstrip()
+    out.write("{" + fields + ("," if head else "") + '\n  "rejections": [')
+    for k, rejection in enumerate(rejections):
+        out.write(("," if k else "") + "\n    " + json.dumps(rejection))
+    out.write("\n  ]\n}\n")
 
 
 def colourise(mask: np.ndarray, palette: Sequence[int]) -> np.ndarray:
