@@ -65,13 +65,15 @@ def cli_reference(parser: argparse.ArgumentParser) -> str:
 def _argument(action: argparse.Action) -> str:
     if not action.option_strings:
         return f"`{action.metavar or action.dest}`"
-    names = ", ".join(action.option_strings)
-    if action.nargs == 0:
-        return f"`{names}`"
-    metavar = action.metavar or (
-        "{" + ",".join(map(str, action.choices)) + "}" if action.choices else action.dest.upper()
-    )
-    return f"`{names} {metavar}`"
+    *short, last = action.option_strings  # each name in its own code span: `-o`, `--output FILE`
+    if action.nargs != 0:
+        metavar = action.metavar or (
+            "{" + ",".join(map(str, action.choices)) + "}"
+            if action.choices
+            else action.dest.upper()
+        )
+        last = f"{last} {metavar}"
+    return ", ".join(f"`{name}`" for name in [*short, last])
 
 
 def _default(action: argparse.Action) -> str:
