@@ -23,14 +23,15 @@ import concurrent.futures
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from end_to_end import measure  # noqa: E402
 
 from tests.support.generate import write_export  # noqa: E402
 from tests.support.prefect_server import start_prefect_server  # noqa: E402
@@ -43,17 +44,6 @@ ITEM = {"width": 96, "height": 64, "polygons": 3, "vertices": 8}
 
 def item_path(index: int) -> str:
     return f"batch{index // 100:03d}/img_{index:06d}"
-
-
-def measure(env: dict, *command: str) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "_measure.py"), out.name, *command],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        return json.loads(Path(out.name).read_text())
 
 
 class Store:
@@ -161,16 +151,11 @@ def main() -> None:
                 store = Store("s3://bench/masks", client)
             else:
                 store = Store(str(work / "dest"))
-            full = measure(
-                env,
-                "polyburn",
-                "run",
-                str(export),
-                store.uri,
-                "--no-progress",
-                "--labels",
-                str(_labels(work)),
-            )
+
+            def polyburn_run(*args: str, env: dict = env, uri: str = store.uri) -> dict:
+                return measure(env, "polyburn", "run", str(export), uri, "--no-progress", *args)
+
+            full = polyburn_run("--labels", str(_labels(work)))
             assert full["code"] == 0, full
             rows = {}
             have = SEED_ITEMS
@@ -184,16 +169,7 @@ def main() -> None:
                 for repeat in range(args.repeats):
                     edit(export, target, repeat)
                     before = store.listing()
-                    run = measure(
-                        env,
-                        "polyburn",
-                        "run",
-                        str(export),
-                        store.uri,
-                        "--no-progress",
-                        "--item",
-                        item_path(target),
-                    )
+                    run = polyburn_run("--item", item_path(target))
                     assert run["code"] == 0, run
                     after = store.listing()
                     own = {f"semantic/{item_path(target)}.png"}

@@ -199,13 +199,7 @@ class LocalDestination(FileDestination):
 
     def keys(self, prefix: str) -> list[str]:
         """Keys of the files whose key starts with ``prefix``; temp files left out."""
-        folder = self._path(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
-        found = []
-        for path in folder.rglob("*") if folder.is_dir() else ():
-            key = path.relative_to(self.root).as_posix()
-            if path.is_file() and key.startswith(prefix) and not path.name.endswith(_TEMP_SUFFIX):
-                found.append(key)
-        return sorted(found)
+        return [e.key for e in self.entries(prefix) if not e.key.endswith(_TEMP_SUFFIX)]
 
     def remove(self, keys: Sequence[str]) -> None:
         for key in keys:

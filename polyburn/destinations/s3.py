@@ -487,19 +487,7 @@ class S3Destination(FileDestination):
 
     def keys(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (relative to the destination's prefix), by ``ListObjectsV2``."""
-        found = []
-        try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._key_prefix + prefix
-            )
-            for page in pages:
-                for entry in page.get("Contents", ()):
-                    found.append(entry["Key"][len(self._key_prefix) :])
-        except ClientError as exc:
-            raise self._error(exc, "list", "") from None
-        except BotoCoreError as exc:
-            raise self._error(exc, "list", "") from None
-        return found
+        return [entry.key for entry in self.entries(prefix)]
 
     def remove(self, keys: Sequence[str]) -> None:
         """Delete ``prefix/key`` for each key, 1000 per request; missing keys are fine."""
