@@ -318,17 +318,17 @@ def _run_sharded(params, refs, label_map, destination, spool: RecordSpool) -> li
         if outcome.pop("completed"):
             for record in read_records(destination.state, [ref.path for ref in pieces]):
                 spool.add(record)
-            continue
         why = not_processed(outcome)
         for ref in pieces:
-            spool.add(
-                {
-                    "item": ref.item_id,
-                    "path": ref.path,
-                    "status": "failed",
-                    "error": f"{ref.path}: {why}",
-                }
-            )
+            if ref.path not in spool:  # its shard failed, or left it without a record
+                spool.add(
+                    {
+                        "item": ref.item_id,
+                        "path": ref.path,
+                        "status": "failed",
+                        "error": f"{ref.path}: {why}",
+                    }
+                )
     return shard_runs
 
 

@@ -160,8 +160,10 @@ def run_shards(
 
 
 def not_processed(outcome: dict[str, Any]) -> str:
-    """Why the items of a shard that did not complete have no fresh record."""
+    """Why an item of a shard has no record to report."""
     message = f": {outcome['message']}" if outcome["message"] else ""
+    if outcome["state"] == "Completed":
+        return f"no record: shard run '{outcome['run']}' completed without storing one"
     return f"not processed: shard run '{outcome['run']}' ended {outcome['state']}{message}"
 
 

@@ -41,8 +41,10 @@ class LocalDestination(FileDestination):
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root):
+        """The file of ``key``; raises ValueError for a key that would leave the folder (``..``
+        segments, an absolute path). Lexical: a symlink placed inside the folder is followed."""
+        path = Path(os.path.normpath(os.path.join(self.root, key)))
+        if not path.is_relative_to(self.root) or path == self.root:
             raise ValueError(f"key {key!r} escapes the destination folder")
         return path
 
@@ -79,10 +81,10 @@ class LocalDestination(FileDestination):
             handle.write(data)
             handle.flush()
             try:
-                os.link(tmp, path)
+                _link(tmp, path)
             except FileExistsError:
                 return None
-            return _tag(os.stat(tmp))
+            return _tag(os.fstat(handle.fileno()))
 
     def replace(self, key: str, data: bytes, tag: str) -> str | None:
         path = self._path(key)
@@ -94,10 +96,13 @@ class LocalDestination(FileDestination):
             return _tag_of(path)
 
     def remove_if(self, key: str, tag: str) -> bool:
+        """Delete ``key`` if it still has ``tag``. The check and the delete are not one atomic
+        step: only a lease's holder removes it, and another writer replaces a lease only once it
+        is stale (its holder gone or past its expiry), so nothing else races this."""
         path = self._path(key)
-        with self._mutex():
-            if _tag_of(path) != tag:
-                return False
+        if _tag_of(path) != tag:
+            return False
+        with contextlib.suppress(FileNotFoundError):
             path.unlink()
         return True
 
@@ -135,18 +140,35 @@ class LocalDestination(FileDestination):
     def _temp_for(self, path: Path, install: bool = True) -> Iterator[tuple[BinaryIO, str]]:
         """A temp file in this process's staging folder, renamed to ``path`` when the block ends
         without error (``install``) and deleted in every other case."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.root / STAGING / _writer_name()
-        staging.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=staging, prefix=f"{path.name[:80]}.", suffix=_TEMP_SUFFIX)
+        fd, tmp = self._mkstemp(path.name)
         try:
             with os.fdopen(fd, "wb") as handle:
                 yield handle, tmp
             if install:
-                os.replace(tmp, path)
-        finally:
+                try:
+                    os.replace(tmp, path)
+                except FileNotFoundError:  # its folder does not exist yet
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, path)
+                return
+        except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+    def _mkstemp(self, name: str) -> tuple[int, str]:
+        """A new temp file in this process's staging folder (created on first use)."""
+        staging = self.root / STAGING / _writer_name()
+        for attempt in (1, 2):
+            try:
+                return tempfile.mkstemp(dir=staging, prefix=f"{name[:80]}.", suffix=_TEMP_SUFFIX)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                staging.mkdir(parents=True, exist_ok=True)
+        raise AssertionError("unreachable")
 
     def read_file(self, key: str, target: Path) -> bool:
         try:
@@ -208,6 +230,15 @@ class LocalDestination(FileDestination):
 
 
 _TEMP_SUFFIX = ".part"
+
+
+def _link(source: str, target: Path) -> None:
+    """``os.link``, creating the target's folder when it does not exist yet."""
+    try:
+        os.link(source, target)
+    except FileNotFoundError:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(source, target)
 
 
 def _writer_name() -> str:
