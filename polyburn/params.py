@@ -32,6 +32,13 @@ class MaskOptions(BaseModel):
         description="Overlaps: 'file' paints in annotation order (later wins); 'area' paints "
         "larger areas first so small objects stay on top.",
     )
+    instance_id: Literal["object", "shape"] = Field(
+        default="object",
+        description="What an instance mask pixel holds: 'object' the Dataloop objectId (1 to "
+        "65535; annotations with the same objectId and label are one instance; others get fresh "
+        "ids above the item's largest objectId, reported when they had one); 'shape' the "
+        "shape's number in draw order (1, 2, 3...).",
+    )
     max_pixels: int = Field(
         default=DEFAULT_MAX_PIXELS,
         gt=0,
