@@ -27,7 +27,6 @@ from typing import Any, Literal
 from polyburn.model import Annotation, Repair, Shape
 
 InstanceIds = Literal["object", "shape"]
-INSTANCE_IDS: tuple[str, ...] = ("object", "shape")
 MAX_INSTANCE_ID = 65535
 UNUSABLE = "object_id_unusable"
 CONFLICT = "object_id_conflict"
