@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--format", default="png", choices=["png", "tif", "npy"])
     run.add_argument("--draw-order", default="file", choices=["file", "area"])
+    run.add_argument(
+        "--instance-id",
+        default="object",
+        choices=["object", "shape"],
+        help="what an instance mask pixel holds: the Dataloop objectId (parts of one object "
+        "share it) or the shape's number in draw order",
+    )
     run.add_argument("--batch-size", type=int, default=100)
     run.add_argument("--max-pixels", type=int, default=None)
     run.add_argument("--strict", action="store_true", help="fail the flow run on any failure")
@@ -167,6 +174,7 @@ def _parameters(args: argparse.Namespace):
         "modes": [m.strip() for m in args.mode.split(",") if m.strip()],
         "format": args.format,
         "draw_order": args.draw_order,
+        "instance_id": args.instance_id,
         "skip_empty": args.skip_empty,
     }
     if args.max_pixels is not None:

@@ -5,7 +5,8 @@ Accepted shapes (see ``shared/docs/dataloop.md`` §2–3):
 * item ``id`` or ``_id``; ``filename``; ``metadata.system.width`` / ``height`` (required, positive
   integers); ``annotations`` as a list of annotation objects (missing means none);
 * annotation ``id`` or ``_id``; ``type``; ``label``; ``metadata.system.objectId`` as int, digit
-  string or missing;
+  string or missing (any other value is kept as text in ``Annotation.bad_object_id``, and never
+  rejects the annotation);
 * ``segment`` coordinates as a list of rings of ``{"x", "y"}`` points (ring 0 the exterior, the
   rest holes), or the legacy flat list of points (one ring);
 * ``binary`` coordinates as a ``data:image/png;base64,...`` URI (or ``{"data": uri}``); a pixel is
@@ -163,6 +164,15 @@ def object_id(value: Any) -> int | None:
     return None
 
 
+def _json_text(value: Any) -> str:
+    """A JSON value as short text for a report (at most 40 characters)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (ValueError, RecursionError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
 class _AnnotationRejected(Exception):
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem.reason)
@@ -251,13 +261,16 @@ def _parse_annotation(
     label = raw.get("label")
     if not isinstance(label, str) or not label:
         raise _AnnotationRejected(Problem("missing or empty 'label'", annotation_id, "label"))
+    raw_object_id = _mapping(metadata.get("system")).get("objectId")
     annotation = Annotation(
         annotation_id=annotation_id,
         label=label,
         type=kind,
         index=index,
-        object_id=object_id(_mapping(metadata.get("system")).get("objectId")),
+        object_id=object_id(raw_object_id),
     )
+    if annotation.object_id is None and raw_object_id is not None:
+        annotation.bad_object_id = _json_text(raw_object_id)
     coordinates = raw.get("coordinates")
     if kind == POLYGON:
         if pending is None:

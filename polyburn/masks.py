@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from polyburn.errors import ItemError
-from polyburn.model import Item, Shape
+from polyburn.instances import InstanceIds, number_instances
+from polyburn.model import Item, Repair, Shape
 from polyburn.raster import DrawOrder, burn, order_shapes
 
 MODES = ("semantic", "instance", "binary")
@@ -18,12 +19,14 @@ INSTANCE_DTYPE = np.dtype(np.uint16)
 
 @dataclass
 class ItemMasks:
-    """The masks of one item. ``binary`` maps label → 0/1 uint8 mask, for labels in the item."""
+    """The masks of one item. ``binary`` maps label → 0/1 uint8 mask, for labels in the item.
+    ``repairs``: the objectIds the instance mask could not use as ids, per annotation."""
 
     semantic: np.ndarray | None = None
     instance: np.ndarray | None = None
     instance_table: list[dict[str, Any]] = field(default_factory=list)
     binary: dict[str, np.ndarray] = field(default_factory=dict)
+    repairs: list[Repair] = field(default_factory=list)
 
 
 def build_masks(
@@ -33,12 +36,17 @@ def build_masks(
     label_map: Mapping[str, int],
     semantic_dtype: np.dtype,
     draw_order: DrawOrder = "file",
+    instance_ids: InstanceIds = "object",
 ) -> ItemMasks:
     """Burn the masks of one item.
 
     * ``semantic``: each pixel holds the label-map id of the last shape drawn over it, 0 elsewhere.
-    * ``instance``: uint16; shape k in draw order (1-based) burns id k; ``instance_table`` maps
-      each id to its annotation id, label and objectId.
+    * ``instance``: uint16; each pixel holds the instance id of the last shape drawn over it, 0
+      elsewhere. With ``instance_ids="object"`` a shape's id is its Dataloop objectId, parts with
+      the same objectId and label sharing it (:mod:`polyburn.instances`; objectIds it cannot use
+      are reported in ``repairs``); with ``"shape"``, shape k in draw order (1-based) burns id k.
+      ``instance_table`` lists each id with its objectId, label and annotation ids, sorted by id.
+      Either way a pixel's instance has the label of the pixel's semantic id.
     * ``binary``: per label, 1 where any shape of that label covers the pixel (holes respected,
       other labels ignored).
 
@@ -58,21 +66,12 @@ def build_masks(
         values = [label_map[s.annotation.label] for s in ordered]
         masks.semantic = _burn(item, ordered, values, h, w, semantic_dtype, "label id")
     if "instance" in modes:
-        if len(ordered) > np.iinfo(INSTANCE_DTYPE).max:
-            raise ItemError(
-                item.path, f"{len(ordered)} instances do not fit uint16 instance ids", "annotations"
-            )
-        values = list(range(1, len(ordered) + 1))
+        try:
+            values, instances, masks.repairs = number_instances(ordered, instance_ids)
+        except ValueError as exc:
+            raise ItemError(item.path, str(exc), "annotations") from None
         masks.instance = _burn(item, ordered, values, h, w, INSTANCE_DTYPE, "instance id")
-        masks.instance_table = [
-            {
-                "id": k,
-                "annotation": s.annotation.annotation_id,
-                "label": s.annotation.label,
-                "object_id": s.annotation.object_id,
-            }
-            for k, s in enumerate(ordered, start=1)
-        ]
+        masks.instance_table = [instance.as_dict() for instance in instances]
     if "binary" in modes:
         for label in sorted({s.annotation.label for s in ordered}):
             of_label = [s for s in ordered if s.annotation.label == label]

@@ -35,7 +35,10 @@ class Annotation:
 
     ``rings`` holds the polygon rings for ``type == "segment"`` (ring 0 the exterior, the rest
     holes), each a float64 (N, 2) array of x, y in continuous image coordinates. ``mask`` holds the
-    decoded bool (H, W) mask for ``type == "binary"``.
+    decoded bool (H, W) mask for ``type == "binary"``. ``object_id`` is Dataloop's
+    ``metadata.system.objectId`` as a whole number (any sign or size), None when absent or not
+    one; ``bad_object_id`` is the JSON text (at most 40 characters) of an objectId that is present
+    but not a whole number, for reports.
     """
 
     annotation_id: str
@@ -45,11 +48,13 @@ class Annotation:
     object_id: int | None = None
     rings: list[np.ndarray] = field(default_factory=list)
     mask: np.ndarray | None = None
+    bad_object_id: str | None = None
 
 
 @dataclass
 class Repair:
-    """A change made to an annotation's geometry; machine-readable for the manifest."""
+    """A change made to an annotation (its geometry, or the instance id it gets in place of its
+    objectId); machine-readable for the manifest."""
 
     kind: str
     annotation_id: str

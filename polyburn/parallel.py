@@ -72,6 +72,7 @@ def process_items(
         options.draw_order,
         options.max_pixels,
         options.skip_empty,
+        options.instance_id,
     )
     jobs = [
         (
@@ -108,6 +109,7 @@ class _Options(NamedTuple):
     draw_order: str
     max_pixels: int
     skip_empty: bool
+    instance_id: str
 
 
 SCAN_CHUNK = 50  # items per job of a label scan

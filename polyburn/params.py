@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from polyburn.dataloop_json import DEFAULT_MAX_PIXELS
+from polyburn.instances import InstanceIds
 
 Mode = Literal["semantic", "instance", "binary"]
 
@@ -31,6 +32,13 @@ class MaskOptions(BaseModel):
         default="file",
         description="Overlaps: 'file' paints in annotation order (later wins); 'area' paints "
         "larger areas first so small objects stay on top.",
+    )
+    instance_id: InstanceIds = Field(
+        default="object",
+        description="What an instance mask pixel holds: 'object' the Dataloop objectId (1 to "
+        "65535; annotations with the same objectId and label are one instance; others get fresh "
+        "ids above the item's largest objectId, reported when they had one); 'shape' the "
+        "shape's number in draw order (1, 2, 3...).",
     )
     max_pixels: int = Field(
         default=DEFAULT_MAX_PIXELS,

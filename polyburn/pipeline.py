@@ -122,7 +122,9 @@ def _burn(
                 label_map,
                 semantic_dtype(label_map),
                 options.draw_order,
+                options.instance_id,
             )
+            record["repairs"] += [r.as_dict() for r in masks.repairs]
             pal = palette(label_map, colours)
             retried = destination.retries_in_this_thread()
             touched = True

@@ -495,6 +495,59 @@ def test_a_failed_upload_batch_rolls_back_and_keeps_the_previous_masks(fake_gate
     assert record["status"] == "ok" and len(ours(fake_gate, item["id"])) == 120
 
 
+def test_write_back_is_one_binary_annotation_per_object_carrying_its_object_id(fake_gate):
+    """A car split in two by a pole (objectId "7" and 7) is one instance annotation with
+    objectId 7 whose mask is both parts; a sedan without an objectId gets the next id, 8."""
+    ds = fake_gate.add_dataset("objects", labels=ONTOLOGY)
+    parts = [
+        ("car", square(0, 0, 5, 6), "7"),
+        ("road", square(5, 0, 6, 16), 2),
+        ("car", square(6, 0, 11, 6), 7),
+        ("car.sedan", square(14, 8, 20, 14), None),
+    ]
+    annotations = []
+    for label, ring, object_id in parts:
+        annotation = {"type": "segment", "label": label, "coordinates": [ring]}
+        if object_id is not None:
+            annotation["metadata"] = {"system": {"objectId": object_id}}
+        annotations.append(annotation)
+    item = fake_gate.add_item(ds, "/objects.png", 24, 16, annotations)
+    source = DataloopSource.from_uri(f"dataloop://{ds}")
+    destination = DataloopDestination.from_uri("dataloop://", source_dataset=source.uri)
+    label_map = {"car": 1, "car.sedan": 2, "road": 3}
+    write_label_map(destination, label_map)
+    ref = next(source.list_items())
+
+    record = process_item(ref, source, destination, MaskOptions(modes=["instance"]), label_map)
+    assert record["status"] == "ok" and record["repairs"] == []
+    human = theirs(fake_gate, item["id"])
+    left, pole, right, sedan = human
+    expected = {
+        7: ("car", [left, right]),
+        2: ("road", [pole]),
+        8: ("car.sedan", [sedan]),
+    }
+    written = ours(fake_gate, item["id"])
+    assert sorted(int(a["metadata"]["system"]["objectId"]) for a in written) == [2, 7, 8]
+    for annotation in written:
+        object_id = int(annotation["metadata"]["system"]["objectId"])
+        label, members = expected[object_id]
+        union = np.zeros((16, 24), bool)
+        for member in members:
+            union |= rasterio_oracle(raw_rings(member), 16, 24)
+        mask, _ = decode_png(annotation["coordinates"])
+        marker = annotation["metadata"]["user"]["polyburn"]
+        assert annotation["type"] == "binary" and annotation["label"] == label
+        assert np.array_equal(mask, union), object_id
+        assert marker["key"] == f"instance/{object_id}"
+        assert marker["sourceAnnotations"] == [m["id"] for m in members]
+    assert [o["key"] for o in record["outputs"]] == [
+        "instance/objects/2",
+        "instance/objects/7",
+        "instance/objects/8",
+    ]
+
+
 def test_another_dataset_receives_masks_by_filename(fake_gate):
     src_ds, items = build_dataset(fake_gate, "copy-from", 3, seed=5)
     dst_ds = fake_gate.add_dataset("copy-to", labels=ONTOLOGY)

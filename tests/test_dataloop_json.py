@@ -100,6 +100,26 @@ def test_object_id_read_from_metadata_system():
     assert [a.object_id for a in item.annotations] == [5, None, 9]
 
 
+def test_an_object_id_that_is_no_whole_number_is_kept_as_text_not_rejected():
+    annotations = [
+        seg("a", metadata={"system": {"objectId": "car-1"}}),
+        seg("b", metadata={"system": {"objectId": 2.5}}),
+        seg("c", metadata={"system": {"objectId": {"id": "x" * 50}}}),
+        seg("d", metadata={"system": {"objectId": -3}}),
+        seg("e", metadata={"system": {"objectId": None}}),
+    ]
+    item = parse_item(item_json(annotations), "d/a")
+    assert not item.problems and len(item.annotations) == 5
+    assert [a.object_id for a in item.annotations] == [None, None, None, -3, None]
+    assert [a.bad_object_id for a in item.annotations] == [
+        '"car-1"',
+        "2.5",
+        '{"id": "' + "x" * 31 + "…",  # 40 characters
+        None,
+        None,
+    ]
+
+
 def test_other_types_are_skipped_and_counted():
     annotations = [
         seg(),

@@ -15,6 +15,7 @@ from polyburn.params import MaskOptions, RunParameters
 from tests.support.oracle import (
     EXAMPLES,
     decode_binary,
+    expected_instance,
     expected_semantic,
     load_export,
     rasterio_oracle,
@@ -82,16 +83,17 @@ def test_semantic_masks_are_pixel_exact_against_the_rasterio_oracle(example_run)
         assert (got == expected_semantic(item_json, label_map)).all(), path
 
 
-def test_instance_and_binary_masks_are_pixel_exact(example_run):
+def test_instance_masks_hold_object_ids_and_binary_masks_are_pixel_exact(example_run):
     dest, _, _ = example_run
     for path, item_json in load_export(EXAMPLES / "export").items():
         h = item_json["metadata"]["system"]["height"]
         w = item_json["metadata"]["system"]["width"]
         instance = decode_mask((dest / "instance" / f"{path}.png").read_bytes(), "png")
         table = json.loads((dest / "instance" / f"{path}.json").read_text())["instances"]
-        expected = np.zeros((h, w), np.uint16)
+        expected, members = expected_instance(item_json)
+        assert (instance == expected).all(), path
+        assert {row["id"]: row["annotations"] for row in table} == members, path
         per_label: dict[str, np.ndarray] = {}
-        k = 0
         for a in item_json["annotations"]:
             if a["type"] == "segment":
                 mask = rasterio_oracle(raw_rings(a), h, w)
@@ -99,12 +101,7 @@ def test_instance_and_binary_masks_are_pixel_exact(example_run):
                 mask = decode_binary(a["coordinates"])
             else:
                 continue
-            k += 1
-            expected[mask] = k
-            assert table[k - 1]["annotation"] == a.get("id", a.get("_id"))
             per_label[a["label"]] = per_label.get(a["label"], np.zeros((h, w), bool)) | mask
-        assert (instance == expected).all(), path
-        assert len(table) == k
         for label, mask in per_label.items():
             got = decode_mask((dest / "binary" / label / f"{path}.png").read_bytes(), "png")
             assert (got == mask).all(), (path, label)
@@ -201,6 +198,9 @@ def test_cli_run_exit_codes_and_summary(tmp_path, capsys):
 def test_cli_rejects_bad_options_before_starting_anything(tmp_path, capsys):
     assert main(["run", str(EXAMPLES / "export"), str(tmp_path), "--mode", "semantic,rainbow"]) == 2
     assert "invalid options.modes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["run", str(EXAMPLES / "export"), str(tmp_path), "--instance-id", "label"])
+    assert exited.value.code == 2 and "invalid choice: 'label'" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "missing"), str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "labels.json").write_text('{"car": "one"}')
@@ -217,6 +217,16 @@ def test_cli_rejects_bad_options_before_starting_anything(tmp_path, capsys):
         == 2
     )
     assert "id of 'car' must be an integer" in capsys.readouterr().err
+
+
+def test_cli_passes_the_instance_id_choice_to_the_run_parameters():
+    from polyburn.cli import _parameters, _parser
+
+    def options(*extra):
+        return _parameters(_parser().parse_args(["run", "src", "dst", *extra])).options
+
+    assert options().instance_id == "object"
+    assert options("--instance-id", "shape").instance_id == "shape"
 
 
 def test_cli_validate_reports_without_writing(tmp_path, capsys):
@@ -261,3 +271,48 @@ def test_label_scan_in_the_worker_pool_finds_what_the_serial_scan_finds(tmp_path
     serial = scan_labels(refs, source, 10**8)
     pooled = parallel.collect_labels(refs, source, 10**8, workers=2)
     assert pooled == serial and "only-here" in pooled and len(pooled) > 2
+
+
+@pytest.mark.parametrize("instance_id", ["object", "shape"])
+def test_instance_id_option_reaches_the_burn_workers(tmp_path, instance_id):
+    """``options.instance_id`` crosses into the worker processes: a car in two parts (objectId
+    40) is one instance there, or two with ``shape``; the records carry the objectId reports."""
+    from polyburn import parallel
+    from polyburn.destinations.local import LocalDestination
+    from polyburn.sources.local import LocalSource
+
+    def polygon(aid, x0, x1, object_id):
+        ring = [{"x": x0, "y": 0}, {"x": x1, "y": 0}, {"x": x1, "y": 4}, {"x": x0, "y": 4}]
+        return {
+            "id": aid,
+            "type": "segment",
+            "label": "car",
+            "coordinates": [ring],
+            "metadata": {"system": {"objectId": object_id}},
+        }
+
+    for n in range(3):
+        item = {
+            "id": f"item{n}",
+            "metadata": {"system": {"width": 8, "height": 4}},
+            "annotations": [
+                polygon("left", 0, 3, "40"),
+                polygon("right", 4, 7, 40),
+                polygon("odd", 7, 8, -1),
+            ],
+        }
+        path = tmp_path / "export" / "json" / f"img_{n}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(item))
+    source, dest = LocalSource(tmp_path / "export"), LocalDestination(tmp_path / "masks")
+    options = MaskOptions(modes=["instance"], instance_id=instance_id)
+    records = parallel.process_items(
+        list(source.list_items()), source, dest, options, {"car": 1}, workers=2
+    )
+    assert [r["status"] for r in records] == ["ok"] * 3
+    row = {"object": [40, 40, 40, 0, 40, 40, 40, 41], "shape": [1, 1, 1, 0, 2, 2, 2, 3]}
+    for n in range(3):
+        instance = decode_mask((tmp_path / f"masks/instance/img_{n}.png").read_bytes(), "png")
+        assert (instance == row[instance_id]).all()
+    kinds = [[r["kind"] for r in record["repairs"]] for record in records]
+    assert kinds == ([["object_id_unusable"]] if instance_id == "object" else [[]]) * 3

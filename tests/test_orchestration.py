@@ -54,6 +54,28 @@ def test_parameter_schema_has_defaults_and_descriptions_for_the_ui():
     assert run_parameters["batch_size"]["default"] == 100
     assert "description" in run_parameters["destination"]
     assert definitions["MaskOptions"]["properties"]["modes"]["default"] == ["semantic"]
+    instance_id = definitions["MaskOptions"]["properties"]["instance_id"]
+    assert instance_id["default"] == "object" and instance_id["enum"] == ["object", "shape"]
+    assert "objectId" in instance_id["description"]
+
+
+def test_the_instance_id_choice_is_part_of_the_batch_cache_key():
+    from polyburn.model import ItemRef
+    from tasks.masks import batch_cache_key
+
+    def key(options: MaskOptions) -> str | None:
+        parameters = {
+            "refs": [ItemRef("i1", "street/scene_001", "json/street/scene_001.json", "rev-1")],
+            "source_uri": "src",
+            "destination_uri": "dst",
+            "options": options,
+            "label_map": {"car": 1},
+        }
+        return batch_cache_key(None, parameters)
+
+    default = MaskOptions(modes=["instance"])
+    assert key(default) == key(MaskOptions(modes=["instance"], instance_id="object"))
+    assert key(default) != key(MaskOptions(modes=["instance"], instance_id="shape"))
 
 
 def test_rerun_is_served_from_cache_and_redoes_only_what_changed(export, tmp_path):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from polyburn import raster
 from polyburn.geometry import repair_item
+from polyburn.masks import build_masks
 from polyburn.model import Annotation, Item
 from polyburn.raster import ENGINES, burn
 from tests.support.oracle import (
@@ -222,3 +224,84 @@ def test_random_polygons_match_rasterio_and_the_crossing_oracle(seed, engine):
             assert (got == crossing_oracle(raw, h, w)).all(), f"seed {seed} case {case}"
         checked += 1
     assert checked > 40
+
+
+def _object_item(rng, h, w, n, object_ids):
+    """``n`` random stars (some with holes), labels "a"/"b", objectIds drawn from
+    ``object_ids`` (None: no objectId)."""
+    annotations = []
+    for i in range(n):
+        exterior = _star(rng, rng.uniform(0, w), rng.uniform(0, h), rng.integers(3, 10), 2, 14)
+        if i % 3 == 1:  # tie-heavy: vertices on the half-pixel grid
+            exterior = np.round(exterior * 2) / 2
+        rings = [exterior]
+        if i % 4 == 2:
+            c = exterior.mean(axis=0)
+            rings.append(c + (exterior - c) * 0.4)
+        oid = object_ids[rng.integers(len(object_ids))]
+        label = "ab"[rng.integers(2)]
+        annotations.append(Annotation(f"a{i}", label, "segment", i, oid, rings=rings))
+    return Item("item", "item", w, h, annotations)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_distinct_object_ids_burn_what_dataloops_seed_loop_burns(seed):
+    """For distinct objectIds, the instance mask is the seed loop of Dataloop's guide,
+    ``image = np.where(seg.geo == 1, annotation.object_id, image)`` per annotation, with rasterio
+    as ``seg.geo`` (the exact pixel rule instead of OpenCV's)."""
+    rng = np.random.default_rng(100 + seed)
+    h, w = 40, 48
+    ids = [int(k) for k in rng.permutation(np.arange(1, 400))[:12]]
+    item = _object_item(rng, h, w, 12, [None])
+    for annotation, oid in zip(item.annotations, ids, strict=True):
+        annotation.object_id = oid
+    shapes, _, _ = repair_item(item)
+    kept = {s.annotation.annotation_id for s in shapes}
+    image = np.zeros((h, w), np.uint16)
+    for annotation in item.annotations:
+        if annotation.annotation_id in kept:
+            geo = rasterio_oracle(annotation.rings, h, w)
+            image = np.where(geo == 1, annotation.object_id, image)
+    masks = build_masks(item, shapes, ["instance"], {"a": 1, "b": 2}, np.dtype(np.uint8))
+    assert len(kept) >= 8 and masks.repairs == []
+    assert (masks.instance == image).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shared_and_missing_object_ids_match_a_per_object_rasterio_oracle(
+    seed, engine, monkeypatch
+):
+    """Parts sharing an objectId and label are one instance, other labels with that objectId get
+    fresh ids per label, annotations without one a fresh id each; every part burned with its id by
+    rasterio in draw order. The ids are worked out here from the annotations alone."""
+    rng = np.random.default_rng(200 + seed)
+    h, w = 40, 48
+    item = _object_item(rng, h, w, 16, [None, 3, 3, 9, 9, 20, 70000])
+    shapes, _, _ = repair_item(item)
+    burned_annotations = [s.annotation for s in shapes]
+    labels = {}
+    for a in burned_annotations:
+        if a.object_id is not None and 1 <= a.object_id <= 65535:
+            labels.setdefault(a.object_id, set()).add(a.label)
+    fresh = max(labels, default=0)
+    given: dict[tuple, int] = {}
+    expected = np.zeros((h, w), np.uint16)
+    members: dict[int, list[str]] = {}
+    for a in burned_annotations:
+        if a.object_id in labels and len(labels[a.object_id]) == 1:
+            k = a.object_id
+        elif a.object_id in labels:
+            if (a.object_id, a.label) not in given:
+                fresh += 1
+                given[(a.object_id, a.label)] = fresh
+            k = given[(a.object_id, a.label)]
+        else:
+            fresh += 1
+            k = fresh
+        members.setdefault(k, []).append(a.annotation_id)
+        expected[rasterio_oracle(a.rings, h, w)] = k
+    monkeypatch.setattr(raster, "ENGINE", engine)
+    masks = build_masks(item, shapes, ["instance"], {"a": 1, "b": 2}, np.dtype(np.uint8))
+    assert (masks.instance == expected).all()
+    assert {row["id"]: row["annotations"] for row in masks.instance_table} == members
+    assert len(members) < len(burned_annotations)  # some objects really have several parts

@@ -6,7 +6,10 @@ item itself when it lives in the destination dataset, else the destination's ite
 ``filename``):
 
 * ``semantic``: one annotation per label of the item (the pixels whose semantic id is the label's);
-* ``instance``: one per instance, ``objectId`` = the instance id of the instance mask;
+* ``instance``: one per instance, ``objectId`` = the instance id of the instance mask: with the
+  default ``instance_id="object"`` one per Dataloop object (its parts together), carrying the
+  object's own objectId (a fresh id for annotations without a usable one,
+  :mod:`polyburn.instances`);
 * ``binary``: one per label (the union of that label's shapes, overlaps kept).
 
 The PNG is what dtlpy writes (``dl.Segmentation`` → RGBA, RGB the label colour of the palette,
@@ -276,7 +279,7 @@ class DataloopDestination(Destination):
                     str(entry["label"]),
                     masks.instance == k,
                     object_id=k,
-                    sourceAnnotation=entry.get("annotation"),
+                    sourceAnnotations=list(entry["annotations"]),
                     sourceObjectId=entry.get("object_id"),
                 )
         for label, mask in masks.binary.items():

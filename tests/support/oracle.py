@@ -139,3 +139,56 @@ def describe_difference(got: dict[str, bytes], want: dict[str, bytes]) -> str:
         if keys
     ]
     return "; ".join(parts)
+
+
+def raw_object_id(annotation: dict) -> int | None:
+    """``metadata.system.objectId`` read from the raw JSON as an instance id: an int, an integral
+    float or a digit string from 1 to 65535; None otherwise."""
+    value = ((annotation.get("metadata") or {}).get("system") or {}).get("objectId")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+        return value
+    return None
+
+
+def expected_instance(item_json: dict) -> tuple[np.ndarray, dict[int, list[str]]]:
+    """The instance mask of an exported item with objectId ids, in file order, from the raw
+    JSON: (uint16 mask, id → annotation ids). Same objectId and label: one id; an objectId used
+    by several labels: a fresh id per label; no usable objectId: a fresh id each. Fresh ids count
+    up from the largest usable objectId."""
+    system = item_json["metadata"]["system"]
+    h, w = system["height"], system["width"]
+    burned = []
+    for annotation in item_json["annotations"]:
+        if annotation["type"] == "segment":
+            rings = raw_rings(annotation)
+            if rings:
+                burned.append((annotation, rasterio_oracle(rings, h, w)))
+        elif annotation["type"] == "binary":
+            burned.append((annotation, decode_binary(annotation["coordinates"])))
+    labels: dict[int, set[str]] = {}
+    for annotation, _ in burned:
+        if (oid := raw_object_id(annotation)) is not None:
+            labels.setdefault(oid, set()).add(annotation["label"])
+    fresh = max(labels, default=0)
+    per_label: dict[tuple[int, str], int] = {}
+    out = np.zeros((h, w), dtype=np.uint16)
+    members: dict[int, list[str]] = {}
+    for annotation, mask in burned:
+        oid = raw_object_id(annotation)
+        if oid is not None and len(labels[oid]) == 1:
+            k = oid
+        elif oid is not None:
+            if (oid, annotation["label"]) not in per_label:
+                fresh += 1
+                per_label[(oid, annotation["label"])] = fresh
+            k = per_label[(oid, annotation["label"])]
+        else:
+            fresh += 1
+            k = fresh
+        out[mask] = k
+        members.setdefault(k, []).append(annotation.get("id", annotation.get("_id")))
+    return out, members
