@@ -34,6 +34,7 @@ from polyburn.model import ItemRef
 from polyburn.params import RunParameters
 from polyburn.report import failures_markdown, previews_markdown, summary_table
 from polyburn.state import (
+    create_record,
     destination_clock,
     find_records,
     forget_items,
@@ -321,14 +322,11 @@ def _run_sharded(params, refs, label_map, destination, spool: RecordSpool) -> li
         why = not_processed(outcome)
         for ref in pieces:
             if ref.path not in spool:  # its shard failed, or left it without a record
-                spool.add(
-                    {
-                        "item": ref.item_id,
-                        "path": ref.path,
-                        "status": "failed",
-                        "error": f"{ref.path}: {why}",
-                    }
-                )
+                failed = {"item": ref.item_id, "path": ref.path, "status": "failed"}
+                failed["error"] = f"{ref.path}: {why}"
+                spool.add(failed)
+                # An item never processed anywhere gets this record; a stored one still holds.
+                create_record(destination.state, failed)
     return shard_runs
 
 

@@ -82,6 +82,11 @@ def write_record(store: FileDestination, record: Mapping[str, Any]) -> None:
     store.put_record(record_key(record["path"]), manifest_line(record))
 
 
+def create_record(store: FileDestination, record: Mapping[str, Any]) -> bool:
+    """Store ``record`` as its item's record only if the item has none; False if it has."""
+    return store.create(record_key(record["path"]), manifest_line(record)) is not None
+
+
 def forget_items(store: FileDestination, paths: Iterable[str]) -> None:
     """Delete the records of items that are gone from their source."""
     store.remove([record_key(path) for path in paths])
@@ -345,6 +350,7 @@ def write_snapshot(store: FileDestination, scratch: Path) -> RecordSpool:
 __all__ = [
     "ItemBusyError",
     "ItemLease",
+    "create_record",
     "current_records",
     "destination_clock",
     "find_records",
