@@ -132,6 +132,9 @@ def _burn(
             if destination.retries_in_this_thread() > retried:
                 record["io_retries"] = destination.retries_in_this_thread() - retried
             record["outputs"] = [o.as_dict() for o in outputs]
+            cleanup = destination.take_cleanup(item.path)
+            if cleanup:
+                record["cleanup"] = cleanup
             stale = sorted(set(previous_keys) - {o.key for o in outputs})
             if stale:
                 destination.remove(stale)
