@@ -29,6 +29,7 @@ from polyburn.model import ItemRef
 
 PIXEL_TYPES = ["segment", "binary"]
 IDS_PER_QUERY = 1000  # ids in one ``$in`` list
+ANNOTATIONS_PER_PAGE = api.PAGE_SIZE_MAX
 
 
 def listing_data(raw: Mapping[str, Any]) -> str:
@@ -136,7 +137,7 @@ def annotations_by_item(
             "resource": "annotations",
         }
         what = f"list annotations of {len(chunk)} items of dataset {dataset_id}"
-        for page in api.query_pages(dataset_id, query, what):
+        for page in api.query_pages(dataset_id, query, what, ANNOTATIONS_PER_PAGE):
             for raw in page:
                 item_id = raw.get("itemId") if isinstance(raw, Mapping) else None
                 if item_id in wanted:

@@ -393,6 +393,23 @@ class _Handler(BaseHTTPRequestHandler):
             except (ValueError, UnicodeDecodeError) as exc:
                 body_error = f"malformed JSON body: {exc}"
         headers = {k.lower(): v for k, v in self.headers.items()}
+        gate._enter()
+        try:
+            self._handle(method, path, query, body, body_error, headers, raw)
+        finally:
+            gate._leave()
+
+    def _handle(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        body: Any,
+        body_error: str | None,
+        headers: dict[str, str],
+        raw: bytes,
+    ) -> None:
+        gate = self.gate
 
         def record(status: int | None, fault: str | None = None) -> None:
             gate._record(GateRequest(method, path, body, status, query, headers, fault))
@@ -553,6 +570,8 @@ class FakeGate:
         self.unknown_routes: list[tuple[str, str]] = []
         self.errors: list[str] = []  # tracebacks of bugs inside the fake (answered with 500)
         self.latency = 0.0  # seconds every request waits before it is handled
+        self.in_flight = 0  # requests being handled now
+        self.max_in_flight = 0  # the most handled at once (reset with clear_requests)
         self._short_deletes: int | None = None
         # store
         self.projects: dict[str, dict[str, Any]] = {}
@@ -721,6 +740,16 @@ class FakeGate:
         with self._lock:
             self.requests.clear()
             self.unknown_routes.clear()
+            self.max_in_flight = self.in_flight
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def requests_to(self, route: str, method: str | None = None) -> list[GateRequest]:
         """Logged requests whose path matches the regex ``route`` (and ``method``)."""
