@@ -689,13 +689,7 @@ def query_pages(
         page_body = copy.deepcopy(template)
         if last_id is not None:
             page_body["filter"]["$and"].append({"id": {"$gt": last_id}})
-        result = request(
-            "POST",
-            f"/datasets/{dataset_id}/query",
-            what=what,
-            json_body=page_body,
-            headers={"user_query": "true"},
-        )
+        result = _query(dataset_id, page_body, what)
         if not isinstance(result, Mapping) or not isinstance(result.get("items"), list):
             raise DataloopError(f"Dataloop {what}: the query response has no 'items' list")
         items = result["items"]
@@ -709,21 +703,26 @@ def query_pages(
         last_id = next_id
 
 
+def _query(dataset_id: str, body: Mapping[str, Any], what: str) -> Any:
+    """One ``POST /datasets/{id}/query`` (a user query, as dtlpy marks ``dl.Filters``)."""
+    return request(
+        "POST",
+        f"/datasets/{dataset_id}/query",
+        what=what,
+        json_body=body,
+        headers={"user_query": "true"},
+    )
+
+
 def delete_query(dataset_id: str, body: Mapping[str, Any], what: str) -> int | None:
     """Delete what a DQL query matches: ``POST /datasets/{id}/query`` with ``"delete": true``
     (what ``dataset.annotations.delete(filters=...)`` sends). Returns the count the server says
     it deleted, or None when the reply carries none. Callers that must know what is gone check
     it (the count of a retried request, or a partial delete, is lower than what was asked)."""
-    page_body = copy.deepcopy(dict(body))
-    page_body["delete"] = True
-    page_body.pop("sort", None)
-    result = request(
-        "POST",
-        f"/datasets/{dataset_id}/query",
-        what=what,
-        json_body=page_body,
-        headers={"user_query": "true"},
-    )
+    delete_body = copy.deepcopy(dict(body))
+    delete_body["delete"] = True
+    delete_body.pop("sort", None)
+    result = _query(dataset_id, delete_body, what)
     if isinstance(result, Mapping):
         for key in ("affected", "deleted", "count", "totalItemsCount"):
             value = result.get(key)
