@@ -174,8 +174,9 @@ def _keep_previous_outputs(record: dict[str, Any], previous: Mapping[str, Any]) 
 
 
 def _stored(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The record as stored at the destination: without the preview and the retry hint."""
-    return {k: v for k, v in record.items() if k not in ("preview", "transient")}
+    """The record as stored at the destination: without the preview, the retry hint and the
+    batch's pending cleanup."""
+    return {k: v for k, v in record.items() if k not in ("preview", "transient", "cleanup")}
 
 
 def _preview(ref: ItemRef, source: Source, masks, pal) -> str | None:
