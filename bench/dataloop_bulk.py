@@ -14,8 +14,9 @@ of 96x64 with 1-4 polygons (some with a hole), a running ``prefect server start`
 Reported per run: wall seconds, items/s, requests the gate saw per item (all routes, login and
 dataset look-ups included), peak RSS (main process, one burn worker). The marginal rate is
 ``(n2 - n1) / (t2 - t1)`` between the two smallest sizes. ``--code DIR`` runs the polyburn of
-another checkout (e.g. ``/work/main`` for the figures before this change); the fake gate is
-always this one. Writes ``bench/results/dataloop_bulk.json`` (``--out``).
+another checkout (e.g. an export of the commit before this change); the fake gate is always
+this one. Each invocation stores its figures under ``--label`` in
+``bench/results/dataloop_bulk.json`` (``--out``), keeping the other labels.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--code", help="run the polyburn of this checkout instead")
     parser.add_argument("--runs", default="read,write-back,rewrite")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--label", default="after", help="key of these figures in --out")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     runs = args.runs.split(",")
@@ -184,8 +186,11 @@ def main() -> None:
         "runs": table,
         "marginal_items_per_s": {run: marginal(rows) for run, rows in table.items()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    out = Path(args.out)
+    everything = json.loads(out.read_text()) if out.exists() else {}
+    everything[args.label] = result
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(everything, indent=1) + "\n")
     print(json.dumps(result["marginal_items_per_s"]))
 
 

@@ -233,11 +233,12 @@ class DataloopDestination(Destination):
         # what is still there decides
         check = {"filter": {"$and": [{"id": {"$in": ids}}]}, "resource": "annotations"}
         what = f"check {len(ids)} deleted masks in dataset {self.dataset_id}"
+        asked = set(ids)
         return [
             a["id"]
             for page in api.query_pages(self.dataset_id, check, what)
             for a in page
-            if isinstance(a, Mapping) and a.get("id") in set(ids)
+            if isinstance(a, Mapping) and a.get("id") in asked
         ]
 
     # ------------------------------------------------------------------------- items
