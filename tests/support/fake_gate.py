@@ -1268,8 +1268,15 @@ class FakeGate:
                     docs.append({**item, "annotationsCount": n, "annotated": n > 0})
         elif resource == "annotations":
             item_ids = _item_ids_of(flt)  # some items' annotations: use the index, not a full scan
+            ids = _pinned(flt, "id")
             if item_ids is not None:
                 docs = [a for item_id in item_ids for a in annotations_of(item_id)]
+            elif ids is not None:
+                docs = [
+                    a
+                    for a in (self.annotations.get(i) for i in ids)
+                    if a is not None and a["datasetId"] == dataset_id
+                ]
             else:
                 docs = [a for a in self.annotations.values() if a["datasetId"] == dataset_id]
         else:
@@ -1383,9 +1390,15 @@ class FakeGate:
 def _item_ids_of(flt: Mapping[str, Any]) -> list[str] | None:
     """The item ids a filter pins with a top-level ``{"itemId": "<id>"}`` or
     ``{"itemId": {"$in": [...]}}`` (alone or in ``$and``)."""
+    return _pinned(flt, "itemId")
+
+
+def _pinned(flt: Mapping[str, Any], key: str) -> list[str] | None:
+    """The values a filter pins ``key`` to with a top-level ``{key: "<v>"}`` or
+    ``{key: {"$in": [...]}}`` (alone or in ``$and``); the filter is still applied to them."""
     clauses = [flt, *(c for c in flt.get("$and", []) if isinstance(c, Mapping))]
     for clause in clauses:
-        value = clause.get("itemId")
+        value = clause.get(key)
         if isinstance(value, str):
             return [value]
         if isinstance(value, Mapping) and set(value) == {"$in"} and isinstance(value["$in"], list):
