@@ -135,7 +135,11 @@ def main() -> None:
     gate = FakeGate().start()
     token = gate.allow_token(make_fake_jwt())
     work = Path(tempfile.mkdtemp(prefix="polyburn-bench-dataloop-"))
-    server = start_prefect_server(work / "prefect-home")
+    try:
+        server = start_prefect_server(work / "prefect-home")
+    except BaseException:
+        gate.stop()
+        raise
     extra = {
         "DATALOOP_GATE_URL": gate.api_url,
         "DATALOOP_API_KEY": token,
