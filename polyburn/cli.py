@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the deployment that runs the shards (default polygons-to-masks/shard)",
     )
+    run.add_argument(
+        "--dataloop-concurrency",
+        type=int,
+        metavar="N",
+        help="Dataloop requests in flight per process (default 8; env "
+        "POLYBURN_DATALOOP_CONCURRENCY)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.set_defaults(handler=_run)
@@ -206,6 +213,11 @@ def _validation_message(exc) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     params = _parameters(args)
+    if args.dataloop_concurrency is not None:
+        if args.dataloop_concurrency < 1:
+            raise ConfigError("--dataloop-concurrency must be at least 1")
+        # the environment reaches the burn workers this run starts
+        os.environ["POLYBURN_DATALOOP_CONCURRENCY"] = str(args.dataloop_concurrency)
     _check_before_prefect(params)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

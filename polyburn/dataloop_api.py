@@ -69,6 +69,12 @@ call). The contract:
   default a quarter of the limit, at most 10). A concurrency limit (acquire, lease, release) cost
   55-185 ms per call: prefer a rate limit, and a Postgres-backed Prefect server when it is on.
 
+* **Requests in flight** (:func:`in_flight`): at most ``POLYBURN_DATALOOP_CONCURRENCY``
+  (default 8) requests of one process are on the wire at once; each attempt holds one slot of a
+  process-wide semaphore while it runs (not while it sleeps before a retry). The Prefect limit
+  above still caps the whole fleet. :func:`concurrency` is the setting, which callers also use
+  to size the threads that keep that many requests in flight.
+
 * **SDK cost**: ``gen_request``'s decorator walks the Python stack with ``inspect.stack()``
   before each request (1-3 ms inside a Prefect task, measured); :func:`request` calls the
   undecorated method and does the decorator's token check itself.
@@ -116,6 +122,8 @@ ENV_TIMEOUT = "POLYBURN_DATALOOP_TIMEOUT"
 ENV_LIMIT = "POLYBURN_DATALOOP_LIMIT"
 ENV_LIMIT_TTL = "POLYBURN_DATALOOP_LIMIT_TTL"
 ENV_LIMIT_BATCH = "POLYBURN_DATALOOP_LIMIT_BATCH"
+ENV_CONCURRENCY = "POLYBURN_DATALOOP_CONCURRENCY"
+DEFAULT_CONCURRENCY = 8
 DEFAULT_LIMIT = "dataloop-api"
 CONNECT_TIMEOUT = 10.0
 PAGE_SIZE_MAX = 1000
@@ -474,7 +482,7 @@ def call(
     for attempt in range(1, policy.attempts + 1):
         retry_after: float | None = None
         try:
-            with throttled():
+            with throttled(), in_flight():
                 return fn()
         except _Retryable as exc:
             last, retry_after = str(exc), exc.retry_after
@@ -681,13 +689,7 @@ def query_pages(
         page_body = copy.deepcopy(template)
         if last_id is not None:
             page_body["filter"]["$and"].append({"id": {"$gt": last_id}})
-        result = request(
-            "POST",
-            f"/datasets/{dataset_id}/query",
-            what=what,
-            json_body=page_body,
-            headers={"user_query": "true"},
-        )
+        result = _query(dataset_id, page_body, what)
         if not isinstance(result, Mapping) or not isinstance(result.get("items"), list):
             raise DataloopError(f"Dataloop {what}: the query response has no 'items' list")
         items = result["items"]
@@ -699,6 +701,58 @@ def query_pages(
         if not isinstance(next_id, str) or (last_id is not None and next_id <= last_id):
             raise DataloopError(f"Dataloop {what}: keyset paging did not advance past {last_id}")
         last_id = next_id
+
+
+def _query(dataset_id: str, body: Mapping[str, Any], what: str) -> Any:
+    """One ``POST /datasets/{id}/query`` (a user query, as dtlpy marks ``dl.Filters``)."""
+    return request(
+        "POST",
+        f"/datasets/{dataset_id}/query",
+        what=what,
+        json_body=body,
+        headers={"user_query": "true"},
+    )
+
+
+def delete_query(dataset_id: str, body: Mapping[str, Any], what: str) -> int | None:
+    """Delete what a DQL query matches: ``POST /datasets/{id}/query`` with ``"delete": true``
+    (what ``dataset.annotations.delete(filters=...)`` sends). Returns the count the server says
+    it deleted, or None when the reply carries none. Callers that must know what is gone check
+    it (the count of a retried request, or a partial delete, is lower than what was asked)."""
+    delete_body = copy.deepcopy(dict(body))
+    delete_body["delete"] = True
+    delete_body.pop("sort", None)
+    result = _query(dataset_id, delete_body, what)
+    if isinstance(result, Mapping):
+        for key in ("affected", "deleted", "count", "totalItemsCount"):
+            value = result.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
+
+
+# ------------------------------------------------------------------------------------ in flight
+_flight_lock = threading.Lock()
+_flight: tuple[int, threading.BoundedSemaphore] | None = None
+
+
+def concurrency() -> int:
+    """Dataloop requests one process keeps in flight: ``POLYBURN_DATALOOP_CONCURRENCY``
+    (default 8, at least 1)."""
+    return max(1, int(env_float(ENV_CONCURRENCY, DEFAULT_CONCURRENCY)))
+
+
+@contextlib.contextmanager
+def in_flight() -> Iterator[None]:
+    """Hold one of the process's :func:`concurrency` request slots while the block runs."""
+    global _flight
+    size = concurrency()
+    with _flight_lock:
+        if _flight is None or _flight[0] != size:
+            _flight = (size, threading.BoundedSemaphore(size))
+        semaphore = _flight[1]
+    with semaphore:
+        yield
 
 
 # ------------------------------------------------------------------------------------ context

@@ -20,13 +20,16 @@ class ItemRef:
     (``folder/img_001``); outputs mirror it. ``locator`` is what the source needs to load the item
     (a file path for a local export, an item id for Dataloop). ``revision`` is a cheap change
     marker known at listing time (file size and mtime, or the item's ``updatedAt``); empty when
-    unknown, which disables result caching for the batch holding the item.
+    unknown, which disables result caching for the batch holding the item. ``data`` is what the
+    listing already said about the item, for sources that can load from it without asking again
+    (a Dataloop item's compact JSON; empty otherwise); it is not part of the item's identity.
     """
 
     item_id: str
     path: str
     locator: str
     revision: str = ""
+    data: str = field(default="", compare=False, repr=False)
 
 
 @dataclass
@@ -103,6 +106,9 @@ class Item:
     problems: list[Problem] = field(default_factory=list)
     revision: str = ""
     filename: str = ""
+    own_outputs: list[dict[str, Any]] | None = field(default=None, repr=False)
+    """Raw JSON of the outputs of an earlier polyburn run stored on the item itself (skipped as
+    input), when the source read them with the item; None when it did not look."""
 
 
 @dataclass

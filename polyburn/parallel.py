@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -121,7 +121,10 @@ def collect_labels(
     """:func:`~polyburn.pipeline.scan_labels` over ``refs``; with ``workers`` > 1 in the burn
     pool (which the burn then reuses), ``SCAN_CHUNK`` items per job."""
     if workers <= 1 or len(refs) <= SCAN_CHUNK:
-        return scan_labels(refs, source, max_pixels)
+        labels: set[str] = set()
+        for k in range(0, len(refs), SCAN_CHUNK):
+            labels |= scan_labels(_preload(refs[k : k + SCAN_CHUNK], source), source, max_pixels)
+        return labels
     jobs = [
         (refs[k : k + SCAN_CHUNK], source.uri, max_pixels) for k in range(0, len(refs), SCAN_CHUNK)
     ]
@@ -130,7 +133,15 @@ def collect_labels(
 
 def _scan(job: tuple) -> set[str]:
     refs, source_uri, max_pixels = job
-    return scan_labels(refs, _worker_source(source_uri), max_pixels)
+    source = _worker_source(source_uri)
+    return scan_labels(_preload(refs, source), source, max_pixels)
+
+
+def _preload(refs: Sequence[ItemRef], source: Source) -> list[ItemRef]:
+    """``refs`` as the source's ``preload`` returns them (items and annotations read in bulk,
+    e.g. Dataloop), or unchanged for sources that load item by item."""
+    preload = getattr(source, "preload", None)
+    return preload(list(refs)) if preload is not None else list(refs)
 
 
 def _worker_source(uri: str) -> Source:
@@ -143,9 +154,38 @@ def _worker_source(uri: str) -> Source:
 def _run_jobs(
     jobs: list[tuple], source: Source, destination: Destination, workers: int
 ) -> list[dict[str, Any]]:
+    """The jobs' records: refs preloaded in bulk first (when the source can), items run
+    ``destination.concurrent_items`` at a time per process (threads, for destinations that
+    wait on the network), then ``destination.finish_batch`` on all the records."""
+    refs = _preload([job[0] for job in jobs], source)
+    jobs = [(ref, *job[1:]) for ref, job in zip(refs, jobs, strict=True)]
+    threads = max(1, int(getattr(destination, "concurrent_items", 1)))
     if workers <= 1 or len(jobs) < 2:
+        records = _work_all(jobs, threads, source, destination)
+    else:
+        size = max(1, len(jobs) // (4 * workers))
+        groups = [(jobs[k : k + size], threads) for k in range(0, len(jobs), size)]
+        records = [r for group in _pool_map(_work_group, groups, workers) for r in group]
+    destination.finish_batch(records)
+    return records
+
+
+def _work_group(job: tuple) -> list[dict[str, Any]]:
+    """A worker's share of a batch: ``(jobs, threads)``."""
+    jobs, threads = job
+    return _work_all(jobs, threads)
+
+
+def _work_all(
+    jobs: list[tuple],
+    threads: int,
+    source: Source | None = None,
+    destination: Destination | None = None,
+) -> list[dict[str, Any]]:
+    if threads <= 1 or len(jobs) < 2:
         return [_work(job, source, destination) for job in jobs]
-    return _pool_map(_work, jobs, workers, chunksize=max(1, len(jobs) // (4 * workers)))
+    with ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="polyburn-item") as pool:
+        return list(pool.map(lambda job: _work(job, source, destination), jobs))
 
 
 def _pool_map(fn, jobs: list[tuple], workers: int, chunksize: int = 1) -> list:

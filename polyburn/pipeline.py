@@ -132,6 +132,9 @@ def _burn(
             if destination.retries_in_this_thread() > retried:
                 record["io_retries"] = destination.retries_in_this_thread() - retried
             record["outputs"] = [o.as_dict() for o in outputs]
+            cleanup = destination.take_cleanup(item.path)
+            if cleanup:
+                record["cleanup"] = cleanup
             stale = sorted(set(previous_keys) - {o.key for o in outputs})
             if stale:
                 destination.remove(stale)
@@ -171,8 +174,9 @@ def _keep_previous_outputs(record: dict[str, Any], previous: Mapping[str, Any]) 
 
 
 def _stored(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The record as stored at the destination: without the preview and the retry hint."""
-    return {k: v for k, v in record.items() if k not in ("preview", "transient")}
+    """The record as stored at the destination: without the preview, the retry hint and the
+    batch's pending cleanup."""
+    return {k: v for k, v in record.items() if k not in ("preview", "transient", "cleanup")}
 
 
 def _preview(ref: ItemRef, source: Source, masks, pal) -> str | None:

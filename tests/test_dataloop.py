@@ -13,6 +13,7 @@ Retries sleep at most a few tens of milliseconds (``POLYBURN_DATALOOP_BACKOFF_*`
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import logging
@@ -266,7 +267,8 @@ def test_transient_faults_heal_inside_the_budget(fake_gate, big_dataset, monkeyp
         fake_gate.inject(route, "reset", times=1),
         fake_gate.inject(route, "stall", times=1, seconds=0.3, then="close"),
     ]
-    assert source.load(next(source.list_items()), 10**8).item_id == item_id
+    bare = dataclasses.replace(next(source.list_items()), data="")  # nothing from the listing
+    assert source.load(bare, 10**8).item_id == item_id
     assert [f.hits for f in faults] == [1, 1, 1, 1]
     statuses = [r.status for r in fake_gate.requests_to(route)][-5:]
     assert statuses == [429, 500, None, None, 200]
@@ -411,16 +413,17 @@ def test_faults_during_a_write_back_run_heal(fake_gate):
     ds, items = build_dataset(fake_gate, "healing", 20, seed=3)
     uploads = r"/items/[0-9a-f]{24}/annotations$"
     faults = [
-        fake_gate.inject(QUERY, "http429", times=2),
-        fake_gate.inject(r"/items/[0-9a-f]{24}$", "http503", times=3),
-        fake_gate.inject(r"/items/[0-9a-f]{24}$", "http500", times=2),
+        fake_gate.inject(QUERY, "http429", times=2),  # the listing: 4 failures, then served
+        fake_gate.inject(QUERY, "http503", times=2),
+        fake_gate.inject(QUERY, "http500", times=3, after=1),  # a bulk annotation query
         fake_gate.inject(r"/ontologies/", "reset", times=1),
         fake_gate.inject(uploads, "lost_response", times=2, method="POST"),  # stored, reply lost
         fake_gate.inject(uploads, "http502", times=2, method="POST"),
     ]
     state, summary = run_flow(f"dataloop://{ds}", "dataloop://", options={"modes": ["instance"]})
     assert state.is_completed() and summary["failed"] == 0, summary["failures"]
-    assert [f.hits for f in faults] == [2, 3, 2, 1, 2, 2]
+    assert [f.hits for f in faults] == [2, 2, 3, 1, 2, 2]
+    assert not fake_gate.requests_to(r"/items/[0-9a-f]{24}$", "GET")  # the listing had them
     for item in pixel_items(items):  # a lost reply never duplicated an upload
         keys = [a["metadata"]["user"]["polyburn"]["key"] for a in ours(fake_gate, item["id"])]
         assert len(keys) == len(set(keys)) > 0
@@ -430,24 +433,27 @@ def test_faults_during_a_write_back_run_heal(fake_gate):
 def test_a_fault_that_does_not_heal_fails_only_its_items(fake_gate, tmp_path):
     ds, items = build_dataset(fake_gate, "broken", 8, seed=4)
     unreadable, unwritable = items[2]["id"], items[5]["id"]
-    fake_gate.inject(rf"/items/{unreadable}$", "http500", times=None, message="disk on fire")
+    # every annotation query naming the unreadable item fails: its page of 3 items fails
+    fake_gate.inject(QUERY, "http500", times=None, message="disk on fire", body=unreadable)
     fake_gate.inject(rf"/items/{unwritable}/annotations$", "reset", times=None, method="POST")
-    state, summary = run_flow(f"dataloop://{ds}", "dataloop://", options={"modes": ["semantic"]})
-    assert state.is_completed()
-    assert summary["items"] == 8 and summary["failed"] == 2 and summary["ok"] == 6
-    errors = {f["path"]: f["error"] for f in summary["failures"]}
-    assert errors["folder2/img_002"] == (
-        "folder2/img_002: Dataloop get item "
-        f"{unreadable}: gave up after 5 attempts in " + errors["folder2/img_002"].split(" in ")[1]
+    state, summary = run_flow(
+        f"dataloop://{ds}", "dataloop://", options={"modes": ["semantic"]}, batch_size=3
     )
-    assert errors["folder2/img_002"].endswith("HTTP 500: disk on fire")
+    assert state.is_completed()
+    assert summary["items"] == 8 and summary["failed"] == 4 and summary["ok"] == 4
+    errors = {f["path"]: f["error"] for f in summary["failures"]}
+    page = [f"folder{k}/img_00{k}" for k in range(3)]
+    assert sorted(errors) == sorted([*page, "folder2/img_005"])
+    for path in page:
+        assert errors[path].startswith(f"{path}: reading the annotations of 3 items ")
+        assert "gave up after 5 attempts" in errors[path]
+        assert errors[path].endswith("HTTP 500: disk on fire")
     assert re.search(r"upload \d masks to item", errors["folder2/img_005"])
     assert "ConnectionError" in errors["folder2/img_005"]
     assert "\n" not in "".join(errors.values())
-    assert not ours(fake_gate, unwritable) and not ours(fake_gate, unreadable)
-    assert all(
-        ours(fake_gate, it["id"]) for it in items if it["id"] not in (unreadable, unwritable)
-    )
+    failed_ids = {items[k]["id"] for k in range(3)} | {unwritable}
+    assert not any(ours(fake_gate, i) for i in failed_ids)
+    assert all(ours(fake_gate, it["id"]) for it in items if it["id"] not in failed_ids)
 
 
 # ------------------------------------------------------------------------------------ destination
@@ -492,7 +498,11 @@ def test_a_failed_upload_batch_rolls_back_and_keeps_the_previous_masks(fake_gate
     monkeypatch.setattr(api, "request", real)
 
     record = process_item(ref, source, destination, instance, {"dot": 1})
-    assert record["status"] == "ok" and len(ours(fake_gate, item["id"])) == 120
+    assert record["status"] == "ok" and record["cleanup"] == [before[0]["id"]]
+    assert len(ours(fake_gate, item["id"])) == 121  # the old mask stays until its batch ends
+    destination.finish_batch([record])
+    assert record["status"] == "ok" and "cleanup" not in record
+    assert len(ours(fake_gate, item["id"])) == 120
 
 
 def test_write_back_is_one_binary_annotation_per_object_carrying_its_object_id(fake_gate):

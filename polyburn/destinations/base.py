@@ -97,6 +97,16 @@ class Destination(ABC):
         count; callers take differences around one item's work)."""
         return 0
 
+    def take_cleanup(self, path: str) -> Any:
+        """Work :meth:`publish_item` left for :meth:`finish_batch` for the item at ``path``
+        (popped; None when there is none). :func:`~polyburn.pipeline.process_item` puts it in the
+        item's record as ``cleanup``, so it reaches the process that runs the batch."""
+        return None
+
+    def finish_batch(self, records: list[dict[str, Any]]) -> None:  # noqa: B027 - optional
+        """After every item of a batch was published: do the ``cleanup`` the records carry (and
+        remove that field); an item whose cleanup failed gets ``status`` "failed"."""
+
     def recover(self) -> None:  # noqa: B027 - optional for destinations
         """Clean up what a killed earlier run left behind (temp files, unfinished uploads)."""
 

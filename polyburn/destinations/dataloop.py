@@ -23,14 +23,20 @@ parsing skips any annotation with that key (:data:`polyburn.dataloop_json.POLYBU
 only annotations with ``tool == "polyburn"`` are ever updated or deleted: human annotations are
 never touched.
 
-**Replace, never duplicate.** :meth:`DataloopDestination.publish_item` reads the item's polyburn
-annotations, keeps those whose ``(key, sha256)`` equal a mask to write (so a re-run with nothing
-changed writes nothing), uploads the others, and only then deletes the old ones it no longer
-needs: a crash leaves the old masks (possibly next to some new ones, which the next run
-reconciles), never an item without masks. Uploads go in batches of 100 (as dtlpy does); each
-batch's reply must list exactly what was sent, else the item fails and this call's new
-annotations are deleted again. A batch whose connection broke after the server stored it is found
-again by its ``batch`` marker and not re-sent.
+**Replace, never duplicate.** :meth:`DataloopDestination.publish_item` takes the item's polyburn
+annotations (from the item when the source read them with it, else one query), keeps those whose
+``(key, sha256)`` equal a mask to write (so a re-run with nothing changed writes nothing), and
+uploads the others in one call per item (up to 100 masks per call, as dtlpy does). The reply must
+list exactly what was sent, else the item fails and this call's new annotations are deleted
+again. An upload whose connection broke after the server stored it is found again by its
+``batch`` marker and not re-sent. The old annotations it no longer needs are removed only after
+that, for a whole batch of items at once: :meth:`publish_item` leaves their ids to
+:meth:`take_cleanup` (the record carries them to the process that ran the batch) and
+:meth:`finish_batch` deletes them with one query-based bulk delete per 1,000 ids
+(``POST /datasets/{id}/query`` with ``"delete": true``, limited to polyburn's ``binary``
+annotations). When the server deletes fewer than asked, the ids still there are looked up and
+exactly the items holding them fail. A crash at any point leaves the old masks (possibly next to
+some new ones, which the next run reconciles), never an item without masks.
 
 **Run state** (:attr:`DataloopDestination.state`: item records, item leases, label map and
 manifest, as for a folder destination) lives in a local state folder,
@@ -49,6 +55,7 @@ import functools
 import hashlib
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -61,7 +68,7 @@ import polyburn
 from polyburn import dataloop_api as api
 from polyburn.destinations.base import LABEL_MAP_KEY, Destination, OutputRecord
 from polyburn.destinations.local import LocalDestination
-from polyburn.errors import ConfigError, ItemError, PolyburnError
+from polyburn.errors import ConfigError, ItemError, PolyburnError, TransientError
 from polyburn.keys import safe_relpath, safe_segment
 from polyburn.labels import parse_label_map
 from polyburn.masks import ItemMasks
@@ -72,6 +79,8 @@ log = logging.getLogger("polyburn.dataloop")
 
 TOOL = "polyburn"
 UPLOAD_BATCH = 100
+DELETE_BATCH = 1000  # ids in one bulk delete
+CLEANUP = "cleanup"  # the record field carrying replaced annotation ids to finish_batch
 ENV_STATE_DIR = "POLYBURN_STATE_DIR"
 
 
@@ -120,6 +129,9 @@ class DataloopDestination(Destination):
         self._state = LocalDestination(state if state is not None else state_dir(self.dataset_id))
         self._label_map: dict[str, int] | None = None
         self._user_email: str | None = None
+        self._cleanup: dict[str, list[str]] = {}
+        self._cleanup_lock = threading.Lock()
+        self.concurrent_items = api.concurrency()
 
     @classmethod
     def from_uri(cls, uri: str, source_dataset: str | None = None) -> DataloopDestination:
@@ -162,8 +174,72 @@ class DataloopDestination(Destination):
         return self._state.write_file(key, source)
 
     def remove(self, keys: Sequence[str]) -> None:
-        """Nothing to do: :meth:`publish_item` already deleted every polyburn annotation of the
-        item that the new outputs do not include."""
+        """Nothing to do: :meth:`finish_batch` deletes every polyburn annotation of the item that
+        the new outputs do not include."""
+
+    def take_cleanup(self, path: str) -> list[str] | None:
+        """The annotation ids :meth:`publish_item` replaced for the item at ``path`` (once)."""
+        with self._cleanup_lock:
+            return self._cleanup.pop(path, None)
+
+    def finish_batch(self, records: list[dict[str, Any]]) -> None:
+        """Delete the replaced annotations the records carry (``cleanup``), one bulk delete per
+        :data:`DELETE_BATCH` ids; an item whose old annotations are not all gone fails (its
+        new masks stay; the next run removes the old ones)."""
+        owners: dict[str, dict[str, Any]] = {}
+        for record in records:
+            for annotation_id in record.pop(CLEANUP, None) or ():
+                owners[annotation_id] = record
+        failed: dict[int, tuple[dict[str, Any], str, bool]] = {}
+        ids = sorted(owners)
+        for start in range(0, len(ids), DELETE_BATCH):
+            chunk = ids[start : start + DELETE_BATCH]
+            try:
+                left = self._bulk_delete(chunk)
+                reason, transient = f"{len(left)} of {len(chunk)} still there", False
+            except PolyburnError as exc:
+                left, reason, transient = chunk, str(exc), isinstance(exc, TransientError)
+            for annotation_id in left:
+                record = owners[annotation_id]
+                failed.setdefault(id(record), (record, reason, transient))
+        for record, reason, transient in failed.values():
+            record.update(
+                status="failed",
+                error=f"{record.get('path')}: Dataloop did not delete the masks it replaced "
+                f"({reason}); the next run removes them",
+            )
+            if transient:
+                record["transient"] = True
+
+    def _bulk_delete(self, ids: list[str]) -> list[str]:
+        """Delete polyburn's annotations ``ids`` in one query; returns the ids still there."""
+        query = {
+            "filter": {
+                "$and": [
+                    {"id": {"$in": ids}},
+                    {"type": "binary"},
+                    {"metadata.user.polyburn.tool": TOOL},
+                ]
+            },
+            "resource": "annotations",
+            "page": 0,
+            "pageSize": api.PAGE_SIZE_MAX,
+        }
+        what = f"delete {len(ids)} replaced masks in dataset {self.dataset_id}"
+        count = api.delete_query(self.dataset_id, query, what)
+        if count == len(ids):
+            return []
+        # fewer than asked (a partial delete, or a retried request whose first try applied):
+        # what is still there decides
+        check = {"filter": {"$and": [{"id": {"$in": ids}}]}, "resource": "annotations"}
+        what = f"check {len(ids)} deleted masks in dataset {self.dataset_id}"
+        asked = set(ids)
+        return [
+            a["id"]
+            for page in api.query_pages(self.dataset_id, check, what)
+            for a in page
+            if isinstance(a, Mapping) and a.get("id") in asked
+        ]
 
     # ------------------------------------------------------------------------- items
     def publish_item(
@@ -171,12 +247,16 @@ class DataloopDestination(Destination):
     ) -> list[OutputRecord]:
         """Make the item's polyburn annotations equal to ``masks`` (see the module docstring).
 
-        Raises ItemError (upload incomplete, no destination item) or the Dataloop errors of
-        :mod:`polyburn.dataloop_api`; the item then keeps its previous masks.
+        The replaced annotations are deleted later, by :meth:`finish_batch` (their ids wait in
+        :meth:`take_cleanup`). Raises ItemError (upload incomplete, no destination item) or the
+        Dataloop errors of :mod:`polyburn.dataloop_api`; the item then keeps its previous masks.
         """
         target = self._target_item(item)
         planned = self._plan(item, masks, palette)
-        existing = self._existing(target)
+        if item.own_outputs is not None and target == item.item_id:
+            existing = [a for a in item.own_outputs if _is_ours(a, target)]
+        else:
+            existing = self._existing(target)
         pool: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for annotation in existing:
             marker = annotation["metadata"]["user"]["polyburn"]
@@ -194,8 +274,9 @@ class DataloopDestination(Destination):
         stale = [a for group in pool.values() for a in group]
 
         sizes = self._upload(target, item, to_upload) if to_upload else {}
-        for annotation in stale:
-            self._delete(annotation["id"], item.path)
+        if stale:
+            with self._cleanup_lock:
+                self._cleanup[item.path] = [a["id"] for a in stale]
 
         path = safe_relpath(item.path)
         records = []

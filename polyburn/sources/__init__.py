@@ -11,7 +11,12 @@ from polyburn.model import Item, ItemRef
 
 
 class Source(Protocol):
-    """Lists items cheaply and loads one item (with its annotations) at a time."""
+    """Lists items cheaply and loads one item (with its annotations) at a time.
+
+    A source whose items sit behind a remote API may also offer ``preload(refs) -> refs``: the
+    same refs carrying what :meth:`load` needs, read in bulk (see
+    :meth:`polyburn.sources.dataloop.DataloopSource.preload`); callers use it when present.
+    """
 
     uri: str
 

@@ -6,9 +6,13 @@
   yields each page's items before asking for the next: memory holds one page whatever the dataset
   size. ``--filter`` (a DQL filter object, or a query object with a ``filter`` key) and
   ``--updated-since`` (item ``updatedAt`` after that instant) are ANDed in.
-* :meth:`DataloopSource.load` reads the raw item JSON (``GET /items/{id}``) and the item's raw
-  ``segment``/``binary`` annotation JSON (the same query endpoint, ``resource: annotations``), then
-  parses them with :func:`polyburn.dataloop_json.parse_item`. Raw JSON and not dtlpy entities:
+* :meth:`DataloopSource.preload` reads the annotations of a whole batch of listed items at once
+  (:mod:`polyburn.dataloop_bulk`: one paged ``itemId $in`` annotation query per 1,000 items) and
+  returns refs that carry them; :meth:`DataloopSource.load` then asks nothing. For a ref that was
+  not preloaded, ``load`` takes the item JSON from the listing (``GET /items/{id}`` only when the
+  ref has none) and asks for the item's raw ``segment``/``binary`` annotation JSON (the same query
+  endpoint, ``resource: annotations``). Either way the JSON is parsed with
+  :func:`polyburn.dataloop_json.parse_item`. Raw JSON and not dtlpy entities:
   ``dl.Polygon`` keeps ring 0 only, so holes would be lost; and unparsable entities are dropped by
   the SDK with only a log line. Annotations written by polyburn are skipped by ``parse_item``.
 * :meth:`DataloopSource.labels` reads the dataset's first recipe's first ontology (the one
@@ -28,7 +32,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from polyburn import dataloop_api as api
-from polyburn.dataloop_json import BINARY, DEFAULT_MAX_PIXELS, POLYGON, parse_item
+from polyburn import dataloop_bulk as bulk
+from polyburn.dataloop_json import BINARY, DEFAULT_MAX_PIXELS, POLYBURN_MARKER, POLYGON, parse_item
 from polyburn.errors import ConfigError, ItemError
 from polyburn.keys import item_path_from_filename
 from polyburn.model import Item, ItemRef
@@ -149,6 +154,7 @@ class DataloopSource:
                     path=item_path_from_filename(filename),
                     locator=item_id,
                     revision=_revision(raw),
+                    data=bulk.listing_data(raw),
                 )
 
     def check(self) -> None:
@@ -157,21 +163,30 @@ class DataloopSource:
         next(api.query_pages(self.dataset_id, self.items_query(), what, 1), None)
 
     # -------------------------------------------------------------------------------- loading
+    def preload(self, refs: list[ItemRef]) -> list[ItemRef]:
+        """``refs`` carrying their item JSON and annotations, read in bulk (one query per 1,000
+        items); a ref whose query failed carries the error, raised by :meth:`load`."""
+        return bulk.preload(self.dataset_id, refs)
+
     def load(self, ref: ItemRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> Item:
         """The item with its polygon and binary annotations (all rings kept)."""
         item_id = ref.locator
-        try:
-            data = api.request("GET", f"/items/{item_id}", what=f"get item {item_id}")
-        except api.DataloopNotFound:
-            raise ItemError(ref.path, f"item {item_id} no longer exists in Dataloop") from None
+        data, annotations = bulk.unpack(ref)
+        if data is None:
+            try:
+                data = api.request("GET", f"/items/{item_id}", what=f"get item {item_id}")
+            except api.DataloopNotFound:
+                raise ItemError(ref.path, f"item {item_id} no longer exists in Dataloop") from None
         if not isinstance(data, Mapping):
             raise ItemError(ref.path, "Dataloop returned an item that is not a JSON object")
         if data.get("datasetId") not in (None, self.dataset_id):
             raise ItemError(ref.path, f"item {item_id} is not in dataset {self.dataset_id}")
         item = dict(data)
-        item["annotations"] = self.annotations_json(item_id)
+        item["annotations"] = self.annotations_json(item_id) if annotations is None else annotations
         api.remember_item(item_id, self.dataset_id)
-        return parse_item(item, ref.path, max_pixels=max_pixels)
+        parsed = parse_item(item, ref.path, max_pixels=max_pixels)
+        parsed.own_outputs = [a for a in item["annotations"] if _marked(a)]
+        return parsed
 
     def annotations_json(self, item_id: str) -> list[dict[str, Any]]:
         """Raw JSON of the item's ``segment`` and ``binary`` annotations, ordered by id."""
@@ -192,6 +207,15 @@ class DataloopSource:
         if self._labels is None:
             self._labels = ontology_labels(self.dataset)
         return dict(self._labels) or None
+
+
+def _marked(annotation: Any) -> bool:
+    """An annotation carrying polyburn's marker (an output of an earlier run)."""
+    if not isinstance(annotation, Mapping):
+        return False
+    metadata = annotation.get("metadata")
+    user = metadata.get("user") if isinstance(metadata, Mapping) else None
+    return isinstance(user, Mapping) and POLYBURN_MARKER in user
 
 
 def _revision(raw: Mapping[str, Any]) -> str:

@@ -14,7 +14,9 @@ Routes (all under ``/api/v1``; everything else is a 404 recorded in ``gate.unkno
     GET    /users/me                     401 unless the bearer token was ``allow_token``-ed
     GET    /projects/{id}
     GET    /datasets/{id}
-    POST   /datasets/{id}/query          resource items|annotations, DQL filter, join, sort, paging
+    POST   /datasets/{id}/query          resource items|annotations, DQL filter, join, sort, paging;
+                                         with ``"delete": true`` (annotations) deletes every match
+                                         and answers ``{"affected": <count>}``
     POST   /datasets/{id}/export         JSON export (command finishes immediately)
     GET    /commands/{id}
     GET    /items/{id}
@@ -37,6 +39,11 @@ and Dataloop's glob equality for ``filename``/``dir`` (``"/a/**"``: ``**`` match
 with a JSON ``message``.
 
 Fault injection: ``gate.inject(route_regex, kind, times=N, ...)``; see ``FakeGate.inject``.
+``gate.short_deletes(n)`` makes the next bulk delete remove (and count) at most ``n`` matches.
+
+Latency: ``gate.latency = 0.05`` delays every request by 50 ms before it is handled (a remote API
+in the same region); requests are served concurrently, each on its own thread. ``gate.requests``
+logs every request (count them per route with ``requests_to``).
 """
 
 from __future__ import annotations
@@ -317,11 +324,14 @@ class Fault:
     message: str = "injected fault"
     hits: int = 0
     after: int = 0  # let this many matching requests through before the fault applies
+    body: re.Pattern[str] | None = None  # only requests whose raw body matches
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, body: str = "") -> bool:
         if self.remaining is not None and self.remaining <= 0:
             return False
         if self.method is not None and self.method != method:
+            return False
+        if self.body is not None and self.body.search(body) is None:
             return False
         return self.pattern.search(path) is not None
 
@@ -383,11 +393,30 @@ class _Handler(BaseHTTPRequestHandler):
             except (ValueError, UnicodeDecodeError) as exc:
                 body_error = f"malformed JSON body: {exc}"
         headers = {k.lower(): v for k, v in self.headers.items()}
+        gate._enter()
+        try:
+            self._handle(method, path, query, body, body_error, headers, raw)
+        finally:
+            gate._leave()
+
+    def _handle(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        body: Any,
+        body_error: str | None,
+        headers: dict[str, str],
+        raw: bytes,
+    ) -> None:
+        gate = self.gate
 
         def record(status: int | None, fault: str | None = None) -> None:
             gate._record(GateRequest(method, path, body, status, query, headers, fault))
 
-        fault = gate._take_fault(method, path)
+        if gate.latency > 0:
+            time.sleep(gate.latency)
+        fault = gate._take_fault(method, path, raw.decode("utf-8", "replace"))
         if fault is not None and fault.kind != "lost_response" and self._apply_fault(fault, record):
             return
 
@@ -540,6 +569,10 @@ class FakeGate:
         self.requests: list[GateRequest] = []
         self.unknown_routes: list[tuple[str, str]] = []
         self.errors: list[str] = []  # tracebacks of bugs inside the fake (answered with 500)
+        self.latency = 0.0  # seconds every request waits before it is handled
+        self.in_flight = 0  # requests being handled now
+        self.max_in_flight = 0  # the most handled at once (reset with clear_requests)
+        self._short_deletes: int | None = None
         # store
         self.projects: dict[str, dict[str, Any]] = {}
         self.datasets: dict[str, dict[str, Any]] = {}
@@ -622,6 +655,7 @@ class FakeGate:
         then: str = "respond",
         message: str = "injected fault",
         after: int = 0,
+        body: str | None = None,
     ) -> Fault:
         """Make the next ``times`` requests whose path matches ``route`` fail.
 
@@ -640,8 +674,9 @@ class FakeGate:
           connection (RST) instead of answering: a client cannot tell whether it was applied.
 
         ``after=N`` lets the first N matching requests through untouched (e.g. fail only the
-        second upload batch). Faults are checked before authentication; the first matching
-        fault wins.
+        second upload batch). ``body`` (a regex) restricts the fault to requests whose raw body
+        matches it (e.g. the bulk query naming one item id). Faults are checked before
+        authentication; the first matching fault wins.
         """
         if not (
             kind in ("stall", "reset", "lost_response") or re.fullmatch(r"http[1-5]\d\d", kind)
@@ -666,6 +701,7 @@ class FakeGate:
             then=then,
             message=message,
             after=after,
+            body=re.compile(body) if body is not None else None,
         )
         with self._lock:
             self._faults.append(fault)
@@ -674,11 +710,18 @@ class FakeGate:
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._short_deletes = None
 
-    def _take_fault(self, method: str, path: str) -> Fault | None:
+    def short_deletes(self, at_most: int) -> None:
+        """The next bulk delete (a query with ``"delete": true``) removes and counts at most
+        ``at_most`` of its matches (the rest stay), as a server that gave up part way."""
+        with self._lock:
+            self._short_deletes = at_most
+
+    def _take_fault(self, method: str, path: str, body: str = "") -> Fault | None:
         with self._lock:
             for fault in self._faults:
-                if fault.matches(method, path):
+                if fault.matches(method, path, body):
                     if fault.after > 0:
                         fault.after -= 1
                         continue
@@ -697,6 +740,16 @@ class FakeGate:
         with self._lock:
             self.requests.clear()
             self.unknown_routes.clear()
+            self.max_in_flight = self.in_flight
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def requests_to(self, route: str, method: str | None = None) -> list[GateRequest]:
         """Logged requests whose path matches the regex ``route`` (and ``method``)."""
@@ -1214,9 +1267,16 @@ class FakeGate:
                     n = len(annotations_of(item["id"]))
                     docs.append({**item, "annotationsCount": n, "annotated": n > 0})
         elif resource == "annotations":
-            item_id = _item_id_of(flt)  # an item's annotations: use the index, not a full scan
-            if item_id is not None:
-                docs = annotations_of(item_id)
+            item_ids = _item_ids_of(flt)  # some items' annotations: use the index, not a full scan
+            ids = _pinned(flt, "id")
+            if item_ids is not None:
+                docs = [a for item_id in item_ids for a in annotations_of(item_id)]
+            elif ids is not None:
+                docs = [
+                    a
+                    for a in (self.annotations.get(i) for i in ids)
+                    if a is not None and a["datasetId"] == dataset_id
+                ]
             else:
                 docs = [a for a in self.annotations.values() if a["datasetId"] == dataset_id]
         else:
@@ -1233,6 +1293,17 @@ class FakeGate:
         for key, direction in reversed(list(sort.items())):
             descending = direction in ("descending", -1)
             matched.sort(key=lambda d, k=key: _sort_key(d, k), reverse=descending)
+
+        if body.get("delete") is True:
+            if resource != "annotations":
+                raise DqlError("the fake gate deletes annotations only")
+            if self._short_deletes is not None:
+                matched, self._short_deletes = matched[: self._short_deletes], None
+            now = self.now_iso()
+            for doc in matched:
+                self.annotations.pop(doc["id"], None)
+                self.items[doc["itemId"]]["updatedAt"] = now
+            return {"affected": len(matched)}
 
         total = len(matched)
         start = page * page_size
@@ -1316,13 +1387,22 @@ class FakeGate:
         return copy.deepcopy(self.commands[cid])
 
 
-def _item_id_of(flt: Mapping[str, Any]) -> str | None:
-    """The item id a filter pins with a top-level ``{"itemId": "<id>"}`` (alone or in ``$and``)."""
+def _item_ids_of(flt: Mapping[str, Any]) -> list[str] | None:
+    """The item ids a filter pins with a top-level ``{"itemId": "<id>"}`` or
+    ``{"itemId": {"$in": [...]}}`` (alone or in ``$and``)."""
+    return _pinned(flt, "itemId")
+
+
+def _pinned(flt: Mapping[str, Any], key: str) -> list[str] | None:
+    """The values a filter pins ``key`` to with a top-level ``{key: "<v>"}`` or
+    ``{key: {"$in": [...]}}`` (alone or in ``$and``); the filter is still applied to them."""
     clauses = [flt, *(c for c in flt.get("$and", []) if isinstance(c, Mapping))]
     for clause in clauses:
-        value = clause.get("itemId")
+        value = clause.get(key)
         if isinstance(value, str):
-            return value
+            return [value]
+        if isinstance(value, Mapping) and set(value) == {"$in"} and isinstance(value["$in"], list):
+            return sorted({v for v in value["$in"] if isinstance(v, str)})
     return None
 
 
