@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,11 +50,12 @@ def listing_data(raw: Mapping[str, Any]) -> str:
     return json.dumps({"item": item}, separators=(",", ":"))
 
 
-def unpack(ref: ItemRef) -> tuple[dict[str, Any] | None, list[Any] | None]:
-    """The item JSON and the raw annotations ``ref.data`` carries (None for what it lacks).
-    Raises the error a failed preload recorded for this item."""
+def unpack(ref: ItemRef) -> tuple[dict[str, Any] | None, list[Any] | None, float | None]:
+    """The item JSON and the raw annotations ``ref.data`` carries (None for what it lacks), and
+    when the annotations were read (seconds since the epoch, this host's clock). Raises the error
+    a failed preload recorded for this item."""
     if not ref.data:
-        return None, None
+        return None, None, None
     data = json.loads(ref.data)
     error = data.get("error")
     if error:
@@ -61,7 +63,9 @@ def unpack(ref: ItemRef) -> tuple[dict[str, Any] | None, list[Any] | None]:
             raise TransientError(error)
         raise ItemError(ref.path, error)
     annotations = data.get("annotations")
-    return dict(data["item"]), annotations if isinstance(annotations, list) else None
+    if not isinstance(annotations, list):
+        return dict(data["item"]), None, None
+    return dict(data["item"]), annotations, data.get("read_at")
 
 
 def preload(dataset_id: str, refs: Sequence[ItemRef]) -> list[ItemRef]:
@@ -76,6 +80,7 @@ def preload(dataset_id: str, refs: Sequence[ItemRef]) -> list[ItemRef]:
 def _preload_chunk(dataset_id: str, refs: Sequence[ItemRef]) -> list[ItemRef]:
     ids = [ref.locator for ref in refs]
     span = f"{len(ids)} items {ids[0]}..{ids[-1]}" if ids else "no items"
+    read_at = time.time()
     try:
         items = _items_json(dataset_id, refs)
         annotations = annotations_by_item(dataset_id, ids)
@@ -93,7 +98,11 @@ def _preload_chunk(dataset_id: str, refs: Sequence[ItemRef]) -> list[ItemRef]:
         if item is None:
             out.append(_failed(ref, f"item {ref.locator} no longer exists in Dataloop", False))
             continue
-        payload = {"item": item, "annotations": annotations.get(ref.locator, [])}
+        payload = {
+            "item": item,
+            "annotations": annotations.get(ref.locator, []),
+            "read_at": read_at,
+        }
         out.append(dataclasses.replace(ref, data=json.dumps(payload, separators=(",", ":"))))
     return out
 

@@ -109,6 +109,9 @@ class Item:
     own_outputs: list[dict[str, Any]] | None = field(default=None, repr=False)
     """Raw JSON of the outputs of an earlier polyburn run stored on the item itself (skipped as
     input), when the source read them with the item; None when it did not look."""
+    read_at: float | None = None
+    """When the source read the item's annotations ahead of processing it (a bulk read, seconds
+    since the epoch), or None when it read them just now."""
 
 
 @dataclass

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from polyburn.destinations import Destination
@@ -18,12 +19,16 @@ from polyburn.manifest import output_keys
 from polyburn.masks import build_masks
 from polyburn.model import Item, ItemRef
 from polyburn.sources import Source
-from polyburn.state import ItemLease, read_record, settle_label_map, write_record
+from polyburn.state import ItemLease, read_record, record_key, settle_label_map, write_record
 
 if TYPE_CHECKING:  # burn workers import this module: no pydantic, no PIL there
     from polyburn.params import MaskOptions
 
 log = logging.getLogger("polyburn")
+
+READ_AHEAD_MARGIN = 2.0
+"""Seconds of clock difference allowed between this host and the destination's store when
+deciding whether an item read ahead may be older than its stored record."""
 
 
 def process_item(
@@ -64,8 +69,18 @@ def process_item(
         lease = ItemLease(state, ref.path)
         lease.acquire()
         previous = read_record(state, ref.path) or {}
+        stored_at = _stored_at(state, ref.path) if previous else None
         record, touched = _burn(
-            ref, source, destination, options, label_map, colours, output_keys(previous), preview
+            ref,
+            source,
+            destination,
+            options,
+            label_map,
+            colours,
+            output_keys(previous),
+            preview,
+            stored_at,
+            previous.get("revision"),
         )
         if record["status"] != "ok":
             _keep_previous_outputs(record, previous)
@@ -93,8 +108,16 @@ def _burn(
     colours: Mapping[str, tuple[int, int, int]] | None,
     previous_keys: Sequence[str],
     preview: bool,
+    stored_at: Callable[[], float | None] | None = None,
+    stored_revision: str | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """The record of one item and whether its outputs at the destination started to change."""
+    """The record of one item and whether its outputs at the destination started to change.
+
+    An item the source read ahead (a bulk read, ``item.read_at``) is read again here when its
+    stored record is of another revision (``stored_revision``) and ``stored_at()`` says it was
+    stored after that read, give or take ``READ_AHEAD_MARGIN``: another run may have written a
+    newer version since, and the last writer must have read the newest one.
+    """
     record: dict[str, Any] = {
         "item": ref.item_id,
         "path": ref.path,
@@ -104,6 +127,10 @@ def _burn(
     touched = False
     try:
         item = source.load(ref, options.max_pixels)
+        if item.read_at is not None and stored_at is not None and item.revision != stored_revision:
+            when = stored_at()
+            if when is not None and when >= item.read_at - READ_AHEAD_MARGIN:
+                item = source.load(dataclasses.replace(ref, data=""), options.max_pixels)
         record.update(_describe(item))
         shapes, repairs, problems = repair_item(item)
         record["repairs"] = [r.as_dict() for r in repairs]
@@ -156,6 +183,16 @@ def _fail(record: dict[str, Any], ref: ItemRef, exc: Exception) -> None:
     else:
         log.debug("unexpected error on %s", ref.path, exc_info=True)
         record.update(status="failed", error=f"{ref.path}: {type(exc).__name__}: {exc}")
+
+
+def _stored_at(state, path: str) -> Callable[[], float | None]:
+    """When the item's record was stored (the store's clock), asked only when needed."""
+
+    def when() -> float | None:
+        key = record_key(path)
+        return next((e.modified for e in state.entries(key) if e.key == key), None)
+
+    return when
 
 
 def _finish(record: dict[str, Any], started: float, retries: int) -> dict[str, Any]:

@@ -411,6 +411,7 @@ def test_write_back_replaces_instead_of_duplicating(fake_gate, tmp_path, caplog)
 @pytest.mark.usefixtures("prefect_api")
 def test_faults_during_a_write_back_run_heal(fake_gate):
     ds, items = build_dataset(fake_gate, "healing", 20, seed=3)
+    fake_gate.clear_requests()  # the gate serves the whole session: count this test's only
     uploads = r"/items/[0-9a-f]{24}/annotations$"
     faults = [
         fake_gate.inject(QUERY, "http429", times=2),  # the listing: 4 failures, then served

@@ -275,3 +275,43 @@ def test_a_one_item_run_makes_a_handful_of_requests(fake_gate):
     asked = [(r.method, r.path) for r in fake_gate.requests]
     assert len(fake_gate.requests_to(QUERY)) == 3, asked  # the item, its labels, its burn
     assert len(asked) <= 10, asked  # + dataset, recipe and ontology look-ups and the upload
+
+
+def test_an_item_read_ahead_is_read_again_when_another_run_stored_a_newer_version(
+    fake_gate, tmp_path
+):
+    """Run A reads a page in bulk; the item is edited and run B (reading it now) stores the new
+    version; when A reaches the item under its lease, it reads it again instead of writing the
+    older version over B's."""
+    from polyburn.destinations.local import LocalDestination
+    from polyburn.state import read_record
+
+    ds, items = build_dataset(fake_gate, "read-ahead", 6, seed=5)
+    source = DataloopSource.from_uri(f"dataloop://{ds}")
+    ref = next(r for r in source.list_items() if r.item_id == items[1]["id"])
+    (ahead,) = source.preload([ref])  # run A's bulk read
+    unchanged = dataclasses.replace(ahead)  # nothing stored since: no second read
+
+    polygon = next(a for a in theirs(fake_gate, ref.item_id) if a["label"] == "road")
+    fake_gate.annotations[polygon["id"]]["coordinates"] = [
+        [{"x": 0, "y": 0}, {"x": 24, "y": 0}, {"x": 24, "y": 16}, {"x": 0, "y": 16}]
+    ]
+    fake_gate.update_item(ref.item_id)
+    destination = LocalDestination(tmp_path / "masks")
+    options = MaskOptions(modes=["semantic"])
+    fresh = process_item(ref, source, destination, options, LABELS)  # run B, reads it now
+    assert fresh["status"] == "ok"
+
+    fake_gate.clear_requests()
+    late = process_item(ahead, source, destination, options, LABELS)  # run A, later
+    assert late["status"] == "ok" and late["revision"] == fresh["revision"]
+    assert fake_gate.requests_to(ITEM_GETS, "GET")  # it read the item again
+    assert read_record(destination.state, ref.path)["outputs"] == [
+        dict(o, written=False) for o in fresh["outputs"]
+    ]
+
+    other = LocalDestination(tmp_path / "other")
+    assert process_item(unchanged, source, other, options, LABELS)["status"] == "ok"
+    fake_gate.clear_requests()
+    again = process_item(unchanged, source, other, options, LABELS)  # its own record: same run
+    assert again["status"] == "ok" and not fake_gate.requests

@@ -171,7 +171,7 @@ class DataloopSource:
     def load(self, ref: ItemRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> Item:
         """The item with its polygon and binary annotations (all rings kept)."""
         item_id = ref.locator
-        data, annotations = bulk.unpack(ref)
+        data, annotations, read_at = bulk.unpack(ref)
         if data is None:
             try:
                 data = api.request("GET", f"/items/{item_id}", what=f"get item {item_id}")
@@ -186,6 +186,7 @@ class DataloopSource:
         api.remember_item(item_id, self.dataset_id)
         parsed = parse_item(item, ref.path, max_pixels=max_pixels)
         parsed.own_outputs = [a for a in item["annotations"] if _marked(a)]
+        parsed.read_at = read_at
         return parsed
 
     def annotations_json(self, item_id: str) -> list[dict[str, Any]]:
