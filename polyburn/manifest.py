@@ -1,24 +1,23 @@
-"""The run manifest and the run's counts, kept on disk as batches finish.
+"""Manifest lines, and a run's records and counts kept on disk as batches finish.
 
-The manifest is one JSON line per item (sorted keys), sorted by item path, written last and
-atomically. A run's records are spooled to a temporary file as they arrive
+A manifest is one JSON line per item record (sorted keys), sorted by item path (see
+:mod:`polyburn.state` for where records live and when ``manifest.jsonl`` is written). Records are
+spooled to a temporary file as they arrive
 (:class:`RecordSpool`): the run keeps a ``path → (offset, length)`` index and running counts
 (:class:`RunCounts`), not the records, so its memory does not grow with the records' size.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import tempfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from polyburn.destinations.base import MANIFEST_KEY, Destination
 from polyburn.losses import MAX_LISTED_LOSSES, ListedByPath, empty_entry, is_empty, rejections_of
 
 MAX_LISTED_FAILURES = 1000
@@ -63,19 +62,6 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[tuple[int, bytes, dict[st
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 continue
             yield start, line, record
-
-
-def read_previous_manifest(destination: Destination, into: Path) -> dict[str, list[str]]:
-    """Download the destination's manifest to ``into`` (an empty file when there is none) and
-    return item path → output keys of its records."""
-    if not destination.read_file(MANIFEST_KEY, into):
-        into.write_bytes(b"")
-    return {record["path"]: output_keys(record) for _, _, record in iter_manifest(into)}
-
-
-def manifest_paths(path: str | os.PathLike) -> dict[str, str | None]:
-    """Item path → item id of every record of a manifest file."""
-    return {record["path"]: record.get("item") for _, _, record in iter_manifest(path)}
 
 
 class RunCounts:
@@ -204,38 +190,9 @@ class RecordSpool:
         for path in sorted(self._index):
             yield path, self._line(path)
 
-    def write_manifest(
-        self,
-        target: Path,
-        previous: str | os.PathLike | None = None,
-        gone: Sequence[str] = (),
-    ) -> Path:
-        """Write the manifest to the local file ``target`` and return it.
-
-        Without ``previous`` it lists this run's records only (a full run). With ``previous`` (a
-        manifest file, for a partial run) it lists that file's records, replaced by this run's
-        records of the same path, without the paths in ``gone`` (deleted at the source).
-        """
-        streams: list[Iterator[tuple[str, bytes]]] = [self._sorted_lines()]
-        if previous is not None:
-            streams.append(_kept_lines(previous, set(self._index) | set(gone)))
+    def write_manifest(self, target: Path) -> Path:
+        """Write the records as a manifest to the local file ``target`` and return it."""
         with open(target, "wb") as handle:
-            for _, line in heapq.merge(*streams, key=lambda pair: pair[0]):
+            for _, line in self._sorted_lines():
                 handle.write(line)
         return target
-
-
-def _kept_lines(manifest: str | os.PathLike, dropped: set[str]) -> Iterator[tuple[str, bytes]]:
-    """``(path, line)`` of a manifest file's records not in ``dropped``, sorted by path; only
-    an index is held in memory. A path listed twice keeps its last line."""
-    index = {
-        record["path"]: (offset, len(line))
-        for offset, line, record in iter_manifest(manifest)
-        if record["path"] not in dropped
-    }
-    with open(manifest, "rb") as handle:
-        for path in sorted(index):
-            offset, length = index[path]
-            handle.seek(offset)
-            line = handle.read(length)
-            yield path, line if line.endswith(b"\n") else line + b"\n"
