@@ -184,7 +184,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     refs = list_items(params.source, item_filter, since, _local_item_ids(params))
     batches = chunk(refs, params.batch_size)
     logger.info("%d items from %s in %d batches", len(refs), params.source, len(batches))
-    label_map, colours = _label_map(params, refs)
+    label_map, colours = _label_map(params, refs, source_for(params.source, item_filter, since))
 
     with (
         tempfile.TemporaryDirectory(prefix="polyburn-run-") as folder,
@@ -258,10 +258,9 @@ def _is_full_run(params: RunParameters) -> bool:
     )
 
 
-def _label_map(params: RunParameters, refs: list[ItemRef]):
+def _label_map(params: RunParameters, refs: list[ItemRef], source):
     """(label map, colours) of the run: a shard's from its parent, else settled at the
     destination with the labels found in ``refs`` (unless a label map file is given)."""
-    source = source_for(params.source, _item_filter(params), params.updated_since)
     declared = source.labels()
     colours = dict(declared) if declared else None
     if params.shard_of is not None:

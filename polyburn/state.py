@@ -39,7 +39,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from polyburn.destinations.base import LABEL_MAP_KEY, MANIFEST_KEY, FileDestination
+from polyburn.destinations.base import (
+    LABEL_MAP_KEY,
+    MANIFEST_KEY,
+    FileDestination,
+    StoredEntry,
+)
 from polyburn.errors import TransientError
 from polyburn.keys import safe_relpath
 from polyburn.labels import dump_label_map, extend_label_map, parse_label_map
@@ -127,8 +132,8 @@ def stale_record_keys(store: FileDestination, refs: Iterable[Any], before: float
     listed = {record_key(ref.path) for ref in refs}
     return [
         entry.key
-        for entry in store.entries(RECORDS)
-        if entry.key.endswith(".json") and entry.key not in listed and entry.modified < before
+        for entry in _record_entries(store)
+        if entry.key not in listed and entry.modified < before
     ]
 
 
@@ -280,8 +285,13 @@ def settle_label_map(store: FileDestination, labels: Iterable[str]) -> dict[str,
 
 
 # ---------------------------------------------------------------------------- the current view
+def _record_entries(store: FileDestination) -> list[StoredEntry]:
+    """The listing of every stored record (temp or foreign files under the prefix left out)."""
+    return [entry for entry in store.entries(RECORDS) if entry.key.endswith(".json")]
+
+
 def _record_keys(store: FileDestination) -> list[str]:
-    return [entry.key for entry in store.entries(RECORDS) if entry.key.endswith(".json")]
+    return [entry.key for entry in _record_entries(store)]
 
 
 def _read_many(store: FileDestination, keys: list[str]) -> Iterator[dict[str, Any]]:
