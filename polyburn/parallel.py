@@ -20,7 +20,6 @@ import multiprocessing.context
 import multiprocessing.spawn
 import os
 import random
-import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 
 ITEM_RETRIES = 3
 ITEM_RETRY_DELAY = float(os.environ.get("POLYBURN_ITEM_RETRY_DELAY", "1.0"))  # seconds
-_PR_SET_PDEATHSIG = 1
+PARENT_CHECK_SECONDS = 0.5
 _pool: ProcessPoolExecutor | None = None
 _pool_size = 0
 _lock = threading.Lock()
@@ -245,15 +244,19 @@ def _steady_malloc() -> None:
 
 
 def _die_with_parent(parent: int) -> None:
-    """A killed run must not leave its workers behind (Linux: the kernel sends SIGTERM to the
-    worker when its parent dies)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: workers exit when the pool's pipe closes
-        pass
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    """A killed run must not leave its workers behind: a daemon thread of the worker exits it
+    within ``PARENT_CHECK_SECONDS`` of its parent process going away.
+
+    Not ``PR_SET_PDEATHSIG``: Linux sends that signal when the *thread* that spawned the worker
+    ends, and a flow's task threads end while the shared pool lives on for later batches.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
         os._exit(0)
+
+    threading.Thread(target=watch, name="polyburn-parent-watch", daemon=True).start()
 
 
 def _shared_pool(workers: int) -> ProcessPoolExecutor:

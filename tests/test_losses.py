@@ -145,9 +145,7 @@ def test_cli_summary_names_each_rejection_and_each_item_with_nothing_to_burn(
 
 @pytest.fixture()
 def no_pool_left():
-    """Burn workers get SIGTERM when the thread that spawned them ends (PR_SET_PDEATHSIG is per
-    thread), here a flow's task thread: discard the shared pool so no later test inherits one
-    whose workers are gone."""
+    """Discard the shared burn pool this test started, so later tests start with none."""
     yield
     if parallel._pool is not None:
         parallel._discard_pool(parallel._pool)
