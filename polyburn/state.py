@@ -9,7 +9,8 @@ prefix itself, or the local state folder of a Dataloop destination):
     outputs, while it holds the item's lease; one atomic write.
 ``.polyburn/leases/<item path>.json``
     The item's lease: who is writing the item's outputs and record (host, pid, expiry). At
-    most one run holds it; it is deleted when the record is written. A lease whose holder is gone
+    most one run holds it; its holder renews the expiry while it writes, and deletes the lease
+    when the record is written. A lease whose holder is gone
     (a dead process of this host, an expiry passed, or marked abandoned after a failed write)
     marks the item *unfinished*: its outputs may be a mix, so the next run that lists the item
     processes it again (never from Prefect's cache) and takes the lease over.
@@ -33,6 +34,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -166,6 +168,9 @@ class ItemLease:
         self.owner = uuid.uuid4().hex
         self.tag: str | None = None
         self.taken_over = False
+        self.lost = False
+        self.renewed = 0.0
+        self._lock = threading.Lock()
 
     def _body(self, abandoned: bool = False) -> bytes:
         return json.dumps(
@@ -185,14 +190,17 @@ class ItemLease:
         deadline = time.monotonic() + wait
         delay = 0.005
         while True:
+            self.renewed = time.monotonic()
             self.tag = self.store.create(self.key, self._body())
             if self.tag is not None:
+                _renewals.add(self)
                 return
             held = self.store.get_tagged(self.key)
             if held is not None and lease_is_stale(held[0]):
                 self.tag = self.store.replace(self.key, self._body(), held[1])
                 if self.tag is not None:
                     self.taken_over = True
+                    _renewals.add(self)
                     return
                 continue  # another run took it over first
             if held is None:
@@ -202,17 +210,75 @@ class ItemLease:
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 0.5)
 
+    def renew(self) -> None:
+        """Push the lease's expiry ``LEASE_SECONDS`` ahead again (compare-and-swap); done every
+        ``LEASE_SECONDS / 3`` while it is held, so an item that takes longer than
+        ``LEASE_SECONDS`` to write keeps its lease. A lease another run took over meanwhile
+        (this process stalled past the expiry) is marked ``lost``."""
+        with self._lock:
+            if self.tag is None:
+                return
+            self.renewed = time.monotonic()
+            tag = self.store.replace(self.key, self._body(), self.tag)
+            if tag is None:
+                self.lost = True
+                log.warning("%s: lease was taken over while this run was writing", self.path)
+            self.tag = tag
+
     def release(self) -> None:
         """Give the lease up: the item's outputs and record are complete."""
-        if self.tag is not None and not self.store.remove_if(self.key, self.tag):
-            log.warning("%s: lease was taken over before it was released", self.path)
-        self.tag = None
+        _renewals.discard(self)
+        with self._lock:
+            if self.tag is not None and not self.store.remove_if(self.key, self.tag):
+                log.warning("%s: lease was taken over before it was released", self.path)
+            self.tag = None
 
     def abandon(self) -> None:
         """Give the lease up leaving the item marked unfinished (a write failed half-way)."""
-        if self.tag is not None:
-            self.store.replace(self.key, self._body(abandoned=True), self.tag)
-        self.tag = None
+        _renewals.discard(self)
+        with self._lock:
+            if self.tag is not None:
+                self.store.replace(self.key, self._body(abandoned=True), self.tag)
+            self.tag = None
+
+
+class _Renewals:
+    """The leases this process holds, renewed by one daemon thread started on first use."""
+
+    def __init__(self) -> None:
+        self._held: set[ItemLease] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: ItemLease) -> None:
+        with self._lock:
+            self._held.add(lease)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="polyburn-lease-renewal", daemon=True
+                )
+                self._thread.start()
+
+    def discard(self, lease: ItemLease) -> None:
+        with self._lock:
+            self._held.discard(lease)
+
+    def _run(self) -> None:
+        while True:
+            every = LEASE_SECONDS / 3
+            time.sleep(min(every / 4, 1.0))
+            with self._lock:
+                due = [le for le in self._held if time.monotonic() - le.renewed >= every]
+            for lease in due:
+                try:
+                    lease.renew()
+                except Exception:  # noqa: BLE001 - the store failed: try again next round
+                    log.debug("renewing %s failed", lease.path, exc_info=True)
+                if lease.tag is None:
+                    self.discard(lease)
+
+
+_renewals = _Renewals()
 
 
 def lease_is_stale(data: bytes, now: float | None = None) -> bool:

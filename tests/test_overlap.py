@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from flows.polygons_to_masks import polygons_to_masks
+from polyburn import state
 from polyburn.destinations import open_destination
 from polyburn.destinations.local import LocalDestination
 from polyburn.params import MaskOptions, RunParameters
@@ -236,6 +237,34 @@ def test_an_item_lease_is_exclusive_and_a_dead_holders_lease_is_taken_over(dest_
         raise RuntimeError("upload failed")
     assert unfinished_items(store) == {"a/c"}
     assert store.get_tagged(lease_key("a/c")) is not None
+
+
+def test_a_lease_held_longer_than_its_expiry_is_renewed_and_a_taken_over_one_is_lost(
+    dest_uri, monkeypatch
+):
+    """A writer busy for several lease lifetimes (a long video) keeps its lease: its stored
+    expiry moves ahead, so another host never takes it over. A lease taken over while held
+    (this process stalled past the expiry) is marked lost, not silently overwritten."""
+    monkeypatch.setattr(state, "LEASE_SECONDS", 0.6)
+    store = open_destination(dest_uri).state
+    with item_lease(store, "long/video") as lease:
+        time.sleep(2.0)  # over three lease lifetimes
+        body = json.loads(store.get_tagged(lease_key("long/video"))[0])
+        assert body["owner"] == lease.owner and body["expires"] > time.time()
+        assert not state.lease_is_stale(json.dumps(dict(body, host="another-host")).encode())
+        assert not lease.lost
+    assert store.entries(LEASES) == []
+
+    lease = ItemLease(store, "stolen")
+    lease.acquire()
+    held = store.get_tagged(lease_key("stolen"))
+    assert store.replace(lease_key("stolen"), b'{"owner": "another run"}', held[1]) is not None
+    deadline = time.monotonic() + 10
+    while not lease.lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lease.lost
+    lease.release()  # leaves the other run's lease alone
+    assert store.get_tagged(lease_key("stolen"))[0] == b'{"owner": "another run"}'
 
 
 # ------------------------------------------------------------------ real runs, overlapping
