@@ -19,7 +19,14 @@ from polyburn.manifest import output_keys
 from polyburn.masks import build_masks
 from polyburn.model import Item, ItemRef
 from polyburn.sources import Source
-from polyburn.state import ItemLease, read_record, record_key, settle_label_map, write_record
+from polyburn.state import (
+    ItemBusyError,
+    ItemLease,
+    read_record,
+    record_key,
+    settle_label_map,
+    write_record,
+)
 
 if TYPE_CHECKING:  # burn workers import this module: no pydantic, no PIL there
     from polyburn.params import MaskOptions
@@ -82,6 +89,8 @@ def process_item(
             stored_at,
             previous.get("revision"),
         )
+        if lease.lost:  # another run took the item over: its record, not ours, is stored
+            raise ItemBusyError(f"{ref.path}: another run took the item over while it was written")
         if record["status"] != "ok":
             _keep_previous_outputs(record, previous)
         write_record(state, _stored(_finish(record, started, retries)))

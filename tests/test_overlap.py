@@ -267,6 +267,34 @@ def test_a_lease_held_longer_than_its_expiry_is_renewed_and_a_taken_over_one_is_
     assert store.get_tagged(lease_key("stolen"))[0] == b'{"owner": "another run"}'
 
 
+def test_a_writer_whose_lease_was_taken_over_stores_no_record(tmp_path, monkeypatch):
+    """The item is taken over while this run loads it (it stalled past the expiry): the run
+    stores no record over the new holder's and reports the item busy (retried later)."""
+    from polyburn.pipeline import process_item, scan_labels
+    from polyburn.sources import open_source
+
+    monkeypatch.setattr(state, "LEASE_SECONDS", 0.3)
+    source = open_source(str(make_export(tmp_path / "export")))
+    destination = LocalDestination(tmp_path / "dest")
+    (ref,) = source.find(["batch000/img_000000"])
+    label_map = settle_label_map(destination.state, scan_labels([ref], source, 10**8))
+    load = source.load
+
+    def stalled_load(ref, max_pixels):
+        key = lease_key(ref.path)
+        held = destination.state.get_tagged(key)
+        assert destination.state.replace(key, b'{"owner": "another run"}', held[1])
+        time.sleep(1.0)  # the renewal finds the lease gone
+        return load(ref, max_pixels)
+
+    monkeypatch.setattr(source, "load", stalled_load)
+    record = process_item(ref, source, destination, MaskOptions(modes=MODES), label_map)
+    assert record["status"] == "failed" and record.get("transient")
+    assert "took the item over" in record["error"]
+    assert destination.state.get_tagged(record_key(ref.path)) is None
+    assert destination.state.get_tagged(lease_key(ref.path))[0] == b'{"owner": "another run"}'
+
+
 # ------------------------------------------------------------------ real runs, overlapping
 @pytest.mark.usefixtures("prefect_api")
 def test_one_item_runs_and_a_full_run_at_once_lose_nothing(dest_uri, tmp_path, request):
