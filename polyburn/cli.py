@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
         help="what an instance mask pixel holds: the Dataloop objectId (parts of one object "
         "share it) or the shape's number in draw order",
     )
+    run.add_argument(
+        "--frames",
+        default="span",
+        choices=["span", "all"],
+        help="video items: masks for the frames from the first object's first frame to the last "
+        "object's last frame (span), or for every frame of the video (all)",
+    )
     run.add_argument("--batch-size", type=int, default=100)
     run.add_argument("--max-pixels", type=int, default=None)
     run.add_argument("--strict", action="store_true", help="fail the flow run on any failure")
@@ -183,6 +190,7 @@ def _parameters(args: argparse.Namespace):
         "draw_order": args.draw_order,
         "instance_id": args.instance_id,
         "skip_empty": args.skip_empty,
+        "frames": args.frames,
     }
     if args.max_pixels is not None:
         options["max_pixels"] = args.max_pixels

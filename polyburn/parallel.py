@@ -73,6 +73,7 @@ def process_items(
         options.max_pixels,
         options.skip_empty,
         options.instance_id,
+        options.frames,
     )
     jobs = [
         (
@@ -110,6 +111,7 @@ class _Options(NamedTuple):
     max_pixels: int
     skip_empty: bool
     instance_id: str
+    frames: str = "span"
 
 
 SCAN_CHUNK = 50  # items per job of a label scan

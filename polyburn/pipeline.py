@@ -20,6 +20,7 @@ from polyburn.masks import build_masks
 from polyburn.model import Item, ItemRef
 from polyburn.sources import Source
 from polyburn.state import ItemLease, read_record, record_key, settle_label_map, write_record
+from polyburn.video_burn import VideoBurn
 
 if TYPE_CHECKING:  # burn workers import this module: no pydantic, no PIL there
     from polyburn.params import MaskOptions
@@ -132,6 +133,11 @@ def _burn(
             if when is not None and when >= item.read_at - READ_AHEAD_MARGIN:
                 item = source.load(dataclasses.replace(ref, data=""), options.max_pixels)
         record.update(_describe(item))
+        if item.video is not None:  # frame by frame
+            video = VideoBurn(item, destination, options, label_map, colours)
+            touched = video.will_write
+            video.run(previous_keys, record)
+            return record, touched
         shapes, repairs, problems = repair_item(item)
         record["repairs"] = [r.as_dict() for r in repairs]
         record["problems"] += [p.as_dict() for p in problems]
@@ -239,7 +245,7 @@ def _describe(item: Item) -> dict[str, Any]:
         "revision": item.revision,
         "width": item.width,
         "height": item.height,
-        "annotations": len(item.annotations),
+        "annotations": len(item.annotations) if item.video is None else len(item.video.tracks),
         "skipped": item.skipped,
         "problems": [p.as_dict() for p in item.problems],
     }
@@ -255,6 +261,8 @@ def scan_labels(refs: Iterable[ItemRef], source: Source, max_pixels: int) -> set
         except PolyburnError:
             continue
         labels.update(a.label for a in item.annotations)
+        if item.video is not None:
+            labels.update(item.video.labels())
     return labels
 
 
