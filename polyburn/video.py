@@ -18,8 +18,8 @@ The frame model is dtlpy's (``entities/annotation.py`` ``Annotation.from_json`` 
 polyburn adds bounds dtlpy does not have: a frame number must be a whole number from 0 to
 ``MAX_FRAME``, and below the item's frame count when that is known (:func:`frame_count`). A state
 at a frame outside them is rejected (a :class:`~polyburn.model.Problem`); an ``endFrame``
-outside them is reported as a :class:`~polyburn.model.Repair` and the object then ends at its last
-state (or at the last frame of the video). A track whose first frame is not a frame number is
+outside them is reported as a :class:`~polyburn.model.Repair`: past a known frame count the object
+ends at the video's last frame, otherwise at its last state. A track whose first frame is not a frame number is
 rejected as a whole. Nothing here raises for bad frame data, and no loop runs over a range that
 was not bounded first.
 
@@ -236,7 +236,8 @@ def _track(
     end = system.get("endFrame")
     if end is not None:
         why = _bad_frame(end, limit)
-        if why and isinstance(end, int | float) and not isinstance(end, bool) and end > limit:
+        beyond = _is_number(end) and end > limit
+        if why and beyond and limit < MAX_FRAME:  # past the video's known end: clipped to it
             repairs.append(
                 Repair(
                     "end_frame_clipped",
@@ -272,9 +273,9 @@ def number_tracks(tracks: list[Track], how: str = "object") -> list[Repair]:
     """Give every track the instance id it burns in every frame (``head.instance``), once per
     video so ids are stable across frames; returns the reports of objectIds not used as ids.
 
-    ``object``: a track's usable objectId (1..65535) is its id; tracks sharing an objectId are
-    parts of one instance when they all have the same single label, else each gets a fresh id
-    (``object_id_conflict``); a track without a usable objectId gets a fresh id
+    ``object``: a track's usable objectId (1..65535) is its id (also when its label changes
+    from frame to frame); tracks sharing an objectId are parts of one instance when their labels
+    are the same, else each gets a fresh id (``object_id_conflict``); a track without a usable objectId gets a fresh id
     (``object_id_unusable`` when it had one). Fresh ids count up from the largest usable
     objectId, in file order. ``shape``: track k in file order (1-based) is id k.
 
@@ -297,7 +298,7 @@ def number_tracks(tracks: list[Track], how: str = "object") -> list[Repair]:
         head = track.head
         oid = usable_object_id(head)
         groups = labels_of.get(oid, []) if oid is not None else []
-        if oid is not None and all(g == groups[0] and len(g) == 1 for g in groups):
+        if oid is not None and all(g == groups[0] for g in groups):
             head.instance = oid
             continue
         if fresh >= MAX_INSTANCE_ID:
