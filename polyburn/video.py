@@ -18,10 +18,10 @@ The frame model is dtlpy's (``entities/annotation.py`` ``Annotation.from_json`` 
 polyburn adds bounds dtlpy does not have: a frame number must be a whole number from 0 to
 ``MAX_FRAME``, and below the item's frame count when that is known (:func:`frame_count`). A state
 at a frame outside them is rejected (a :class:`~polyburn.model.Problem`); an ``endFrame``
-outside them is reported as a :class:`~polyburn.model.Repair`: past a known frame count the object
-ends at the video's last frame, otherwise at its last state. A track whose first frame is not a frame number is
-rejected as a whole. Nothing here raises for bad frame data, and no loop runs over a range that
-was not bounded first.
+outside them is reported as a :class:`~polyburn.model.Repair`: past a known frame count the
+object ends at the video's last frame, otherwise at its last state. A track whose first frame
+is not a frame number is rejected as a whole. Nothing here raises for bad frame data, and no
+loop runs over a range that was not bounded first.
 
 An item is a video when ``metadata.system.mimetype`` contains ``video``, or, with no mimetype,
 when one of its annotations has ``metadata.system.endFrame > 0`` (dtlpy's test).
@@ -275,9 +275,9 @@ def number_tracks(tracks: list[Track], how: str = "object") -> list[Repair]:
 
     ``object``: a track's usable objectId (1..65535) is its id (also when its label changes
     from frame to frame); tracks sharing an objectId are parts of one instance when their labels
-    are the same, else each gets a fresh id (``object_id_conflict``); a track without a usable objectId gets a fresh id
-    (``object_id_unusable`` when it had one). Fresh ids count up from the largest usable
-    objectId, in file order. ``shape``: track k in file order (1-based) is id k.
+    are the same, else each gets a fresh id (``object_id_conflict``); a track without a usable
+    objectId gets a fresh id (``object_id_unusable`` when it had one). Fresh ids count up from
+    the largest usable objectId, in file order. ``shape``: track k in file order (1-based) is id k.
 
     Raises ValueError when an id does not fit uint16.
     """
