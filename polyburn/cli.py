@@ -307,7 +307,7 @@ def _validate(args: argparse.Namespace) -> int:
     from polyburn.losses import rejections_of
     from polyburn.params import MaskOptions
     from polyburn.pipeline import process_item
-    from polyburn.report import rejection_line
+    from polyburn.report import at_frame, rejection_line
     from polyburn.sources import open_source
 
     source = open_source(args.source)
@@ -331,7 +331,7 @@ def _validate(args: argparse.Namespace) -> int:
             if repair["area_before"] is not None:
                 area = f" (area {repair['area_before']} -> {repair['area_after']})"
             print(
-                f"REPAIRED {record['path']} annotation {repair['annotation']}: "
+                f"REPAIRED {record['path']} annotation {repair['annotation']}{at_frame(repair)}: "
                 f"{repair['kind']}{area} {repair['detail']}".rstrip()
             )
     if not args.json:

@@ -41,12 +41,18 @@ def summary_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"metric": metric, "value": value} for metric, value in rows]
 
 
+def at_frame(entry: Mapping[str, Any]) -> str:
+    """`` frame N`` for a repair or rejection of a video item's frame, else empty."""
+    return f" frame {entry['frame']}" if entry.get("frame") is not None else ""
+
+
 def rejection_line(rejection: Mapping[str, Any]) -> str:
     """One line naming a rejected annotation: item path, annotation id, label, field, reason."""
     label = f" ({rejection['label']})" if rejection.get("label") else ""
     field = f" [{rejection['field']}]" if rejection.get("field") else ""
     return (
-        f"{rejection['path']} annotation {rejection['annotation']}{label}{field}: "
+        f"{rejection['path']} annotation {rejection['annotation']}{label}{at_frame(rejection)}"
+        f"{field}: "
         f"{rejection['reason']}"
     )
 

@@ -20,7 +20,7 @@ from polyburn.errors import ItemError
 from polyburn.geometry import repair_item
 from polyburn.labels import palette, semantic_dtype
 from polyburn.masks import build_masks
-from polyburn.model import Item, Shape
+from polyburn.model import Annotation, Item, Shape
 from polyburn.video import Track, active_states, number_tracks
 
 if TYPE_CHECKING:
@@ -82,9 +82,9 @@ class VideoBurn:
             "frames": [self.frames.start, self.frames.stop - 1] if self.frames else None,
         }
         if destination is None:
-            for track in video.tracks:
-                for p in range(len(track.states)):
-                    self._shape(track, p, record)
+            layers = max((len(t.states) for t in video.tracks), default=0)
+            for k in range(layers):  # every state once; each track once per call
+                self._shapes([(t, k) for t in video.tracks if k < len(t.states)], record)
             return
         if not video.tracks:  # only boxes, points...: nothing to burn, no frame written
             record.update(skipped_empty=True, outputs=[])
@@ -103,13 +103,11 @@ class VideoBurn:
         current: dict[int, tuple[int, Shape | None]] = {}  # track position -> (state, shape)
         outputs: list[OutputRecord] = []
         for frame, active in active_states(self.video, self.frames):
-            shapes = []
-            for track, p in active:
-                held = current.get(track.head.index)
-                if held is None or held[0] != p:
-                    held = current[track.head.index] = (p, self._shape(track, p, record))
-                if held[1] is not None:
-                    shapes.append(held[1])
+            changed = [(t, p) for t, p in active if current.get(t.head.index, (None,))[0] != p]
+            if changed:
+                for (track, p), shape in zip(changed, self._shapes(changed, record), strict=True):
+                    current[track.head.index] = (p, shape)
+            shapes = [s for t, _ in active if (s := current[t.head.index][1]) is not None]
             frame_item = Item(
                 item_id=item.item_id,
                 path=f"{item.path}/{frame:06d}",
@@ -131,28 +129,38 @@ class VideoBurn:
             outputs += destination.publish_item(frame_item, masks, options.format, self.palette)
         return outputs
 
-    def _shape(self, track: Track, p: int, record: dict[str, Any]) -> Shape | None:
-        """The repaired shape of a track's state ``p`` (None when hidden or rejected); its
-        repairs and rejection go into ``record`` with the state's frame."""
-        state = track.states[p]
-        if not state.visible:
-            return None
-        annotation = copy.copy(track.head)
-        annotation.label = state.label
-        try:
-            set_coordinates(annotation, state.data, self.item.width, self.item.height)
-        except AnnotationRejected as rejected:
-            rejected.problem.frame = state.frame
-            rejected.problem.label = state.label
-            record["problems"].append(rejected.problem.as_dict())
-            return None
-        one = Item(
-            self.item.item_id, self.item.path, self.item.width, self.item.height, [annotation]
-        )
-        shapes, repairs, problems = repair_item(one)
+    def _shapes(
+        self, states: list[tuple[Track, int]], record: dict[str, Any]
+    ) -> list[Shape | None]:
+        """The repaired shape of each (track, state index) (None when hidden or rejected),
+        repaired together as one item; their repairs and rejections go into ``record`` with
+        each state's frame."""
+        item = self.item
+        parsed: list[tuple[Annotation, int]] = []
+        for track, p in states:
+            state = track.states[p]
+            if not state.visible:
+                continue
+            annotation = copy.copy(track.head)
+            annotation.label = state.label
+            try:
+                set_coordinates(annotation, state.data, item.width, item.height)
+            except AnnotationRejected as rejected:
+                rejected.problem.frame = state.frame
+                rejected.problem.label = state.label
+                record["problems"].append(rejected.problem.as_dict())
+                continue
+            parsed.append((annotation, state.frame))
+        if not parsed:
+            return [None] * len(states)
+        together = Item(item.item_id, item.path, item.width, item.height, [a for a, _ in parsed])
+        shapes, repairs, problems = repair_item(together)
+        frame_of = {a.annotation_id: frame for a, frame in parsed}  # ids are unique per item
         for report in (*repairs, *problems):
-            report.frame = state.frame
+            report.frame = frame_of.get(report.annotation_id)
         record["repairs"] += [r.as_dict() for r in repairs]
         record["problems"] += [p.as_dict() for p in problems]
         record["shapes"] += len(shapes)
-        return shapes[0] if shapes else None
+        by_annotation = {id(s.annotation): s for s in shapes}
+        shape_of = {a.index: by_annotation.get(id(a)) for a, _ in parsed}
+        return [shape_of.get(track.head.index) for track, _ in states]

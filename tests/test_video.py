@@ -17,9 +17,11 @@ import pytest
 from polyburn.dataloop_json import parse_item
 from polyburn.destinations.local import LocalDestination
 from polyburn.encode import decode_mask
+from polyburn.losses import rejections_of
 from polyburn.manifest import output_keys
 from polyburn.params import MaskOptions
 from polyburn.pipeline import process_item
+from polyburn.report import rejection_line
 from polyburn.sources.local import LocalSource
 from polyburn.video import MAX_FRAME, frame_count
 from tests.support.oracle import (
@@ -258,6 +260,8 @@ def test_hostile_frame_data_is_reported_per_annotation_and_never_crashes(tmp_pat
     for text in ("frame -4 is negative", "is beyond the video's last frame 11", "2.5", "'3'"):
         assert text in reasons
     assert ("a", 4) in {(a, f) for a, f, _ in problems}  # the broken state, with its frame
+    lines = [rejection_line(r) for r in rejections_of(record)]
+    assert any(line.startswith("clips/v annotation a (car) frame 4 [") for line in lines)
     assert any(a == "b" and "first frame 'x'" in r for a, _, r in problems)
     kinds = {(r["kind"], r["annotation"]) for r in record["repairs"]}
     assert kinds >= {
@@ -326,3 +330,29 @@ def test_a_video_and_image_items_in_one_cli_run(tmp_path, capsys):
         r["path"]: r for r in map(json.loads, (dest / "manifest.jsonl").read_text().splitlines())
     }
     assert len(records["clip"]["outputs"]) == 4 * 3 and len(records["still"]["outputs"]) == 3
+
+
+def test_validate_reports_every_state_without_writing(tmp_path):
+    clip = video(
+        [
+            track(
+                "a",
+                ring(0, 0, 8, 8),
+                end=9,
+                snapshots=[
+                    snap(3, [[{"x": 1, "y": 1}, {"x": 2, "y": 2}]]),
+                    snap(6, ring(-4, 0, 8, 8)),
+                ],
+            )
+        ]
+    )
+    root = tmp_path / "export" / "json"
+    root.mkdir(parents=True)
+    (root / "v.json").write_text(json.dumps(clip))
+    source = LocalSource(tmp_path / "export")
+    (ref,) = source.list_items()
+    record = process_item(ref, source, None, MaskOptions(), LABELS)
+    assert record["status"] == "ok" and "outputs" not in record
+    assert [(p["annotation"], p["frame"]) for p in record["problems"]] == [("a", 3)]
+    assert [(r["kind"], r["frame"]) for r in record["repairs"]] == [("clipped", 6)]
+    assert record["shapes"] == 2
