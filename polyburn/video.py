@@ -29,13 +29,16 @@ when one of its annotations has ``metadata.system.endFrame > 0`` (dtlpy's test).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from polyburn.dataloop_json import AnnotationRejected, annotation_head
+import numpy as np
+
+from polyburn.dataloop_json import POLYGON, AnnotationRejected, annotation_head, set_coordinates
 from polyburn.instances import MAX_INSTANCE_ID, usable_object_id
 from polyburn.model import Annotation, Problem, Repair
 
@@ -51,14 +54,34 @@ FRAME_COUNT_SOURCES = (
 
 
 @dataclass(frozen=True)
+class Rings:
+    """Polygon rings parsed ahead of the burn: float64 (N, 2) arrays, ring 0 the exterior."""
+
+    arrays: tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True)
 class State:
-    """An object's state from ``frame`` on: its label, whether it is visible, and its raw
-    coordinates (parsed only when the frame is burned)."""
+    """An object's state from ``frame`` on: its label, whether it is visible, and its
+    coordinates: :class:`Rings` for readable polygon coordinates (so the decoded item JSON need
+    not be kept while the frames are burned), else as in the JSON (a binary mask's data URI, or
+    coordinates that are rejected when their first frame is burned); None when hidden."""
 
     frame: int
     label: str
     visible: bool
     data: Any = field(repr=False)
+
+    def annotation(self, head: Annotation, width: int, height: int) -> Annotation:
+        """The annotation this state draws: ``head`` (id, type, objectId, instance id) with this
+        state's label and coordinates. Raises AnnotationRejected when they cannot be read."""
+        annotation = copy.copy(head)
+        annotation.label = self.label
+        if isinstance(self.data, Rings):
+            annotation.rings = list(self.data.arrays)
+        else:
+            set_coordinates(annotation, self.data, width, height)
+        return annotation
 
 
 @dataclass
@@ -184,7 +207,7 @@ def _track(
         reject(f"first frame {_show(first)} {why}: the object is left out", "metadata.system.frame")
         return None
     first = int(first)
-    states = {first: State(first, label, True, raw.get("coordinates"))}
+    states = {first: State(first, label, True, _compact(head, raw.get("coordinates")))}
     snapshots = system.get("snapshots_")
     if snapshots is None:
         snapshots = []
@@ -221,12 +244,13 @@ def _track(
         seen.add(frame)
         previous = frame
         state_label = snapshot.get("label")
+        visible = bool(snapshot.get("objectVisible", True))
         data = snapshot["coordinates"] if "coordinates" in snapshot else snapshot.get("data")
         states[frame] = State(
             frame,
             state_label if isinstance(state_label, str) and state_label else label,
-            bool(snapshot.get("objectVisible", True)),
-            data,
+            visible,
+            _compact(head, data) if visible else None,
         )
     if unordered:
         repairs.append(
@@ -346,6 +370,18 @@ def active_states(video: Video, frames: range) -> Iterator[tuple[int, list[tuple
             pointers[i] = p
             active.append((track, p))
         yield frame, active
+
+
+def _compact(head: Annotation, data: Any) -> Any:
+    """Readable polygon coordinates as :class:`Rings`; anything else as it is."""
+    if head.type != POLYGON:
+        return data
+    probe = copy.copy(head)
+    try:
+        set_coordinates(probe, data, 0, 0)
+    except AnnotationRejected:
+        return data  # rejected, with its reason, when its first frame is burned
+    return Rings(tuple(probe.rings))
 
 
 def _bad_frame(value: Any, limit: int) -> str | None:

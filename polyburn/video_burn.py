@@ -11,11 +11,10 @@ per track, however long the video.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from polyburn.dataloop_json import AnnotationRejected, set_coordinates
+from polyburn.dataloop_json import AnnotationRejected
 from polyburn.errors import ItemError
 from polyburn.geometry import repair_item
 from polyburn.labels import palette, semantic_dtype
@@ -141,10 +140,8 @@ class VideoBurn:
             state = track.states[p]
             if not state.visible:
                 continue
-            annotation = copy.copy(track.head)
-            annotation.label = state.label
             try:
-                set_coordinates(annotation, state.data, item.width, item.height)
+                annotation = state.annotation(track.head, item.width, item.height)
             except AnnotationRejected as rejected:
                 rejected.problem.frame = state.frame
                 rejected.problem.label = state.label
