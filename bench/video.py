@@ -1,12 +1,15 @@
 """Video items, run by hand: ``python bench/video.py`` (writes ``bench/results/video.json``).
 
 A synthetic video item of 320x240 with 20 objects (12-vertex polygons moving across the frame,
-a snapshot every ``--every`` frames, as key frames; each object hidden for a stretch) is burned
+a snapshot every EVERY frames, as key frames; some objects hidden for a stretch) is burned
 by :func:`polyburn.pipeline.process_item` into a fresh local folder (semantic and instance
-masks), once with 1,000 frames and once with 10,000, each in a fresh process, which reports:
+masks), with 1,000 frames and 10,000 frames (a key frame every 5 frames), and 10,000 frames with
+a key frame every 50 (the same JSON size as 1,000 every 5), each in a fresh process, which
+reports:
 
-* ``peak_rss_mb`` (ru_maxrss of that process, which also holds the decoded item JSON) and
-  ``rss_before_burn_mb`` (RSS once the item JSON is decoded, before the burn);
+* ``peak_rss_after_load_mb``: the peak RSS once the item was loaded (read, decoded, parsed)
+  once on its own, before the burn; ``peak_rss_mb``: the peak after the burn as well (the burn
+  loads the item again); ``rss_before_burn_mb`` / ``rss_after_burn_mb``: RSS around the burn;
 * ``ms_per_frame``: the item's wall time over its frames (mean), and ``frames``, ``files``;
 * ``record_bytes``: the size of the item's stored record (``.polyburn/records``), which lists
   every output with its sha256;
@@ -152,6 +155,7 @@ def measure(frames: int, every: int) -> dict:
         (ref,) = list(source.list_items())
         source.load(ref, options.max_pixels)  # decoded once: what the input alone takes
         before = rss_mb()
+        peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         destination = LocalDestination(root / "video-masks")
         started, cpu = time.perf_counter(), time.process_time()
         record = process_item(ref, source, destination, options, labels)
@@ -172,24 +176,31 @@ def measure(frames: int, every: int) -> dict:
             "image_cpu_ms_median": round(cpu_median, 3),
             "cpu_ratio": round(1000 * cpu / frames / cpu_median, 3),
             "rss_before_burn_mb": round(before, 1),
+            "peak_rss_after_load_mb": round(peak_load, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rss_after_burn_mb": round(rss_mb(), 1),
             "record_bytes": stored.stat().st_size,
         }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--every", type=int, default=5, help="frames between key frames")
-    parser.add_argument("--frames", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["1000:5", "10000:5", "10000:50"],
+        help="FRAMES:EVERY pairs, EVERY the frames between key frames",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.every)))
+        frames, every = map(int, args.child.split(":"))
+        print(json.dumps(measure(frames, every)))
         return
     runs = []
-    for frames in args.frames:
+    for run in args.runs:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", str(frames), "--every", str(args.every)],
+            [sys.executable, __file__, "--child", run],
             check=True,
             capture_output=True,
             text=True,

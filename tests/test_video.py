@@ -356,3 +356,29 @@ def test_validate_reports_every_state_without_writing(tmp_path):
     assert [(p["annotation"], p["frame"]) for p in record["problems"]] == [("a", 3)]
     assert [(r["kind"], r["frame"]) for r in record["repairs"]] == [("clipped", 6)]
     assert record["shapes"] == 2
+
+
+def test_the_frames_choice_reaches_the_burn_jobs_the_cache_key_and_the_cli(tmp_path):
+    from polyburn.cli import _parameters, _parser
+    from polyburn.model import ItemRef
+    from polyburn.parallel import process_items
+    from tasks.masks import batch_cache_key
+
+    root = tmp_path / "export" / "json"
+    root.mkdir(parents=True)
+    clip = video([track("a", ring(0, 0, 8, 8), frame=2, end=3)], nb_frames=6)
+    (root / "v.json").write_text(json.dumps(clip))
+    source, destination = LocalSource(tmp_path / "export"), LocalDestination(tmp_path / "m")
+    options = MaskOptions(frames="all")
+    (record,) = process_items(list(source.list_items()), source, destination, options, LABELS)
+    assert record["video"]["frames"] == [0, 5]
+    assert frames_written(tmp_path / "m", path="v") == list(range(6))
+
+    def key(options: MaskOptions) -> str | None:
+        ref = ItemRef("i1", "v", "json/v.json", "rev-1")
+        parameters = {"refs": [ref], "source_uri": "s", "destination_uri": "d"}
+        return batch_cache_key(None, {**parameters, "options": options, "label_map": LABELS})
+
+    assert key(MaskOptions()) == key(MaskOptions(frames="span")) != key(options)
+    args = _parser().parse_args(["run", "src", "dst", "--frames", "all"])
+    assert _parameters(args).options.frames == "all"
