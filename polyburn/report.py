@@ -114,8 +114,8 @@ def failures_markdown(
         for r in summary["rejections"][:listed]:
             field = f" [{r['field']}]" if r.get("field") else ""
             lines.append(
-                f"| `{r['path']}` | `{r['annotation']}` | {_cell(r.get('label') or '')} | "
-                f"{_cell(r['reason'])}{_cell(field)} |"
+                f"| `{r['path']}` | `{r['annotation']}`{at_frame(r)} | "
+                f"{_cell(r.get('label') or '')} | {_cell(r['reason'])}{_cell(field)} |"
             )
     more = summary["rejected"] - min(listed, len(summary["rejections"]))
     if more > 0:
