@@ -82,6 +82,7 @@ def process_item(
             preview,
             stored_at,
             previous.get("revision"),
+            lease.renew,
         )
         if record["status"] != "ok":
             _keep_previous_outputs(record, previous)
@@ -111,13 +112,15 @@ def _burn(
     preview: bool,
     stored_at: Callable[[], float | None] | None = None,
     stored_revision: str | None = None,
+    keep_lease: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """The record of one item and whether its outputs at the destination started to change.
 
     An item the source read ahead (a bulk read, ``item.read_at``) is read again here when its
     stored record is of another revision (``stored_revision``) and ``stored_at()`` says it was
     stored after that read, give or take ``READ_AHEAD_MARGIN``: another run may have written a
-    newer version since, and the last writer must have read the newest one.
+    newer version since, and the last writer must have read the newest one. ``keep_lease``
+    renews the item's lease (a video item calls it as its frames go).
     """
     record: dict[str, Any] = {
         "item": ref.item_id,
@@ -136,7 +139,7 @@ def _burn(
         if item.video is not None:  # frame by frame
             video = VideoBurn(item, destination, options, label_map, colours)
             touched = video.will_write
-            video.run(previous_keys, record)
+            video.run(previous_keys, record, keep_lease)
             return record, touched
         shapes, repairs, problems = repair_item(item)
         record["repairs"] = [r.as_dict() for r in repairs]

@@ -202,6 +202,16 @@ class ItemLease:
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 0.5)
 
+    def renew(self) -> None:
+        """Extend the lease by ``LEASE_SECONDS`` from now, for an item that takes long (a video).
+        Raises TransientError when another run took the lease over meanwhile."""
+        tag = self.store.replace(self.key, self._body(), self.tag) if self.tag else None
+        if tag is None:
+            raise TransientError(
+                f"{self.path}: another run took the item over while it was written"
+            )
+        self.tag = tag
+
     def release(self) -> None:
         """Give the lease up: the item's outputs and record are complete."""
         if self.tag is not None and not self.store.remove_if(self.key, self.tag):

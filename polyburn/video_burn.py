@@ -11,7 +11,8 @@ per track, however long the video.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from polyburn.dataloop_json import AnnotationRejected
@@ -21,6 +22,10 @@ from polyburn.labels import palette, semantic_dtype
 from polyburn.masks import build_masks
 from polyburn.model import Annotation, Item, Shape
 from polyburn.video import Track, active_states, number_tracks
+
+LEASE_RENEW_SECONDS = 60.0
+"""How often a video item renews its item lease while its frames are written (a lease counts
+as held for ``POLYBURN_LEASE_SECONDS``, 300 by default)."""
 
 if TYPE_CHECKING:
     from polyburn.destinations import Destination
@@ -47,9 +52,8 @@ class VideoBurn:
         if destination is not None and not getattr(destination, "takes_video_frames", True):
             raise ItemError(
                 item.path,
-                "video item: per-frame masks cannot be written back to Dataloop (it stores no "
-                "per-frame segmentation polyburn could write and check); write to a folder or "
-                "s3:// instead",
+                "video item: per-frame masks cannot be written back to Dataloop (polyburn "
+                "writes no video annotations); write to a folder or s3:// instead",
             )
         try:
             self.repairs = number_tracks(self.video.tracks, options.instance_id)
@@ -66,11 +70,17 @@ class VideoBurn:
         self.palette = palette(label_map, colours)
         self.will_write = destination is not None
 
-    def run(self, previous_keys: Sequence[str], record: dict[str, Any]) -> None:
+    def run(
+        self,
+        previous_keys: Sequence[str],
+        record: dict[str, Any],
+        keep_lease: Callable[[], None] | None = None,
+    ) -> None:
         """Burn and publish every frame (or, without a destination, only parse and repair every
         state), then remove the previous outputs no longer produced. Fills ``record``:
         ``repairs``, ``problems`` (with their ``frame``), ``shapes`` (states burned),
-        ``outputs`` and ``video`` (frame range, frame count and its source, tracks)."""
+        ``outputs`` and ``video`` (frame range, frame count and its source, tracks).
+        ``keep_lease`` is called every ``LEASE_RENEW_SECONDS`` while frames are written."""
         video, destination = self.video, self.destination
         record["repairs"] = [r.as_dict() for r in video.repairs + self.repairs]
         record["shapes"] = 0
@@ -90,14 +100,20 @@ class VideoBurn:
             if previous_keys:
                 destination.remove(sorted(previous_keys))
             return
-        outputs = self._publish_frames(record)
+        retried = destination.retries_in_this_thread()
+        outputs = self._publish_frames(record, keep_lease)
+        if destination.retries_in_this_thread() > retried:
+            record["io_retries"] = destination.retries_in_this_thread() - retried
         record["outputs"] = [o.as_dict() for o in outputs]
         stale = sorted(set(previous_keys) - {o.key for o in outputs})
         if stale:
             destination.remove(stale)
 
-    def _publish_frames(self, record: dict[str, Any]) -> list[OutputRecord]:
+    def _publish_frames(
+        self, record: dict[str, Any], keep_lease: Callable[[], None] | None
+    ) -> list[OutputRecord]:
         item, options, destination = self.item, self.options, self.destination
+        renewed = time.monotonic()
         dtype = semantic_dtype(self.label_map)
         current: dict[int, tuple[int, Shape | None]] = {}  # track position -> (state, shape)
         outputs: list[OutputRecord] = []
@@ -126,6 +142,9 @@ class VideoBurn:
                 options.instance_id,
             )
             outputs += destination.publish_item(frame_item, masks, options.format, self.palette)
+            if keep_lease is not None and time.monotonic() - renewed > LEASE_RENEW_SECONDS:
+                keep_lease()
+                renewed = time.monotonic()
         return outputs
 
     def _shapes(

@@ -382,3 +382,22 @@ def test_the_frames_choice_reaches_the_burn_jobs_the_cache_key_and_the_cli(tmp_p
     assert key(MaskOptions()) == key(MaskOptions(frames="span")) != key(options)
     args = _parser().parse_args(["run", "src", "dst", "--frames", "all"])
     assert _parameters(args).options.frames == "all"
+
+
+def test_a_long_video_renews_its_lease_and_stops_when_another_run_took_it(tmp_path, monkeypatch):
+    from polyburn import video_burn
+    from polyburn.errors import TransientError
+    from polyburn.state import ItemLease, lease_key
+
+    monkeypatch.setattr(video_burn, "LEASE_RENEW_SECONDS", 0.0)  # renew after every frame
+    record = burn(tmp_path, {"clips/v": video([track("a", ring(0, 0, 8, 8), end=5)])})["clips/v"]
+    assert record["status"] == "ok" and frames_written(tmp_path / "masks") == list(range(6))
+    assert not (tmp_path / "masks" / lease_key("clips/v")).exists()  # released at the end
+
+    store = LocalDestination(tmp_path / "state")
+    mine, theirs = ItemLease(store, "clips/v"), ItemLease(store, "clips/v")
+    mine.acquire()
+    mine.renew()
+    store.replace(mine.key, theirs._body(), mine.tag)  # another run took the item over
+    with pytest.raises(TransientError, match="took the item over"):
+        mine.renew()
