@@ -78,11 +78,13 @@ def losses_text(summary: Mapping[str, Any], manifest: str, limit: int = LISTED_L
         names = ", ".join(empty_line(e) for e in summary["empty"][:limit])
         rest = empty - min(limit, len(summary["empty"]))
         tail = f" and {rest} more" if rest > 0 else ""
-        what = (
-            "no masks written (skip-empty)"
-            if summary.get("empty_items_skipped")
-            else ("all-background masks written; --skip-empty leaves them out")
-        )
+        skipped = summary.get("empty_items_skipped", 0)
+        if not skipped:
+            what = "all-background masks written; --skip-empty leaves them out"
+        elif skipped >= empty:
+            what = "no masks written (skip-empty)"
+        else:  # a video with nothing to burn writes no frame, whatever --skip-empty says
+            what = f"{skipped} left without masks (videos, or skip-empty), the rest all-background"
         lines.append(f"NOTHING TO BURN in {empty} item(s), {what}: {names}{tail}")
     return lines
 

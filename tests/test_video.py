@@ -401,3 +401,15 @@ def test_a_long_video_renews_its_lease_and_stops_when_another_run_took_it(tmp_pa
     store.replace(mine.key, theirs._body(), mine.tag)  # another run took the item over
     with pytest.raises(TransientError, match="took the item over"):
         mine.renew()
+
+
+def test_the_summary_says_which_empty_items_got_no_masks():
+    from polyburn.report import losses_text
+
+    summary = {"rejections": [], "rejected": 0, "empty_items": 2, "empty_items_skipped": 1}
+    summary["empty"] = [
+        {"path": "clips/v", "skipped": {"box": 1}, "rejected": 0, "skipped_empty": True},
+        {"path": "still", "skipped": {"point": 1}, "rejected": 0, "skipped_empty": False},
+    ]
+    (line,) = losses_text(summary, "masks/manifest.jsonl")
+    assert line.startswith("NOTHING TO BURN in 2 item(s), 1 left without masks (videos")
