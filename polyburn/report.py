@@ -125,11 +125,15 @@ def failures_markdown(
     empty = summary.get("empty_items", 0)
     lines += ["", f"## Items with nothing to burn: {empty}", ""]
     if empty:
-        lines.append(
-            "No masks written for them (skip_empty)."
-            if summary.get("empty_items_skipped")
-            else "All-background masks written for them; skip_empty leaves them out."
-        )
+        skipped = summary.get("empty_items_skipped", 0)
+        if not skipped:
+            lines.append("All-background masks written for them; skip_empty leaves them out.")
+        elif skipped >= empty:
+            lines.append("No masks written for them (skip_empty).")
+        else:
+            lines.append(
+                f"{skipped} left without masks (videos, or skip_empty), the rest all-background."
+            )
         lines.append("")
         lines += [f"* `{_cell(empty_line(e))}`" for e in summary["empty"][:listed]]
         rest = empty - min(listed, len(summary["empty"]))

@@ -404,7 +404,7 @@ def test_a_long_video_renews_its_lease_and_stops_when_another_run_took_it(tmp_pa
 
 
 def test_the_summary_says_which_empty_items_got_no_masks():
-    from polyburn.report import losses_text
+    from polyburn.report import failures_markdown, losses_text
 
     summary = {"rejections": [], "rejected": 0, "empty_items": 2, "empty_items_skipped": 1}
     summary["empty"] = [
@@ -413,3 +413,5 @@ def test_the_summary_says_which_empty_items_got_no_masks():
     ]
     (line,) = losses_text(summary, "masks/manifest.jsonl")
     assert line.startswith("NOTHING TO BURN in 2 item(s), 1 left without masks (videos")
+    summary |= {"ok": 2, "failed": 0, "items": 2, "failures": []}
+    assert "1 left without masks (videos, or skip_empty)" in failures_markdown(summary, "m")
