@@ -1,7 +1,8 @@
 """Regenerate the shipped example exports (run by hand; the output is committed).
 
 ``examples/export``  a dozen items in Dataloop's JSON export layout with holes, overlaps,
-                     self-intersections, NaN vertices and more — every problem repairable.
+                     self-intersections, NaN vertices and more — every problem repairable — and
+                     a short video item with per-frame snapshots.
 ``examples/broken``  items that show how failures are reported: an unknown label (with
                      ``examples/broken/labels.json``), a truncated file, a missing image size,
                      a degenerate annotation.
@@ -282,7 +283,103 @@ def export_items() -> dict[str, dict]:
             ),
         ],
     )
+    # 13: a short video (16 frames, 8 fps): a car moving right, hidden behind something in
+    # frames 7-8; a person that leaves at frame 8; a second car seen as two parts (objectId 4).
+    items["clips/crossing_001"] = video_item()
     return items
+
+
+_video_ids = iter(range(0xF000, 0xFFFF))
+
+
+def track(label, object_id, frame, end_frame, states) -> dict:
+    """A video annotation: ``states`` maps frame -> list of rings (or None: hidden)."""
+    first = states[frame]
+    snapshots = [
+        {
+            "frame": f,
+            "fixed": True,
+            "objectVisible": rings is not None,
+            "label": label,
+            "type": "segment",
+            "attributes": {},
+            "data": [ring(r) for r in (rings or first)],
+        }
+        for f, rings in sorted(states.items())
+        if f != frame
+    ]
+    record = {
+        "id": f"6650a1f0c0ffee{next(_video_ids):010x}",
+        "datasetId": DATASET,
+        "type": "segment",
+        "label": label,
+        "attributes": [],
+        "coordinates": [ring(r) for r in first],
+        "metadata": {
+            "system": {
+                "status": None,
+                "startTime": frame / 8,
+                "endTime": end_frame / 8,
+                "frame": frame,
+                "endFrame": end_frame,
+                "objectId": object_id,
+                "automated": False,
+                "attributes": {},
+                "isOpen": False,
+                "snapshots_": snapshots,
+            },
+            "user": {},
+        },
+        "creator": "annotator@example.com",
+        "createdAt": "2026-11-01T10:00:00.000Z",
+        "updatedBy": "annotator@example.com",
+        "updatedAt": "2026-11-02T10:00:00.000Z",
+        "source": "ui",
+    }
+    return record
+
+
+def box(x0, y0, x1, y1):
+    return [[(x0, y0), (x1, y0), (x1, y1), (x0, y1)]]
+
+
+def video_item() -> dict:
+    car = {f: box(2 + 3 * f, 20, 14 + 3 * f, 30) for f in (0, 3, 6, 9, 12)}
+    car[7] = None  # hidden in frames 7 and 8, back at frame 9
+    person = {2: box(50, 8, 56, 24), 5: box(46, 8, 52, 24)}
+    front = {4: box(20, 34, 28, 44), 8: box(28, 34, 36, 44)}
+    back = {4: box(31, 34, 40, 44), 8: box(39, 34, 48, 44)}
+    annotations = [
+        track("car", 1, 0, 15, car),
+        track("person", 2, 2, 8, person),
+        track("car", 4, 4, 11, front),
+        track("car", 4, 4, 11, back),
+    ]
+    return {
+        "id": f"6650a1f0c0ffee{next(_video_ids):010x}",
+        "datasetId": DATASET,
+        "filename": "/clips/crossing_001.webm",
+        "dir": "/clips",
+        "name": "crossing_001.webm",
+        "type": "file",
+        "hidden": False,
+        "annotated": True,
+        "metadata": {
+            "fps": 8,
+            "system": {
+                "width": 64,
+                "height": 48,
+                "mimetype": "video/webm",
+                "duration": 2,
+                "nb_frames": None,
+                "nb_frames_estimation": 16,
+                "ffmpeg": {"nb_read_frames": "16", "avg_frame_rate": "8/1", "codec_name": "vp9"},
+                "originalname": "crossing_001.webm",
+            },
+        },
+        "createdAt": "2026-11-01T09:00:00.000Z",
+        "annotations": annotations,
+    }
 
 
 def broken_items() -> dict[str, str]:

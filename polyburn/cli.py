@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
         help="what an instance mask pixel holds: the Dataloop objectId (parts of one object "
         "share it) or the shape's number in draw order",
     )
+    run.add_argument(
+        "--frames",
+        default="span",
+        choices=["span", "all"],
+        help="video items: masks for the frames from the first object's first frame to the last "
+        "object's last frame (span), or for every frame of the video (all)",
+    )
     run.add_argument("--batch-size", type=int, default=100)
     run.add_argument("--max-pixels", type=int, default=None)
     run.add_argument("--strict", action="store_true", help="fail the flow run on any failure")
@@ -183,6 +190,7 @@ def _parameters(args: argparse.Namespace):
         "draw_order": args.draw_order,
         "instance_id": args.instance_id,
         "skip_empty": args.skip_empty,
+        "frames": args.frames,
     }
     if args.max_pixels is not None:
         options["max_pixels"] = args.max_pixels
@@ -299,7 +307,7 @@ def _validate(args: argparse.Namespace) -> int:
     from polyburn.losses import rejections_of
     from polyburn.params import MaskOptions
     from polyburn.pipeline import process_item
-    from polyburn.report import rejection_line
+    from polyburn.report import at_frame, rejection_line
     from polyburn.sources import open_source
 
     source = open_source(args.source)
@@ -323,7 +331,7 @@ def _validate(args: argparse.Namespace) -> int:
             if repair["area_before"] is not None:
                 area = f" (area {repair['area_before']} -> {repair['area_after']})"
             print(
-                f"REPAIRED {record['path']} annotation {repair['annotation']}: "
+                f"REPAIRED {record['path']} annotation {repair['annotation']}{at_frame(repair)}: "
                 f"{repair['kind']}{area} {repair['detail']}".rstrip()
             )
     if not args.json:

@@ -128,10 +128,21 @@ def parse_item(
     if revision is None:
         revision = annotations_revision(raw_annotations)
 
-    try:
-        annotations, problems, skipped = _parse_annotations(raw_annotations, width, height, True)
-    except _PerPoint:  # an odd point or ring somewhere: the careful per-ring path, same result
-        annotations, problems, skipped = _parse_annotations(raw_annotations, width, height, False)
+    from polyburn.video import is_video, parse_video  # it builds on this module
+
+    video = None
+    if is_video(_mapping(data.get("metadata")), raw_annotations):  # tracks, burned per frame
+        video, problems, skipped = parse_video(raw_annotations, _mapping(data.get("metadata")))
+        annotations = []
+    else:
+        try:
+            annotations, problems, skipped = _parse_annotations(
+                raw_annotations, width, height, True
+            )
+        except _PerPoint:  # an odd point or ring somewhere: the careful per-ring path
+            annotations, problems, skipped = _parse_annotations(
+                raw_annotations, width, height, False
+            )
     return Item(
         item_id=item_id,
         path=path,
@@ -142,6 +153,7 @@ def parse_item(
         problems=problems,
         revision=revision,
         filename=_text(data.get("filename")),
+        video=video,
     )
 
 
@@ -173,7 +185,9 @@ def _json_text(value: Any) -> str:
     return text if len(text) <= 40 else text[:39] + "…"
 
 
-class _AnnotationRejected(Exception):
+class AnnotationRejected(Exception):
+    """An annotation that cannot be read; ``problem`` says why."""
+
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem.reason)
         self.problem = problem
@@ -196,7 +210,7 @@ def _parse_annotations(
     for index, raw in enumerate(raw_annotations):
         try:
             parsed = _parse_annotation(raw, index, width, height, pending)
-        except _AnnotationRejected as rejected:
+        except AnnotationRejected as rejected:
             if rejected.problem.label is None and isinstance(raw, Mapping):
                 label = raw.get("label")
                 rejected.problem.label = label if isinstance(label, str) and label else None
@@ -245,14 +259,32 @@ def _parse_annotation(
     height: int,
     pending: list[tuple[Annotation, list[list]]] | None = None,
 ) -> Annotation | str:
+    annotation = annotation_head(raw, index)
+    if isinstance(annotation, str):
+        return annotation
+    coordinates = raw.get("coordinates")
+    if annotation.type == POLYGON and pending is not None:
+        pending.append((annotation, _ring_lists(coordinates)))
+    else:
+        set_coordinates(annotation, coordinates, width, height)
+    return annotation
+
+
+def annotation_head(raw: Any, index: int) -> Annotation | str:
+    """An annotation's id, type, label and objectId, without its coordinates; the type name
+    (for ``Item.skipped``) when it is not a pixel type or was written by polyburn.
+
+    Raises AnnotationRejected (its ``problem``) for an annotation that is not an object or has
+    no string type, or a pixel annotation without a label.
+    """
     if not isinstance(raw, Mapping):
-        raise _AnnotationRejected(
+        raise AnnotationRejected(
             Problem(f"annotation must be an object, not {type(raw).__name__}", f"#{index}")
         )
     annotation_id = _text(raw.get("id")) or _text(raw.get("_id")) or f"#{index}"
     kind = raw.get("type")
     if not isinstance(kind, str):
-        raise _AnnotationRejected(Problem("missing or non-string 'type'", annotation_id, "type"))
+        raise AnnotationRejected(Problem("missing or non-string 'type'", annotation_id, "type"))
     metadata = _mapping(raw.get("metadata"))
     if POLYBURN_MARKER in _mapping(metadata.get("user")):
         return f"{kind} (written by polyburn)"
@@ -260,7 +292,7 @@ def _parse_annotation(
         return kind
     label = raw.get("label")
     if not isinstance(label, str) or not label:
-        raise _AnnotationRejected(Problem("missing or empty 'label'", annotation_id, "label"))
+        raise AnnotationRejected(Problem("missing or empty 'label'", annotation_id, "label"))
     raw_object_id = _mapping(metadata.get("system")).get("objectId")
     annotation = Annotation(
         annotation_id=annotation_id,
@@ -271,15 +303,16 @@ def _parse_annotation(
     )
     if annotation.object_id is None and raw_object_id is not None:
         annotation.bad_object_id = _json_text(raw_object_id)
-    coordinates = raw.get("coordinates")
-    if kind == POLYGON:
-        if pending is None:
-            annotation.rings = _parse_rings(coordinates, annotation_id)
-        else:
-            pending.append((annotation, _ring_lists(coordinates)))
-    else:
-        annotation.mask = _decode_binary(coordinates, annotation_id, width, height)
     return annotation
+
+
+def set_coordinates(annotation: Annotation, coordinates: Any, width: int, height: int) -> None:
+    """Parse ``coordinates`` (polygon rings or a binary mask, by ``annotation.type``) into
+    ``annotation``; raises AnnotationRejected when they cannot be read."""
+    if annotation.type == POLYGON:
+        annotation.rings = _parse_rings(coordinates, annotation.annotation_id)
+    else:
+        annotation.mask = _decode_binary(coordinates, annotation.annotation_id, width, height)
 
 
 def _ring_lists(coordinates: Any) -> list[list]:
@@ -297,7 +330,7 @@ def _ring_lists(coordinates: Any) -> list[list]:
 
 def _parse_rings(coordinates: Any, annotation_id: str) -> list[np.ndarray]:
     if not isinstance(coordinates, list) or not coordinates:
-        raise _AnnotationRejected(
+        raise AnnotationRejected(
             Problem("polygon has no coordinates", annotation_id, "coordinates")
         )
     if isinstance(coordinates[0], Mapping):  # legacy flat list of points: a single ring
@@ -305,7 +338,7 @@ def _parse_rings(coordinates: Any, annotation_id: str) -> list[np.ndarray]:
     rings = []
     for r, ring in enumerate(coordinates):
         if not isinstance(ring, list):
-            raise _AnnotationRejected(
+            raise AnnotationRejected(
                 Problem(f"ring {r} is not a list of points", annotation_id, f"coordinates[{r}]")
             )
         rings.append(_ring_array(ring, annotation_id, r))
@@ -325,7 +358,7 @@ def _ring_array(ring: list, annotation_id: str, r: int) -> np.ndarray:
         elif isinstance(point, list | tuple) and len(point) >= 2:
             out[i] = (_number(point[0]), _number(point[1]))
         else:
-            raise _AnnotationRejected(
+            raise AnnotationRejected(
                 Problem(
                     f"point {i} of ring {r} is not an {{x, y}} object",
                     annotation_id,
@@ -355,7 +388,7 @@ def _decode_binary(coordinates: Any, annotation_id: str, width: int, height: int
     if isinstance(coordinates, Mapping):
         coordinates = coordinates.get("data")
     if not isinstance(coordinates, str) or not coordinates.startswith(_PNG_URI_PREFIX):
-        raise _AnnotationRejected(
+        raise AnnotationRejected(
             Problem("binary mask is not a PNG data URI", annotation_id, "coordinates")
         )
     from PIL import Image  # only items with binary masks need it
@@ -370,11 +403,11 @@ def _decode_binary(coordinates: Any, annotation_id: str, width: int, height: int
             image.load()
             mask = _alpha_mask(image)
     except (OSError, ValueError, binascii.Error, Image.DecompressionBombError) as exc:
-        raise _AnnotationRejected(
+        raise AnnotationRejected(
             Problem(f"binary mask cannot be decoded: {exc}", annotation_id, "coordinates")
         ) from None
     if mask.shape != (height, width):
-        raise _AnnotationRejected(
+        raise AnnotationRejected(
             Problem(
                 f"binary mask is {mask.shape[1]}x{mask.shape[0]}, item is {width}x{height}",
                 annotation_id,

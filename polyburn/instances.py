@@ -63,9 +63,14 @@ def number_instances(
     """The instance id of each shape (``shapes`` in draw order), the instances sorted by id, and
     the reports of objectIds not used as ids (see the module docstring).
 
+    Shapes that all carry a fixed ``annotation.instance`` (a video's tracks, numbered once per
+    video by :func:`polyburn.video.number_tracks`) burn those ids, whatever ``how`` is.
+
     Raises ValueError when an id does not fit uint16 (more than 65535 shapes, or fresh ids
     running past 65535) or ``how`` is neither ``object`` nor ``shape``.
     """
+    if shapes and all(s.annotation.instance is not None for s in shapes):
+        return _fixed(shapes)
     if how == "shape":
         return _by_shape(shapes)
     if how != "object":
@@ -139,3 +144,16 @@ def _by_shape(shapes: Sequence[Shape]) -> tuple[list[int], list[Instance], list[
         for k, s in enumerate(shapes, start=1)
     ]
     return [i.id for i in instances], instances, []
+
+
+def _fixed(shapes: Sequence[Shape]) -> tuple[list[int], list[Instance], list[Repair]]:
+    instances: dict[tuple[int, str], Instance] = {}
+    ids = []
+    for shape in shapes:
+        annotation = shape.annotation
+        key = (annotation.instance, annotation.label)
+        if key not in instances:
+            instances[key] = Instance(annotation.instance, annotation.label, annotation.object_id)
+        instances[key].annotations.append(annotation.annotation_id)
+        ids.append(annotation.instance)
+    return ids, sorted(instances.values(), key=lambda i: i.id), []

@@ -14,7 +14,7 @@ MAX_LISTED_LOSSES = 1000
 
 def rejections_of(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The rejected annotations of a record, each with its item path: ``path``, ``annotation``
-    (id), ``label``, ``field`` and ``reason``."""
+    (id), ``label``, ``field`` and ``reason`` (and ``frame``, for a state of a video item)."""
     return [
         {
             "path": record["path"],
@@ -22,6 +22,7 @@ def rejections_of(record: Mapping[str, Any]) -> list[dict[str, Any]]:
             "label": problem.get("label"),
             "field": problem.get("field"),
             "reason": problem.get("reason"),
+            **({"frame": problem["frame"]} if "frame" in problem else {}),
         }
         for problem in record.get("problems", [])
     ]

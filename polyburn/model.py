@@ -6,10 +6,13 @@ source --ItemRef--> loader --Item--> repair --RepairedAnnotation--> burn --ItemM
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import shapely
+
+if TYPE_CHECKING:
+    from polyburn.video import Video
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class Annotation:
     rings: list[np.ndarray] = field(default_factory=list)
     mask: np.ndarray | None = None
     bad_object_id: str | None = None
+    instance: int | None = None
+    """A fixed instance id given by the caller (a video's tracks are numbered once per video, so
+    an object keeps its id from frame to frame); None: numbered per item."""
 
 
 @dataclass
@@ -64,15 +70,20 @@ class Repair:
     area_before: float | None = None
     area_after: float | None = None
     detail: str = ""
+    frame: int | None = None
+    """Of a video item: the frame from which the repaired state applies; None for images."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "annotation": self.annotation_id,
-            "area_before": _round(self.area_before),
-            "area_after": _round(self.area_after),
-            "detail": self.detail,
-        }
+        return _with_frame(
+            {
+                "kind": self.kind,
+                "annotation": self.annotation_id,
+                "area_before": _round(self.area_before),
+                "area_after": _round(self.area_after),
+                "detail": self.detail,
+            },
+            self.frame,
+        )
 
 
 @dataclass
@@ -83,14 +94,19 @@ class Problem:
     annotation_id: str | None = None
     field: str | None = None
     label: str | None = None
+    frame: int | None = None
+    """Of a video item: the frame of the rejected state; None for images and whole tracks."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "annotation": self.annotation_id,
-            "field": self.field,
-            "label": self.label,
-            "reason": self.reason,
-        }
+        return _with_frame(
+            {
+                "annotation": self.annotation_id,
+                "field": self.field,
+                "label": self.label,
+                "reason": self.reason,
+            },
+            self.frame,
+        )
 
 
 @dataclass
@@ -112,6 +128,9 @@ class Item:
     read_at: float | None = None
     """When the source read the item's annotations ahead of processing it (a bulk read, seconds
     since the epoch), or None when it read them just now."""
+    video: Video | None = field(default=None, repr=False)
+    """A video item's tracks (:mod:`polyburn.video`); ``annotations`` is then empty and its
+    masks are burned frame by frame. None for images."""
 
 
 @dataclass
@@ -127,6 +146,12 @@ class Shape:
         if self.geometry is not None:
             return float(self.geometry.area)
         return float(np.count_nonzero(self.mask)) if self.mask is not None else 0.0
+
+
+def _with_frame(entry: dict[str, Any], frame: int | None) -> dict[str, Any]:
+    if frame is not None:
+        entry["frame"] = frame
+    return entry
 
 
 def _round(value: float | None) -> float | None:

@@ -72,6 +72,7 @@ def process_items(
         options.max_pixels,
         options.skip_empty,
         options.instance_id,
+        options.frames,
     )
     jobs = [
         (
@@ -109,6 +110,7 @@ class _Options(NamedTuple):
     max_pixels: int
     skip_empty: bool
     instance_id: str
+    frames: str = "span"
 
 
 SCAN_CHUNK = 50  # items per job of a label scan

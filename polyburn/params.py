@@ -53,6 +53,12 @@ class MaskOptions(BaseModel):
         "way.",
     )
 
+    frames: Literal["span", "all"] = Field(
+        default="span",
+        description="Video items: which frames get masks. 'span': from the first frame where any "
+        "object exists to the last; 'all': every frame of the video, 0 to its frame count - 1.",
+    )
+
     @field_validator("modes")
     @classmethod
     def _unique_modes(cls, modes: list[str]) -> list[str]:

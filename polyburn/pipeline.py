@@ -27,6 +27,7 @@ from polyburn.state import (
     settle_label_map,
     write_record,
 )
+from polyburn.video_burn import VideoBurn
 
 if TYPE_CHECKING:  # burn workers import this module: no pydantic, no PIL there
     from polyburn.params import MaskOptions
@@ -88,6 +89,7 @@ def process_item(
             preview,
             stored_at,
             previous.get("revision"),
+            lease.check,
         )
         if lease.lost:  # another run took the item over: its record, not ours, is stored
             raise ItemBusyError(f"{ref.path}: another run took the item over while it was written")
@@ -119,13 +121,15 @@ def _burn(
     preview: bool,
     stored_at: Callable[[], float | None] | None = None,
     stored_revision: str | None = None,
+    check_lease: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """The record of one item and whether its outputs at the destination started to change.
 
     An item the source read ahead (a bulk read, ``item.read_at``) is read again here when its
     stored record is of another revision (``stored_revision``) and ``stored_at()`` says it was
     stored after that read, give or take ``READ_AHEAD_MARGIN``: another run may have written a
-    newer version since, and the last writer must have read the newest one.
+    newer version since, and the last writer must have read the newest one. ``check_lease``
+    raises when another run took the item over (a video item calls it after each frame).
     """
     record: dict[str, Any] = {
         "item": ref.item_id,
@@ -141,6 +145,11 @@ def _burn(
             if when is not None and when >= item.read_at - READ_AHEAD_MARGIN:
                 item = source.load(dataclasses.replace(ref, data=""), options.max_pixels)
         record.update(_describe(item))
+        if item.video is not None:  # frame by frame
+            video = VideoBurn(item, destination, options, label_map, colours)
+            touched = video.will_write
+            video.run(previous_keys, record, check_lease)
+            return record, touched
         shapes, repairs, problems = repair_item(item)
         record["repairs"] = [r.as_dict() for r in repairs]
         record["problems"] += [p.as_dict() for p in problems]
@@ -248,7 +257,7 @@ def _describe(item: Item) -> dict[str, Any]:
         "revision": item.revision,
         "width": item.width,
         "height": item.height,
-        "annotations": len(item.annotations),
+        "annotations": len(item.annotations) if item.video is None else len(item.video.tracks),
         "skipped": item.skipped,
         "problems": [p.as_dict() for p in item.problems],
     }
@@ -264,6 +273,8 @@ def scan_labels(refs: Iterable[ItemRef], source: Source, max_pixels: int) -> set
         except PolyburnError:
             continue
         labels.update(a.label for a in item.annotations)
+        if item.video is not None:
+            labels.update(item.video.labels())
     return labels
 
 

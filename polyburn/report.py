@@ -41,12 +41,18 @@ def summary_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"metric": metric, "value": value} for metric, value in rows]
 
 
+def at_frame(entry: Mapping[str, Any]) -> str:
+    """`` frame N`` for a repair or rejection of a video item's frame, else empty."""
+    return f" frame {entry['frame']}" if entry.get("frame") is not None else ""
+
+
 def rejection_line(rejection: Mapping[str, Any]) -> str:
     """One line naming a rejected annotation: item path, annotation id, label, field, reason."""
     label = f" ({rejection['label']})" if rejection.get("label") else ""
     field = f" [{rejection['field']}]" if rejection.get("field") else ""
     return (
-        f"{rejection['path']} annotation {rejection['annotation']}{label}{field}: "
+        f"{rejection['path']} annotation {rejection['annotation']}{label}{at_frame(rejection)}"
+        f"{field}: "
         f"{rejection['reason']}"
     )
 
@@ -72,11 +78,13 @@ def losses_text(summary: Mapping[str, Any], manifest: str, limit: int = LISTED_L
         names = ", ".join(empty_line(e) for e in summary["empty"][:limit])
         rest = empty - min(limit, len(summary["empty"]))
         tail = f" and {rest} more" if rest > 0 else ""
-        what = (
-            "no masks written (skip-empty)"
-            if summary.get("empty_items_skipped")
-            else ("all-background masks written; --skip-empty leaves them out")
-        )
+        skipped = summary.get("empty_items_skipped", 0)
+        if not skipped:
+            what = "all-background masks written; --skip-empty leaves them out"
+        elif skipped >= empty:
+            what = "no masks written (skip-empty)"
+        else:  # a video with nothing to burn writes no frame, whatever --skip-empty says
+            what = f"{skipped} left without masks (videos, or skip-empty), the rest all-background"
         lines.append(f"NOTHING TO BURN in {empty} item(s), {what}: {names}{tail}")
     return lines
 
@@ -108,8 +116,8 @@ def failures_markdown(
         for r in summary["rejections"][:listed]:
             field = f" [{r['field']}]" if r.get("field") else ""
             lines.append(
-                f"| `{r['path']}` | `{r['annotation']}` | {_cell(r.get('label') or '')} | "
-                f"{_cell(r['reason'])}{_cell(field)} |"
+                f"| `{r['path']}` | `{r['annotation']}`{at_frame(r)} | "
+                f"{_cell(r.get('label') or '')} | {_cell(r['reason'])}{_cell(field)} |"
             )
     more = summary["rejected"] - min(listed, len(summary["rejections"]))
     if more > 0:
@@ -117,11 +125,15 @@ def failures_markdown(
     empty = summary.get("empty_items", 0)
     lines += ["", f"## Items with nothing to burn: {empty}", ""]
     if empty:
-        lines.append(
-            "No masks written for them (skip_empty)."
-            if summary.get("empty_items_skipped")
-            else "All-background masks written for them; skip_empty leaves them out."
-        )
+        skipped = summary.get("empty_items_skipped", 0)
+        if not skipped:
+            lines.append("All-background masks written for them; skip_empty leaves them out.")
+        elif skipped >= empty:
+            lines.append("No masks written for them (skip_empty).")
+        else:
+            lines.append(
+                f"{skipped} left without masks (videos, or skip_empty), the rest all-background."
+            )
         lines.append("")
         lines += [f"* `{_cell(empty_line(e))}`" for e in summary["empty"][:listed]]
         rest = empty - min(listed, len(summary["empty"]))

@@ -225,6 +225,14 @@ class ItemLease:
                 log.warning("%s: lease was taken over while this run was writing", self.path)
             self.tag = tag
 
+    def check(self) -> None:
+        """Raise TransientError when another run took the lease over (see :meth:`renew`): a
+        long write (a video's frames) stops early instead of mixing its outputs with theirs."""
+        if self.lost:
+            raise TransientError(
+                f"{self.path}: another run took the item over while it was written"
+            )
+
     def release(self) -> None:
         """Give the lease up: the item's outputs and record are complete."""
         _renewals.discard(self)

@@ -794,3 +794,39 @@ def test_write_back_keeps_a_record_per_item_and_a_one_item_run_rewrites_only_its
     assert [(o["key"], o["sha256"], o["written"]) for o in again] == [
         (o["key"], o["sha256"], False) for o in records[edited]["outputs"]
     ]
+
+
+def test_a_video_item_is_not_written_back_and_fails_with_one_line(fake_gate):
+    """Dataloop write-back has no per-frame masks: a video item fails alone, nothing uploaded,
+    and an image item of the same dataset is written back as usual."""
+    ds = fake_gate.add_dataset("videos", labels=ONTOLOGY)
+    track = {
+        "type": "segment",
+        "label": "car",
+        "coordinates": [square(0, 0, 5, 6)],
+        "metadata": {
+            "system": {
+                "frame": 0,
+                "endFrame": 3,
+                "objectId": 1,
+                "snapshots_": [{"frame": 2, "data": [square(2, 0, 7, 6)], "label": "car"}],
+            }
+        },
+    }
+    clip = fake_gate.add_item(ds, "/clips/drive.webm", 24, 16, [track])
+    still = fake_gate.add_item(ds, "/still.png", 24, 16, [{**track, "metadata": {}}])
+    source = DataloopSource.from_uri(f"dataloop://{ds}")
+    destination = DataloopDestination.from_uri("dataloop://", source_dataset=source.uri)
+    label_map = {"car": 1, "car.sedan": 2, "road": 3}
+    write_label_map(destination, label_map)
+    records = {
+        ref.path: process_item(ref, source, destination, MaskOptions(), label_map)
+        for ref in source.list_items()
+    }
+    assert records["clips/drive"]["status"] == "failed"
+    assert records["clips/drive"]["error"].startswith(
+        "clips/drive: video item: per-frame masks cannot be written back to Dataloop"
+    )
+    assert "\n" not in records["clips/drive"]["error"]
+    assert ours(fake_gate, clip["id"]) == []
+    assert records["still"]["status"] == "ok" and len(ours(fake_gate, still["id"])) == 1

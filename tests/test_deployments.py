@@ -404,11 +404,11 @@ def test_on_demand_run_from_the_ui_writes_masks_and_manifest(server, served, tmp
         run = client.create_flow_run_from_deployment(ids["on-demand"], parameters=parameters)
     run = final_state(server, run.id, log=log)
     assert run.state.is_completed(), run.state
-    assert run.state.message == "12 ok, 0 failed"
+    assert run.state.message == "13 ok, 0 failed"
     records = [
         json.loads(line) for line in (destination / "manifest.jsonl").read_text().splitlines()
     ]
-    assert len(records) == 12 and {r["status"] for r in records} == {"ok"}
+    assert len(records) == 13 and {r["status"] for r in records} == {"ok"}
     assert (destination / "semantic" / "street" / "scene_001.png").is_file()
     assert (destination / "instance" / "street" / "scene_001.png").is_file()
     assert json.loads((destination / "label_map.json").read_text())
@@ -703,9 +703,9 @@ def test_a_sharded_run_spreads_its_items_over_shard_runs_and_writes_one_manifest
         server, tmp_path / "home", str(EXPORT), str(sharded), "--shards", "3"
     )
     assert code == 0, err[-3000:]
-    assert (summary["items"], summary["ok"], summary["failed"]) == (12, 12, 0)
+    assert (summary["items"], summary["ok"], summary["failed"]) == (13, 13, 0)
     assert [(s["shard"], s["state"], s["items"]) for s in summary["shards"]] == [
-        (0, "Completed", 4),
+        (0, "Completed", 5),
         (1, "Completed", 4),
         (2, "Completed", 4),
     ]
@@ -714,7 +714,7 @@ def test_a_sharded_run_spreads_its_items_over_shard_runs_and_writes_one_manifest
 
     # The same masks and the same manifest as an unsharded run; no item lease left behind.
     assert describe_difference(files_of(sharded), files_of(plain)) == ""
-    assert len(files_of(plain)) == 13
+    assert len(files_of(plain)) == 12 + 16 + 1  # images, video frames, label map
     assert manifest_of(sharded) == manifest_of(plain)
     assert not [p for p in (sharded / ".polyburn" / "leases").rglob("*") if p.is_file()]
 
@@ -726,7 +726,7 @@ def test_a_sharded_run_spreads_its_items_over_shard_runs_and_writes_one_manifest
     assert len({r.parameters["params"]["shard_of"]["group"] for r in mine}) == 1
     assert all(r.parent_task_run_id is not None for r in mine)
     items = [i for r in mine for i in r.parameters["params"]["item_ids"]]
-    assert len(items) == len(set(items)) == 12
+    assert len(items) == len(set(items)) == 13
     assert {r.parameters["params"]["shard_of"]["index"] for r in mine} == {0, 1, 2}
 
     # The parent shows its progress per finished shard, ending at 100 %.
@@ -757,7 +757,7 @@ def test_a_sharded_run_into_s3_stores_what_a_folder_run_stores(
         **aws_env(weed_server),
     )
     assert code == 0, err[-3000:]
-    assert (summary["items"], summary["ok"], summary["failed"]) == (12, 12, 0)
+    assert (summary["items"], summary["ok"], summary["failed"]) == (13, 13, 0)
     assert [s["state"] for s in summary["shards"]] == ["Completed"] * 3
     plain = tmp_path / "plain"
     code, _, err = polyburn_run(server, tmp_path / "home", str(EXPORT), str(plain))
@@ -819,16 +819,16 @@ def test_a_shard_no_worker_starts_is_cancelled_then_run_here_or_reported(
         POLYBURN_SHARD_START_TIMEOUT="2",
     )
     records = manifest_of(tmp_path / "masks")
-    assert len(records) == 12
+    assert len(records) == 13
     if fallback:
         assert code == 0, err[-3000:]
-        assert (summary["items"], summary["ok"]) == (12, 12)
+        assert (summary["items"], summary["ok"]) == (13, 13)
         assert [(s["state"], s["ran_here"]) for s in summary["shards"]] == [("Completed", True)] * 2
         assert "running it in this process" in err
         assert {r["status"] for r in records} == {"ok"}
     else:
         assert code == 1, err[-3000:]
-        assert (summary["items"], summary["failed"]) == (12, 12)
+        assert (summary["items"], summary["failed"]) == (13, 13)
         assert [(s["state"], s["ran_here"]) for s in summary["shards"]] == [
             ("Cancelled", False)
         ] * 2

@@ -49,7 +49,7 @@ def example_run(tmp_path_factory):
 def test_example_run_completes_with_every_item_ok(example_run):
     dest, state, summary = example_run
     assert state.is_completed()
-    assert summary["items"] == 12 and summary["failed"] == 0
+    assert summary["items"] == 13 and summary["failed"] == 0
     assert summary["repairs_by_kind"].keys() >= {
         "made_valid",
         "non_finite_vertices",
@@ -78,14 +78,14 @@ def test_label_map_is_the_sorted_labels_one_based(example_run):
 def test_semantic_masks_are_pixel_exact_against_the_rasterio_oracle(example_run):
     dest, _, _ = example_run
     label_map = json.loads((dest / "label_map.json").read_text())
-    for path, item_json in load_export(EXAMPLES / "export").items():
+    for path, item_json in load_export(EXAMPLES / "export", frames=True).items():
         got = decode_mask((dest / "semantic" / f"{path}.png").read_bytes(), "png")
         assert (got == expected_semantic(item_json, label_map)).all(), path
 
 
 def test_instance_masks_hold_object_ids_and_binary_masks_are_pixel_exact(example_run):
     dest, _, _ = example_run
-    for path, item_json in load_export(EXAMPLES / "export").items():
+    for path, item_json in load_export(EXAMPLES / "export", frames=True).items():
         h = item_json["metadata"]["system"]["height"]
         w = item_json["metadata"]["system"]["width"]
         instance = decode_mask((dest / "instance" / f"{path}.png").read_bytes(), "png")
@@ -178,7 +178,7 @@ def test_strict_mode_fails_the_flow_run(tmp_path):
 def test_cli_run_exit_codes_and_summary(tmp_path, capsys):
     assert main(["run", str(EXAMPLES / "export"), str(tmp_path / "a"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "12 items: 12 ok, 0 failed" in out and "repairs:" in out
+    assert "13 items: 13 ok, 0 failed" in out and "repairs:" in out
     code = main(
         [
             "run",

@@ -85,8 +85,8 @@ def test_rerun_is_served_from_cache_and_redoes_only_what_changed(export, tmp_pat
 
     started = time.perf_counter()
     _, second = run(source=str(export), destination=str(dest), batch_size=4)
-    assert second["cached_batches"] == 3 and second["outputs_written"] == 0
-    assert second["items"] == 12 and second["failed"] == 0
+    assert second["cached_batches"] == 4 and second["outputs_written"] == 0
+    assert second["items"] == 13 and second["failed"] == 0
     assert time.perf_counter() - started < 10
 
     # One changed item: only its batch runs again, and only its record and mask change.
@@ -94,7 +94,7 @@ def test_rerun_is_served_from_cache_and_redoes_only_what_changed(export, tmp_pat
     item = export / "json" / "street" / "scene_002.json"
     item.write_text(item.read_text().replace('"x": 280,', '"x": 279,'))
     _, third = run(source=str(export), destination=str(dest), batch_size=4)
-    assert third["cached_batches"] == 2 and third["outputs_written"] == 1
+    assert third["cached_batches"] == 3 and third["outputs_written"] == 1
     after = {r["path"]: r for r in third_records(dest)}
     assert [p for p in after if content(after[p]) != content(before[p])] == ["street/scene_002"]
     (output,) = after["street/scene_002"]["outputs"]
@@ -143,7 +143,7 @@ def test_incremental_runs_process_only_changed_items(export, tmp_path):
     dest = tmp_path / "masks"
     name = watermark_name(str(export), str(dest))
     _, first = run(source=str(export), destination=str(dest), incremental=True)
-    assert first["items"] == 12
+    assert first["items"] == 13
     mark = Variable.get(name)
     assert mark is not None
     time.sleep(0.05)
@@ -237,7 +237,7 @@ def test_partial_runs_update_the_current_manifest_and_forget_deleted_items(expor
         spool.write_manifest(tmp_path / "current.jsonl")
     lines = (tmp_path / "current.jsonl").read_text().splitlines()
     paths = [json.loads(line)["path"] for line in lines]
-    assert len(paths) == 11 and "street/scene_005" not in paths and "street/scene_006" in paths
+    assert len(paths) == 12 and "street/scene_005" not in paths and "street/scene_006" in paths
     assert not (dest / "semantic" / "street" / "scene_005.png").exists()
 
 
@@ -261,7 +261,7 @@ def test_burn_batches_take_concurrency_slots_only_when_an_operator_set_a_limit(t
     from tasks.masks import BURN_TAG
 
     state, summary = run(source=str(EXAMPLES / "export"), destination=str(tmp_path / "a"))
-    assert summary["ok"] == 12 and burn_tags(state) == [[]]
+    assert summary["ok"] == 13 and burn_tags(state) == [[]]
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag=BURN_TAG, concurrency_limit=1)
     try:
@@ -271,7 +271,7 @@ def test_burn_batches_take_concurrency_slots_only_when_an_operator_set_a_limit(t
     finally:
         with get_client(sync_client=True) as client:
             client.delete_concurrency_limit_by_tag(BURN_TAG)
-    assert summary["ok"] == 12
+    assert summary["ok"] == 13
     assert burn_tags(state) == [[BURN_TAG]] * 3
 
 
@@ -285,7 +285,7 @@ def test_a_cached_rerun_restores_outputs_deleted_by_hand(tmp_path):
     before = {r["path"]: r for r in third_records(dest)}
     mask.unlink()
     _, second = run(source=str(EXAMPLES / "export"), destination=str(dest), batch_size=4)
-    assert second["cached_batches"] == 3 and second["failed"] == 0
+    assert second["cached_batches"] == 4 and second["failed"] == 0
     assert same_output(mask.name, mask.read_bytes(), original)
     assert second["outputs_written"] == 1
     after = {r["path"]: r for r in third_records(dest)}

@@ -167,7 +167,7 @@ def local_run(tmp_path_factory, prefect_api):
 def test_full_run_matches_a_local_run(weed_server, s3_bucket, s3_env, local_run):
     local_dir, local_masks = local_run
     summary = run_flow(EXAMPLES / "export", f"s3://{s3_bucket}/{PREFIX}/")
-    assert summary["failed"] == 0 and summary["items"] == 12
+    assert summary["failed"] == 0 and summary["items"] == 13
 
     objects = stored(weed_server, s3_bucket)
     assert {k for k in objects if not is_state(k)} == set(local_masks)
@@ -182,7 +182,7 @@ def test_full_run_matches_a_local_run(weed_server, s3_bucket, s3_env, local_run)
     client = weed_server.client()
     manifest = [json.loads(line) for line in objects["manifest.jsonl"].decode().splitlines()]
     local_manifest = (local_dir / "manifest.jsonl").read_text().splitlines()
-    assert len(manifest) == len(local_manifest) == 12
+    assert len(manifest) == len(local_manifest) == 13
 
     def comparable(record: dict) -> dict:
         return {k: v for k, v in record.items() if k not in ("seconds", "outputs")}
@@ -473,7 +473,7 @@ def test_an_item_whose_uploads_never_heal_fails_alone(
     masks_of_003 = r"^PUT [^?]*/(semantic|instance|binary)/[^?]*street/scene_003\."
     fault_proxy.add("http503", times=None, match=masks_of_003)
     summary = run_flow(EXAMPLES / "export", uri)
-    assert (summary["ok"], summary["failed"]) == (11, 1)
+    assert (summary["ok"], summary["failed"]) == (12, 1)
     (failure,) = summary["failures"]
     assert failure["path"] == "street/scene_003"
     assert failure["error"] == (

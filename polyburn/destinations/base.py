@@ -53,6 +53,9 @@ class Destination(ABC):
     """Receives each item's masks, the label map and, last, the run manifest."""
 
     uri: str
+    takes_video_frames: bool = True
+    """Whether a video item's per-frame masks can be published here (one image item per frame,
+    ``<item path>/<frame:06d>``)."""
 
     @abstractmethod
     def publish_item(

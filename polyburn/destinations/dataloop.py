@@ -116,6 +116,8 @@ def state_dir(dataset_id: str) -> Path:
 class DataloopDestination(Destination):
     """Masks as polyburn-marked ``binary`` annotations of a Dataloop dataset (module docstring)."""
 
+    takes_video_frames = False  # a video item fails with one line (docs/outputs.md, Video items)
+
     def __init__(
         self,
         dataset: Mapping[str, Any],

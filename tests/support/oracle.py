@@ -97,13 +97,57 @@ def expected_semantic(item_json: dict, label_map: dict[str, int]) -> np.ndarray:
     return out
 
 
-def load_export(folder: Path) -> dict[str, dict]:
-    """item path → raw item JSON for every file under ``folder/json``."""
+def load_export(folder: Path, frames: bool = False) -> dict[str, dict]:
+    """item path → raw item JSON for every file under ``folder/json``; with ``frames``, a video
+    item is replaced by one image item per frame it has masks for (:func:`video_frames`), at
+    ``<path>/<frame:06d>``."""
     root = folder / "json"
-    return {
+    items = {
         p.relative_to(root).as_posix()[:-5]: json.loads(p.read_text())
         for p in sorted(root.rglob("*.json"))
     }
+    if not frames:
+        return items
+    out = {}
+    for path, item in items.items():
+        if "video" in item["metadata"]["system"].get("mimetype", ""):
+            for frame, image in video_frames(item).items():
+                out[f"{path}/{frame:06d}"] = image
+        else:
+            out[path] = item
+    return out
+
+
+def video_frames(item_json: dict) -> dict[int, dict]:
+    """A video item as image items, one per frame from its first object's first frame to its
+    last object's last frame: each holds the annotations visible in that frame with that
+    frame's coordinates and label (the issue's frame model, read naively: for every frame, the
+    latest state at or before it; no polyburn code)."""
+    tracks = []
+    for annotation in item_json["annotations"]:
+        system = annotation["metadata"]["system"]
+        states = {system.get("frame") or 0: (annotation["coordinates"], annotation["label"], True)}
+        for snapshot in system.get("snapshots_") or []:
+            states[snapshot["frame"]] = (
+                snapshot["data"],
+                snapshot.get("label", annotation["label"]),
+                snapshot.get("objectVisible", True),
+            )
+        end = max(system.get("endFrame") or 0, *states)
+        tracks.append((annotation, states, min(states), end))
+    first = min(t[2] for t in tracks)
+    last = max(t[3] for t in tracks)
+    out = {}
+    for frame in range(first, last + 1):
+        visible = []
+        for annotation, states, start, end in tracks:
+            if not start <= frame <= end:
+                continue
+            coordinates, label, shown = states[max(k for k in states if k <= frame)]
+            if shown:
+                visible.append({**annotation, "coordinates": coordinates, "label": label})
+        out[frame] = {**item_json, "annotations": visible}
+    return out
 
 
 def same_output(key: str, got: bytes, want: bytes) -> bool:
