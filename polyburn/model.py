@@ -112,6 +112,10 @@ class Item:
     read_at: float | None = None
     """When the source read the item's annotations ahead of processing it (a bulk read, seconds
     since the epoch), or None when it read them just now."""
+    subset: str | None = None
+    """The item's Dataloop ML subset (``train``, ``validation`` or ``test``, from
+    ``metadata.system.tags``), None when it has none or more than one (then reported in
+    ``problems``)."""
 
 
 @dataclass

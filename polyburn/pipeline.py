@@ -242,6 +242,7 @@ def _describe(item: Item) -> dict[str, Any]:
         "annotations": len(item.annotations),
         "skipped": item.skipped,
         "problems": [p.as_dict() for p in item.problems],
+        "subset": item.subset,
     }
 
 
