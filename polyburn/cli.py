@@ -389,13 +389,16 @@ def _dataset(args: argparse.Namespace) -> int:
             "for a dataloop:// destination use polyburn manifest DEST --compact"
         )
     destination = open_destination(args.dest)
+    written: dict[str, int] = {}
     try:
-        with (
-            tempfile.TemporaryDirectory(prefix="polyburn-dataset-") as folder,
-            write_snapshot(destination.state, Path(folder)) as spool,
-        ):
-            written = write_dataset_files(destination.state, spool, Path(folder))
-            items = len(spool)
+        with tempfile.TemporaryDirectory(prefix="polyburn-dataset-") as folder:
+            scratch = Path(folder)
+
+            def dataset_files(spool) -> None:
+                written.update(write_dataset_files(destination.state, spool, scratch))
+
+            with write_snapshot(destination.state, scratch, dataset_files) as spool:
+                items = len(spool)
     finally:
         destination.close()
     root = args.dest.rstrip("/")

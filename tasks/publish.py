@@ -43,10 +43,12 @@ def publish_manifest(destination_uri: str, forget: list[str]) -> dict[str, Any]:
     destination = destination_for(destination_uri)
     state = destination.state
     state.remove(forget)
-    with (
-        tempfile.TemporaryDirectory(prefix="polyburn-manifest-") as folder,
-        write_snapshot(state, Path(folder)) as spool,
-    ):
-        if state is destination:  # a Dataloop destination's state folder is no dataset
-            write_dataset_files(state, spool, Path(folder))
-        return spool.counts.as_dict(0.0)
+    with tempfile.TemporaryDirectory(prefix="polyburn-manifest-") as folder:
+        scratch = Path(folder)
+
+        def dataset_files(spool) -> None:
+            if state is destination:  # a Dataloop destination's state folder is no dataset
+                write_dataset_files(state, spool, scratch)
+
+        with write_snapshot(state, scratch, dataset_files) as spool:
+            return spool.counts.as_dict(0.0)

@@ -231,7 +231,7 @@ def text_content_type(key: str) -> str:
     """Content type of a run-level text object (JSON lines for the manifest, plain text for the
     splits, else JSON)."""
     if key.endswith(".txt"):
-        return "text/plain; charset=utf-8"
+        return "text/plain"
     return "application/x-ndjson" if key.endswith(".jsonl") else JSON_CONTENT_TYPE
 
 
