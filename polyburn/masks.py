@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from polyburn.coco import item_fragment
+from polyburn.coco import instance_regions, item_fragment
 from polyburn.errors import ItemError
 from polyburn.instances import InstanceIds, number_instances
 from polyburn.model import Item, Repair, Shape
@@ -80,7 +80,8 @@ def build_masks(
         if "instance" in modes:
             masks.instance, masks.instance_table = instance, table
         if "coco" in modes:
-            masks.coco = item_fragment(item, instance, table, label_map)
+            regions = instance_regions(ordered, values, h, w)
+            masks.coco = item_fragment(item, instance, table, label_map, regions)
     if "binary" in modes:
         for label in sorted({s.annotation.label for s in ordered}):
             of_label = [s for s in ordered if s.annotation.label == label]

@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 from pydantic import ValidationError
 
 from polyburn.cli import main
-from polyburn.coco import pixel_boxes
+from polyburn.coco import instance_annotations
 from polyburn.dataloop_json import parse_item
 from polyburn.destinations.base import mask_files
 from polyburn.encode import decode_mask
@@ -148,22 +148,37 @@ def test_shape_numbering_gives_one_annotation_per_shape():
     ]
 
 
-def test_pixel_boxes_agree_with_numpy_per_value():
-    rng = np.random.default_rng(3)
-    mask = rng.integers(0, 6, size=(17, 23)).astype(np.uint16)
-    mask[:, :5] = 0
-    boxes = pixel_boxes(mask)
-    assert sorted(boxes) == [1, 2, 3, 4, 5]
-    for value, (top, left, bottom, right, count) in boxes.items():
-        rows, cols = np.nonzero(mask == value)
-        assert (top, left, bottom, right) == (
-            rows.min(),
-            cols.min(),
-            rows.max() + 1,
-            cols.max() + 1,
-        )
-        assert count == rows.size
-    assert pixel_boxes(np.zeros((3, 3), np.uint16)) == {}
+def test_rle_is_byte_for_byte_what_pycocotools_encodes_from_the_whole_image():
+    """The fragment's counts come from the instance's bounding box only; they must be exactly
+    ``pycocotools.mask.encode`` of the full-size binary mask, whatever the shapes."""
+    rng = np.random.default_rng(7)
+    table = [{"id": k, "object_id": k, "label": "car"} for k in (1, 2, 3)]
+    checked = 0
+    for trial in range(300):
+        h, w = (int(n) for n in rng.integers(1, 16, 2))
+        mask = rng.integers(0, 4, size=(h, w)).astype(np.uint16)
+        if trial % 3 == 0:  # mostly one instance, touching the last pixel
+            mask = np.where(rng.random((h, w)) < 0.9, 1, mask).astype(np.uint16)
+        for annotation in instance_annotations(mask, table, LABELS):
+            full = np.asfortranarray(mask == annotation["instance_id"], dtype=np.uint8)
+            want = coco_mask.encode(full)["counts"].decode("ascii")
+            assert annotation["segmentation"]["counts"] == want, (mask, annotation)
+            checked += 1
+    assert checked > 500
+
+
+def test_looking_in_each_instances_region_finds_what_the_whole_image_holds():
+    """The boxes from the shapes' bounds (what items use) give the same annotations as looking
+    for every instance in the whole image; shapes touching the border, off-pixel edges."""
+    rng = np.random.default_rng(5)
+    annotations = []
+    for k in range(25):
+        x0, y0 = rng.uniform(-2, 38), rng.uniform(-2, 28)
+        rings = [box(x0, y0, x0 + rng.uniform(2.5, 9), y0 + rng.uniform(2.5, 7))]
+        annotations.append(segment(f"a{k}", "car", rings, k % 9 + 1))
+    _, m = burn(item_json(annotations))
+    whole = instance_annotations(m.instance, m.instance_table, LABELS)
+    assert m.coco["annotations"] == whole and len(whole) > 5
 
 
 # ------------------------------------------------------------------------------ seed semantics
