@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _measure import write_results  # noqa: E402
+
 from polyburn.coco import instance_annotations  # noqa: E402
+from polyburn.destinations.base import LABEL_MAP_KEY  # noqa: E402
 from polyburn.labels import dump_label_map  # noqa: E402
 from polyburn.manifest import manifest_line  # noqa: E402
 from polyburn.state import LAYOUT, LAYOUT_KEY, record_key  # noqa: E402
@@ -64,7 +66,7 @@ def build(dest: Path, items: int) -> float:
     started = time.perf_counter()
     annotations = template_annotations()
     (dest / ".polyburn/records").mkdir(parents=True)
-    (dest / LABEL_MAP_PATH).write_text(dump_label_map(LABELS))
+    (dest / LABEL_MAP_KEY).write_text(dump_label_map(LABELS))
     (dest / LAYOUT_KEY).write_text(f"{LAYOUT}\n")
     for i in range(items):
         path = f"folder{i % 100:02d}/item_{i:06d}"
@@ -100,9 +102,6 @@ def build(dest: Path, items: int) -> float:
         record_file.parent.mkdir(parents=True, exist_ok=True)
         record_file.write_bytes(manifest_line(record))
     return time.perf_counter() - started
-
-
-LABEL_MAP_PATH = "label_map.json"
 
 
 def measure(*args: str) -> dict:
@@ -147,16 +146,14 @@ def main() -> None:
     finally:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)
-    out = {
-        "what": "polyburn dataset DEST: manifest.jsonl, splits/*.txt, coco/instances*.json "
-        "from per-item records and COCO fragments (640x480 items, 6 instances each), folder "
-        "destination, one fresh process per size",
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
-        "runs": runs,
-    }
-    results = ROOT / "bench/results/coco_assembly.json"
-    results.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {results.relative_to(ROOT)}")
+    write_results(
+        "coco_assembly",
+        "polyburn dataset DEST: manifest.jsonl, splits/*.txt, coco/instances*.json from per-item "
+        "records and COCO fragments (640x480 items, 6 instances each), folder destination, one "
+        "fresh process per size",
+        runs,
+        cpus=os.cpu_count(),
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Median of 5 runs each. Writes ``bench/results/coco_encode.json``.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ import shapely
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _measure import write_results  # noqa: E402
 from pycocotools import mask as coco_mask  # noqa: E402
 
 from polyburn.coco import instance_annotations, instance_regions  # noqa: E402
@@ -106,15 +106,12 @@ def main() -> None:
         row["polyburn_ms_per_instance"] = round(row["polyburn_ms"] / max(len(ids), 1), 3)
         rows.append(row)
         print(json.dumps(row))
-    out = {
-        "what": "COCO RLE of every instance of a 1920x1080 uint16 instance mask; median of "
+    write_results(
+        "coco_encode",
+        "COCO RLE of every instance of a 1920x1080 uint16 instance mask; median of "
         f"{REPEATS} runs; same counts as the naive per-instance encode (checked)",
-        "machine": {"python": platform.python_version()},
-        "runs": rows,
-    }
-    results = ROOT / "bench/results/coco_encode.json"
-    results.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {results.relative_to(ROOT)}")
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -130,6 +130,32 @@ def test_an_object_drawn_over_entirely_has_no_annotation_but_stays_in_the_table(
     assert [a["instance_id"] for a in m.coco["annotations"]] == [3]
 
 
+def test_bad_object_ids_give_separate_annotations_never_a_merge_across_labels():
+    annotations = [
+        segment("c1", "car", [box(0, 0, 5, 5)], 3),
+        segment("r1", "building", [box(6, 0, 11, 5)], "3"),  # objectId 3 used by two labels
+        segment("c2", "car", [box(12, 0, 17, 5)], 3),  # the car's other part
+        segment("x", "tree", [box(18, 0, 23, 5)], "abc"),
+        segment("z", "tree", [box(24, 0, 29, 5)], 0),
+        segment("n", "tree", [box(30, 0, 35, 5)], -2),
+        segment("h", "tree", [box(0, 10, 5, 15)], 10**12),
+    ]
+    _, m = burn(item_json(annotations))
+    assert (
+        sorted(r.kind for r in m.repairs) == ["object_id_conflict"] * 3 + ["object_id_unusable"] * 4
+    )
+    coco = m.coco["annotations"]
+    assert len(coco) == len(m.instance_table) == 6
+    for annotation in coco:
+        assert np.array_equal(
+            decode(annotation["segmentation"]), m.instance == annotation["instance_id"]
+        )
+    car = next(a for a in coco if a["label"] == "car")
+    assert car["object_id"] == 3 and car["area"] == 50 and car["category_id"] == 2
+    building = next(a for a in coco if a["label"] == "building")
+    assert building["object_id"] == 3 and building["instance_id"] != car["instance_id"]
+
+
 def test_coco_alone_burns_the_instance_mask_without_writing_it():
     item, m = burn(item_json([DONUT, PART_A]), modes=["semantic", "coco"])
     assert m.instance is None and m.instance_table == [] and m.semantic is not None
