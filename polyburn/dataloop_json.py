@@ -18,7 +18,8 @@ Accepted shapes (see ``shared/docs/dataloop.md`` §2–3):
 Other annotation types are counted in ``Item.skipped``. Annotations written by polyburn itself
 (``metadata.user.polyburn`` present) are never read back as input.
 
-Item-level problems raise :class:`~polyburn.errors.ItemError`; annotation-level problems become
+Item-level problems raise :class:`~polyburn.errors.ItemError` (except conflicting ML subset
+tags, which are reported and burn on); annotation-level problems become
 :class:`~polyburn.model.Problem` records on the item, so one broken annotation never takes its item
 down.
 """

@@ -77,7 +77,8 @@ class Repair:
 
 @dataclass
 class Problem:
-    """A rejected annotation, or a failed item when ``annotation_id`` is None."""
+    """A rejected annotation; with ``annotation_id`` None, a problem of the item itself (it
+    failed, or its ML subset tags conflict)."""
 
     reason: str
     annotation_id: str | None = None
