@@ -12,6 +12,18 @@ import sys
 import time
 
 
+def write_results(name: str, what: str, runs: list, **machine: object) -> None:
+    """Write ``bench/results/<name>.json`` (what was measured, the machine, the runs)."""
+    import platform
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = {"what": what, "machine": {"python": platform.python_version(), **machine}}
+    results = root / f"bench/results/{name}.json"
+    results.write_text(json.dumps({**out, "runs": runs}, indent=1) + "\n")
+    print(f"wrote {results.relative_to(root)}")
+
+
 def main() -> None:
     out, what, *args = sys.argv[1:]
     started = time.perf_counter()

@@ -1,4 +1,5 @@
-"""``polyburn run`` / ``validate`` / ``manifest`` / ``serve`` / ``events``: the command line.
+"""``polyburn run`` / ``validate`` / ``manifest`` / ``dataset`` / ``serve`` / ``events``: the
+command line.
 
 ``run`` starts the Prefect flow on whatever Prefect API is configured (``PREFECT_API_URL``), or on
 Prefect's ephemeral API when none is (no server to start; ~15 s of start-up). ``validate`` needs no
@@ -42,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="burn masks from SOURCE into DEST")
     run.add_argument("source", metavar="SOURCE", help="export folder or dataloop://<dataset>")
     run.add_argument("dest", metavar="DEST", help="folder, s3://bucket/prefix or dataloop://")
-    run.add_argument("--mode", default="semantic", help="comma-separated: semantic,instance,binary")
+    run.add_argument(
+        "--mode", default="semantic", help="comma-separated: semantic,instance,binary,coco"
+    )
     run.add_argument("--labels", metavar="FILE", help="label map JSON {label: id}")
     run.add_argument("--filter", metavar="DQL-JSON", help="Dataloop: extra DQL item filter")
     run.add_argument(
@@ -127,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
         help="also rewrite DEST/manifest.jsonl from the current records (nothing is burned)",
     )
     manifest.set_defaults(handler=_manifest)
+
+    dataset = sub.add_parser(
+        "dataset",
+        help="rewrite the dataset files of DEST (manifest.jsonl, splits/*.txt, coco/*.json) "
+        "from its current records and COCO fragments, burning nothing",
+    )
+    dataset.add_argument("dest", metavar="DEST", help="folder or s3://bucket/prefix")
+    dataset.set_defaults(handler=_dataset)
 
     serve = sub.add_parser(
         "serve", help="serve the nightly, on-demand, on-annotation and shard deployments"
@@ -369,6 +380,39 @@ def _manifest(args: argparse.Namespace) -> int:
         f"polyburn: {items} item records{' to ' + args.output if args.output else ''}{where}",
         file=sys.stderr,
     )
+    return 0
+
+
+def _dataset(args: argparse.Namespace) -> int:
+    """Bring the dataset-level files up to date after partial or event-driven runs."""
+    import tempfile
+
+    from polyburn.dataset import write_dataset_files
+    from polyburn.destinations import open_destination
+    from polyburn.state import write_snapshot
+
+    if args.dest.startswith("dataloop://"):
+        raise ConfigError(
+            "polyburn dataset writes files (splits, COCO JSON) to a folder or s3:// destination; "
+            "for a dataloop:// destination use polyburn manifest DEST --compact"
+        )
+    destination = open_destination(args.dest)
+    written: dict[str, int] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="polyburn-dataset-") as folder:
+            scratch = Path(folder)
+
+            def dataset_files(spool) -> None:
+                written.update(write_dataset_files(destination.state, spool, scratch))
+
+            with write_snapshot(destination.state, scratch, dataset_files) as spool:
+                items = len(spool)
+    finally:
+        destination.close()
+    root = args.dest.rstrip("/")
+    print(f"{root}/manifest.jsonl: {items} item records")
+    for key, count in written.items():
+        print(f"{root}/{key}: {count} items")
     return 0
 
 

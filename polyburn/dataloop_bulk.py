@@ -1,7 +1,7 @@
 """Dataloop items and their pixel annotations, a page at a time instead of an item at a time.
 
 * :func:`listing_data` keeps what a listing page says about an item (``id``, ``datasetId``,
-  ``filename``, ``metadata.system`` width/height/mimetype) as the compact JSON carried by
+  ``filename``, ``metadata.system`` width/height/mimetype/tags) as the compact JSON carried by
   :attr:`polyburn.model.ItemRef.data`: the item is never asked for again.
 * :func:`preload` fetches the raw ``segment``/``binary`` annotation JSON of many items with one
   paged annotation query per 1,000 items (``itemId $in [...]``, keyset-paged by annotation id,
@@ -38,7 +38,7 @@ def listing_data(raw: Mapping[str, Any]) -> str:
     system = ((raw.get("metadata") or {}).get("system")) or {}
     kept_system = {
         k: system[k]
-        for k in ("width", "height", "mimetype")
+        for k in ("width", "height", "mimetype", "tags")
         if isinstance(system, Mapping) and k in system
     }
     item = {

@@ -4,6 +4,9 @@ Accepted shapes (see ``shared/docs/dataloop.md`` §2–3):
 
 * item ``id`` or ``_id``; ``filename``; ``metadata.system.width`` / ``height`` (required, positive
   integers); ``annotations`` as a list of annotation objects (missing means none);
+* the item's ML subset from ``metadata.system.tags`` (``{"train": true}``, ``{"validation":
+  true}`` or ``{"test": true}``; other tags are ignored); an item tagged with more than one
+  subset gets none and an item-level problem saying so (it is still burned);
 * annotation ``id`` or ``_id``; ``type``; ``label``; ``metadata.system.objectId`` as int, digit
   string or missing (any other value is kept as text in ``Annotation.bad_object_id``, and never
   rejects the annotation);
@@ -15,7 +18,8 @@ Accepted shapes (see ``shared/docs/dataloop.md`` §2–3):
 Other annotation types are counted in ``Item.skipped``. Annotations written by polyburn itself
 (``metadata.user.polyburn`` present) are never read back as input.
 
-Item-level problems raise :class:`~polyburn.errors.ItemError`; annotation-level problems become
+Item-level problems raise :class:`~polyburn.errors.ItemError` (except conflicting ML subset
+tags, which are reported and burn on); annotation-level problems become
 :class:`~polyburn.model.Problem` records on the item, so one broken annotation never takes its item
 down.
 """
@@ -43,6 +47,7 @@ POLYGON = "segment"
 BINARY = "binary"
 PIXEL_TYPES = (POLYGON, BINARY)
 POLYBURN_MARKER = "polyburn"
+ML_SUBSETS = ("train", "validation", "test")
 DEFAULT_MAX_PIXELS = 100_000_000
 _PNG_URI_PREFIX = "data:image/png;base64,"
 
@@ -127,6 +132,7 @@ def parse_item(
         )
     if revision is None:
         revision = annotations_revision(raw_annotations)
+    subsets = ml_subsets(system.get("tags"))
 
     from polyburn.video import is_video, parse_video  # it builds on this module
 
@@ -143,6 +149,8 @@ def parse_item(
             annotations, problems, skipped = _parse_annotations(
                 raw_annotations, width, height, False
             )
+    if len(subsets) > 1:
+        problems.insert(0, subset_problem(subsets))
     return Item(
         item_id=item_id,
         path=path,
@@ -154,6 +162,25 @@ def parse_item(
         revision=revision,
         filename=_text(data.get("filename")),
         video=video,
+        subset=subsets[0] if len(subsets) == 1 else None,
+    )
+
+
+def ml_subsets(tags: Any) -> list[str]:
+    """The ML subsets ``metadata.system.tags`` marks (those set to ``true``), in the order
+    train, validation, test; other tags and other values are ignored."""
+    if not isinstance(tags, Mapping):
+        return []
+    return [subset for subset in ML_SUBSETS if tags.get(subset) is True]
+
+
+def subset_problem(subsets: list[str]) -> Problem:
+    """The item-level report of an item tagged with several ML subsets."""
+    return Problem(
+        f"item is tagged with ML subsets {' and '.join(subsets)}: it is put in none of them "
+        "(splits/unassigned.txt) until it has one",
+        None,
+        "metadata.system.tags",
     )
 
 

@@ -8,25 +8,28 @@ from typing import Any
 
 import numpy as np
 
+from polyburn.coco import instance_regions, item_fragment
 from polyburn.errors import ItemError
 from polyburn.instances import InstanceIds, number_instances
 from polyburn.model import Item, Repair, Shape
 from polyburn.raster import DrawOrder, burn, order_shapes
 
-MODES = ("semantic", "instance", "binary")
+MODES = ("semantic", "instance", "binary", "coco")
 INSTANCE_DTYPE = np.dtype(np.uint16)
 
 
 @dataclass
 class ItemMasks:
     """The masks of one item. ``binary`` maps label → 0/1 uint8 mask, for labels in the item.
-    ``repairs``: the objectIds the instance mask could not use as ids, per annotation."""
+    ``repairs``: the objectIds the instance mask could not use as ids, per annotation.
+    ``coco``: the item's COCO fragment (:func:`polyburn.coco.item_fragment`)."""
 
     semantic: np.ndarray | None = None
     instance: np.ndarray | None = None
     instance_table: list[dict[str, Any]] = field(default_factory=list)
     binary: dict[str, np.ndarray] = field(default_factory=dict)
     repairs: list[Repair] = field(default_factory=list)
+    coco: dict[str, Any] | None = None
 
 
 def build_masks(
@@ -49,6 +52,8 @@ def build_masks(
       Either way a pixel's instance has the label of the pixel's semantic id.
     * ``binary``: per label, 1 where any shape of that label covers the pixel (holes respected,
       other labels ignored).
+    * ``coco``: the item's COCO fragment, one annotation per instance of the instance mask
+      (burned for it when ``instance`` is not among the modes, and not kept then).
 
     Raises ItemError for a label missing from the label map or an id that does not fit.
     """
@@ -65,13 +70,18 @@ def build_masks(
     if "semantic" in modes:
         values = [label_map[s.annotation.label] for s in ordered]
         masks.semantic = _burn(item, ordered, values, h, w, semantic_dtype, "label id")
-    if "instance" in modes:
+    if "instance" in modes or "coco" in modes:
         try:
             values, instances, masks.repairs = number_instances(ordered, instance_ids)
         except ValueError as exc:
             raise ItemError(item.path, str(exc), "annotations") from None
-        masks.instance = _burn(item, ordered, values, h, w, INSTANCE_DTYPE, "instance id")
-        masks.instance_table = [instance.as_dict() for instance in instances]
+        instance = _burn(item, ordered, values, h, w, INSTANCE_DTYPE, "instance id")
+        table = [i.as_dict() for i in instances]
+        if "instance" in modes:
+            masks.instance, masks.instance_table = instance, table
+        if "coco" in modes:
+            regions = instance_regions(ordered, values, h, w)
+            masks.coco = item_fragment(item, instance, table, label_map, regions)
     if "binary" in modes:
         for label in sorted({s.annotation.label for s in ordered}):
             of_label = [s for s in ordered if s.annotation.label == label]

@@ -88,7 +88,8 @@ class Repair:
 
 @dataclass
 class Problem:
-    """A rejected annotation, or a failed item when ``annotation_id`` is None."""
+    """A rejected annotation; with ``annotation_id`` None, a problem of the item itself (it
+    failed, or its ML subset tags conflict)."""
 
     reason: str
     annotation_id: str | None = None
@@ -131,6 +132,10 @@ class Item:
     video: Video | None = field(default=None, repr=False)
     """A video item's tracks (:mod:`polyburn.video`); ``annotations`` is then empty and its
     masks are burned frame by frame. None for images."""
+    subset: str | None = None
+    """The item's Dataloop ML subset (``train``, ``validation`` or ``test``, from
+    ``metadata.system.tags``), None when it has none or more than one (then reported in
+    ``problems``)."""
 
 
 @dataclass

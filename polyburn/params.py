@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from polyburn.dataloop_json import DEFAULT_MAX_PIXELS
 from polyburn.instances import InstanceIds
 
-Mode = Literal["semantic", "instance", "binary"]
+Mode = Literal["semantic", "instance", "binary", "coco"]
 
 
 class MaskOptions(BaseModel):
@@ -21,8 +21,9 @@ class MaskOptions(BaseModel):
     modes: list[Mode] = Field(
         default=["semantic"],
         min_length=1,
-        description="Masks to write: semantic (class ids), instance (uint16 object ids) and/or "
-        "binary (one 0/1 mask per label).",
+        description="Masks to write: semantic (class ids), instance (uint16 object ids), "
+        "binary (one 0/1 mask per label) and/or coco (COCO instance JSON with RLE masks, "
+        "coco/instances.json; folder and S3 destinations).",
     )
     format: Literal["png", "tif", "npy"] = Field(
         default="png",
@@ -167,6 +168,12 @@ class RunParameters(BaseModel):
                 "shards: a dataloop:// destination keeps its run state on the machine of the "
                 "run, so shards on other workers cannot hand back their records; write to "
                 "s3:// or a shared folder, or set shards to 0"
+            )
+        if "coco" in self.options.modes and self.destination.startswith("dataloop://"):
+            raise ValueError(
+                "options.modes: coco writes COCO JSON files (coco/instances.json), which a "
+                "dataloop:// destination cannot hold (it stores annotations); write to a folder "
+                "or s3://, or leave coco out"
             )
         if self.shards > 1 and self.shard_of is not None:
             raise ValueError("shards: a shard run cannot be sharded again")

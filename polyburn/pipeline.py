@@ -260,6 +260,7 @@ def _describe(item: Item) -> dict[str, Any]:
         "annotations": len(item.annotations) if item.video is None else len(item.video.tracks),
         "skipped": item.skipped,
         "problems": [p.as_dict() for p in item.problems],
+        "subset": item.subset,
     }
 
 

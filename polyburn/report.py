@@ -47,14 +47,14 @@ def at_frame(entry: Mapping[str, Any]) -> str:
 
 
 def rejection_line(rejection: Mapping[str, Any]) -> str:
-    """One line naming a rejected annotation: item path, annotation id, label, field, reason."""
+    """One line naming a rejected annotation: item path, annotation id, label, field, reason
+    (a problem of the item itself, such as two ML subsets, has no annotation id)."""
     label = f" ({rejection['label']})" if rejection.get("label") else ""
     field = f" [{rejection['field']}]" if rejection.get("field") else ""
-    return (
-        f"{rejection['path']} annotation {rejection['annotation']}{label}{at_frame(rejection)}"
-        f"{field}: "
-        f"{rejection['reason']}"
+    what = (
+        "item" if rejection.get("annotation") is None else f"annotation {rejection['annotation']}"
     )
+    return f"{rejection['path']} {what}{label}{at_frame(rejection)}{field}: {rejection['reason']}"
 
 
 def empty_line(entry: Mapping[str, Any]) -> str:

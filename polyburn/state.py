@@ -37,7 +37,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -420,10 +420,17 @@ def migrate(store: FileDestination, scratch: Path) -> int:
     return created
 
 
-def write_snapshot(store: FileDestination, scratch: Path) -> RecordSpool:
+def write_snapshot(
+    store: FileDestination,
+    scratch: Path,
+    before: Callable[[RecordSpool], object] | None = None,
+) -> RecordSpool:
     """Write ``manifest.jsonl`` from the current records (atomically: readers see the old file
-    or the new one) and return the spool it was written from (for its counts)."""
+    or the new one) and return the spool it was written from (for its counts). ``before`` is
+    called with that spool first (the other dataset files: the manifest stays the last one)."""
     spool = current_records(store, scratch)
+    if before is not None:
+        before(spool)
     target = scratch / "snapshot.jsonl"
     spool.write_manifest(target)
     store.write_file(MANIFEST_KEY, target)

@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import task
 
+from polyburn.dataset import write_dataset_files
 from polyburn.pipeline import resolve_label_map
 from polyburn.state import migrate, write_snapshot
 from tasks.common import IO_TASK_OPTIONS, destination_for
@@ -36,12 +37,18 @@ def migrate_state(destination_uri: str) -> int:
 @task(name="publish-manifest", **IO_TASK_OPTIONS)
 def publish_manifest(destination_uri: str, forget: list[str]) -> dict[str, Any]:
     """Delete the records at ``forget`` (items gone from the source), then write
-    ``manifest.jsonl`` from every item's current record; returns the snapshot's counts
+    ``manifest.jsonl`` from every item's current record and, for a folder or S3 destination,
+    the splits and COCO files (:mod:`polyburn.dataset`); returns the snapshot's counts
     (``RunCounts.as_dict``)."""
-    state = destination_for(destination_uri).state
+    destination = destination_for(destination_uri)
+    state = destination.state
     state.remove(forget)
-    with (
-        tempfile.TemporaryDirectory(prefix="polyburn-manifest-") as folder,
-        write_snapshot(state, Path(folder)) as spool,
-    ):
-        return spool.counts.as_dict(0.0)
+    with tempfile.TemporaryDirectory(prefix="polyburn-manifest-") as folder:
+        scratch = Path(folder)
+
+        def dataset_files(spool) -> None:
+            if state is destination:  # a Dataloop destination's state folder is no dataset
+                write_dataset_files(state, spool, scratch)
+
+        with write_snapshot(state, scratch, dataset_files) as spool:
+            return spool.counts.as_dict(0.0)

@@ -830,3 +830,61 @@ def test_a_video_item_is_not_written_back_and_fails_with_one_line(fake_gate):
     assert "\n" not in records["clips/drive"]["error"]
     assert ours(fake_gate, clip["id"]) == []
     assert records["still"]["status"] == "ok" and len(ours(fake_gate, still["id"])) == 1
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_ml_subsets_come_the_same_through_dtlpy_and_through_the_sdks_export(
+    fake_gate, dtlpy_client, tmp_path
+):
+    """metadata.system.tags as Dataloop keeps an item's ML subset: read from the listing (bulk
+    path), from GET /items/{id}, and from the SDK's own export on disk, with the same splits."""
+    ds = fake_gate.add_dataset("subsets", labels=ONTOLOGY)
+    tags = [{"train": True}, {"validation": True}, {"test": True}, None]
+    tags += [{"train": True, "test": True}, {"train": True, "other": True}]
+    for i, tag in enumerate(tags):
+        car = {"type": "segment", "label": "car", "coordinates": [square(2, 2, 12 + i, 9)]}
+        metadata = {"system": {"tags": tag}} if tag else None
+        fake_gate.add_item(ds, f"/f/img_{i}.jpg", 24, 16, [car], metadata=metadata)
+    want = {
+        "train": ["f/img_0", "f/img_5"],
+        "validation": ["f/img_1"],
+        "test": ["f/img_2"],
+        "unassigned": ["f/img_3", "f/img_4"],
+    }
+
+    source = DataloopSource.from_uri(f"dataloop://{ds}")
+    refs = sorted(source.list_items(), key=lambda ref: ref.path)
+    by_get = [source.load(dataclasses.replace(ref, data="")) for ref in refs]
+    by_bulk = [source.load(ref) for ref in source.preload(refs)]
+    for items in (by_get, by_bulk):
+        subsets = [item.subset for item in items]
+        assert subsets == ["train", "validation", "test", None, None, "train"]
+        assert [p.field for p in items[4].problems] == ["metadata.system.tags"]
+
+    dl_dest, local_dest = tmp_path / "from-dataloop", tmp_path / "from-export"
+    modes = {"modes": ["semantic", "coco"]}
+    _, summary = run_flow(f"dataloop://{ds}", str(dl_dest), options=modes)
+    assert summary["failed"] == 0 and summary["rejected"] == 1
+    dtlpy_client.datasets.get(dataset_id=ds).download_annotations(local_path=str(tmp_path / "x"))
+    _, local = run_flow(
+        str(tmp_path / "x"),
+        str(local_dest),
+        labels=str(dl_dest / "label_map.json"),
+        options=modes,
+    )
+    assert local["failed"] == 0 and local["items"] == 6
+    for name, paths in want.items():
+        assert (dl_dest / f"splits/{name}.txt").read_text().splitlines() == paths
+        assert (local_dest / f"splits/{name}.txt").read_bytes() == (
+            dl_dest / f"splits/{name}.txt"
+        ).read_bytes()
+    coco = json.loads((dl_dest / "coco/instances.json").read_text())
+    assert [(im["file_name"], im["dataloop_subset"]) for im in coco["images"]] == [
+        ("f/img_0.jpg", "train"),
+        ("f/img_1.jpg", "validation"),
+        ("f/img_2.jpg", "test"),
+        ("f/img_3.jpg", None),
+        ("f/img_4.jpg", None),
+        ("f/img_5.jpg", "train"),
+    ]
+    assert coco == json.loads((local_dest / "coco/instances.json").read_text())

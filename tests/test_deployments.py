@@ -714,7 +714,7 @@ def test_a_sharded_run_spreads_its_items_over_shard_runs_and_writes_one_manifest
 
     # The same masks and the same manifest as an unsharded run; no item lease left behind.
     assert describe_difference(files_of(sharded), files_of(plain)) == ""
-    assert len(files_of(plain)) == 12 + 16 + 1  # images, video frames, label map
+    assert len(files_of(plain)) == 12 + 16 + 1 + 4  # images, video frames, label map, splits
     assert manifest_of(sharded) == manifest_of(plain)
     assert not [p for p in (sharded / ".polyburn" / "leases").rglob("*") if p.is_file()]
 

@@ -502,6 +502,10 @@ def test_an_item_whose_uploads_never_heal_fails_alone(
         "scene_003.json",
         "manifest.jsonl",
     }, why
+    # the split of scene_003 (ML subset validation) lists it now that it is ok
+    redone |= {k for k in sent if k.startswith("splits/")}
+    assert {k for k in redone if k.startswith("splits/")} == {"splits/validation.txt"}, why
+    assert b"street/scene_003\n" in stored(weed_server, s3_bucket)["splits/validation.txt"]
     # Nothing else is sent, unless the encoder compressed a mask into other bytes (see
     # same_output): then the object is replaced by the same mask, never by another one.
     after = stored(weed_server, s3_bucket)
@@ -763,3 +767,38 @@ def test_credentials_block_session_endpoint_and_config_are_used(
     assert destination.credentials_source == "the Prefect block 'masks-bucket'"
     assert destination.put("k.json", b"{}", "application/json", {})
     assert destination.get("k.json") == b"{}"
+
+
+def test_the_dataset_command_assembles_the_same_files_on_s3_as_in_a_folder(
+    weed_server, s3_bucket, s3_env, tmp_path
+):
+    """Items burned one by one (as event-driven runs do), then ``polyburn dataset``: the COCO
+    files and splits read back from S3 are those of a local folder built the same way."""
+    from polyburn.destinations.local import LocalDestination
+    from polyburn.pipeline import write_label_map
+    from polyburn.sources.local import LocalSource
+
+    uri = f"s3://{s3_bucket}/{PREFIX}"
+    source = LocalSource(EXAMPLES / "export")
+    refs = list(source.list_items())
+    labels = sorted({a.label for ref in refs for a in source.load(ref, 10**8).annotations})
+    label_map = {label: k for k, label in enumerate(labels, start=1)}
+    options = MaskOptions(modes=["coco"])
+    for destination in (S3Destination.from_uri(uri), LocalDestination(tmp_path / "local")):
+        write_label_map(destination, label_map)
+        for ref in refs:
+            assert process_item(ref, source, destination, options, label_map)["status"] == "ok"
+    assert main(["dataset", uri]) == 0
+    assert main(["dataset", str(tmp_path / "local")]) == 0
+    on_s3 = {
+        k: v
+        for k, v in stored(weed_server, s3_bucket).items()
+        if k.startswith(("coco/instances", "splits/"))
+    }
+    local = {
+        p.relative_to(tmp_path / "local").as_posix(): p.read_bytes()
+        for p in [*(tmp_path / "local/coco").glob("*.json"), *(tmp_path / "local/splits").glob("*")]
+    }
+    assert on_s3 == local and "coco/instances_train.json" in on_s3
+    coco = json.loads(on_s3["coco/instances.json"])
+    assert len(coco["images"]) == len(refs) and len(coco["annotations"]) > len(refs)

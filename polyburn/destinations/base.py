@@ -198,7 +198,7 @@ def mask_files(
     """(key, bytes, content type) of every file an item's masks make, in a fixed order.
 
     Keys: ``semantic/<path><ext>``, ``instance/<path><ext>`` with ``instance/<path>.json`` (the id
-    table), ``binary/<label>/<path><ext>``.
+    table), ``binary/<label>/<path><ext>``, ``coco/items/<path>.json`` (the COCO fragment).
     """
     path = safe_relpath(item.path)
     ext, content_type = EXTENSIONS[fmt], CONTENT_TYPES[fmt]
@@ -216,11 +216,25 @@ def mask_files(
     for label, mask in masks.binary.items():
         key = f"binary/{safe_segment(label)}/{path}{ext}"
         files.append((key, encode_mask(mask, fmt, BINARY_PALETTE), content_type))
+    if masks.coco is not None:
+        fragment = json.dumps(masks.coco, ensure_ascii=False, separators=(",", ":"))
+        files.append((coco_fragment_key(path), fragment.encode("utf-8"), JSON_CONTENT_TYPE))
     return files
 
 
+COCO_FRAGMENTS = "coco/items/"
+
+
+def coco_fragment_key(path: str) -> str:
+    """The key of an item's COCO fragment (``path`` already made safe)."""
+    return f"{COCO_FRAGMENTS}{path}.json"
+
+
 def text_content_type(key: str) -> str:
-    """Content type of a run-level text object (JSON lines for the manifest, else JSON)."""
+    """Content type of a run-level text object (JSON lines for the manifest, plain text for the
+    splits, else JSON)."""
+    if key.endswith(".txt"):
+        return "text/plain"
     return "application/x-ndjson" if key.endswith(".jsonl") else JSON_CONTENT_TYPE
 
 
