@@ -37,6 +37,18 @@ def file_name(item: Item) -> str:
     return item.filename.replace("\\", "/").lstrip("/") or item.path
 
 
+def frame_image(video: Item, frame: int) -> dict[str, Any]:
+    """The COCO image fields of one frame of a video item: ``file_name``
+    ``<dir>/<video stem>/<frame:06d>.jpg`` (where ``ffmpeg -i <video> -start_number 0
+    <dir>/<video stem>/%06d.jpg`` puts the frame), ``video`` (the video's own file name) and
+    ``frame_index`` (0-based)."""
+    return {
+        "file_name": f"{video.path}/{frame:06d}.jpg",
+        "video": file_name(video),
+        "frame_index": frame,
+    }
+
+
 Box = tuple[int, int, int, int]
 """``(top, left, bottom, right)`` in pixels, bottom and right exclusive."""
 

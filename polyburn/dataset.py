@@ -6,9 +6,10 @@
     item with none, or tagged with several, is unassigned). Failed items are in none.
 ``coco/instances.json`` and ``coco/instances_<subset>.json``
     COCO instance JSON assembled from the ``coco/items/…`` fragments the ``ok`` records list
-    (:mod:`polyburn.coco`), one file for every item and one per subset present. Image ids are
-    1-based positions in path order, annotation ids consecutive in that order; a subset file
-    keeps the ids of the whole file. Written only when some record lists a fragment; otherwise
+    (:mod:`polyburn.coco`), one file for every item and one per subset present; a video item
+    is one image per frame written. Image ids are 1-based positions in path order (then frame
+    order), annotation ids consecutive in that order; a subset file keeps the ids of the whole
+    file. Written only when some record lists a fragment; otherwise
     (and for subsets no longer present) earlier ``coco/instances*.json`` files are removed.
 
 Each file is a snapshot like ``manifest.jsonl``: written to a local temporary file, then stored
@@ -46,13 +47,15 @@ def subset_of(record: Mapping[str, Any]) -> str:
     return subset if subset in ML_SUBSETS else UNASSIGNED
 
 
-def fragment_key(record: Mapping[str, Any]) -> str | None:
-    """The key of the COCO fragment a record lists among its outputs, or None."""
+def fragment_keys(record: Mapping[str, Any]) -> list[str]:
+    """The keys of the COCO fragments a record lists among its outputs, sorted: one for an
+    image item, one per frame for a video item (``coco/items/<path>/<frame:06d>.json``)."""
+    keys = []
     for output in record.get("outputs", []):
         key = output.get("key") if isinstance(output, Mapping) else None
         if isinstance(key, str) and key.startswith(COCO_FRAGMENTS):
-            return key
-    return None
+            keys.append(key)
+    return sorted(keys)
 
 
 def write_dataset_files(
@@ -138,7 +141,7 @@ def _writer(writers: dict[str, _CocoWriter], name: str, scratch: Path) -> _CocoW
 def _fragments(
     store: FileDestination, spool: RecordSpool
 ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """``(record, fragment)`` of every ``ok`` record that lists a COCO fragment, by path; the
+    """``(record, fragment)`` for each COCO fragment the ``ok`` records list, by path; the
     fragments are read ``CHUNK`` at a time with a few threads. A fragment that is gone or does
     not parse is logged and left out (its item is not in the COCO files)."""
     pending: list[tuple[dict[str, Any], str]] = []
@@ -153,9 +156,9 @@ def _fragments(
 
 def _with_fragment(spool: RecordSpool) -> Iterator[tuple[dict[str, Any], str]]:
     for record in spool.records():
-        key = fragment_key(record) if record.get("status") == "ok" else None
-        if key is not None:
-            yield record, key
+        if record.get("status") == "ok":
+            for key in fragment_keys(record):
+                yield record, key
 
 
 def _read_chunk(store, pool, pending):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from polyburn.coco import frame_image
 from polyburn.dataloop_json import AnnotationRejected
 from polyburn.errors import ItemError
 from polyburn.geometry import repair_item
@@ -125,6 +126,7 @@ class VideoBurn:
                 annotations=[s.annotation for s in shapes],
                 revision=item.revision,
                 filename=item.filename,
+                subset=item.subset,
             )
             masks = build_masks(
                 frame_item,
@@ -135,6 +137,8 @@ class VideoBurn:
                 options.draw_order,
                 options.instance_id,
             )
+            if masks.coco is not None:  # one COCO image per frame
+                masks.coco["image"].update(frame_image(item, frame))
             outputs += destination.publish_item(frame_item, masks, options.format, self.palette)
             if check_lease is not None:
                 check_lease()

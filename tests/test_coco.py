@@ -313,7 +313,8 @@ def test_full_run_writes_coco_and_splits_and_the_dataset_command_rebuilds_them(t
     modes = "semantic,instance,coco"
     assert main(["run", str(export), str(full), "--mode", modes, "--no-progress", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["items"] == 12 and summary["failed"] == 0
+    raw = load_export(export)
+    assert summary["items"] == len(raw) == 13 and summary["failed"] == 0
     twice = [r for r in summary["rejections"] if r["field"] == "metadata.system.tags"]
     assert [(r["path"], r["annotation"]) for r in twice] == [("indoor/room_001", None)]
 
@@ -331,13 +332,23 @@ def test_full_run_writes_coco_and_splits_and_the_dataset_command_rebuilds_them(t
         i: label for label, i in label_map.items()
     }
     images = coco.loadImgs(coco.getImgIds())
-    assert [im["id"] for im in images] == list(range(1, 13))
-    assert [im["path"] for im in images] == sorted(load_export(export))
-    raw = load_export(export)
+    # one image per image item, one per frame written of the video item (clips/crossing_001)
+    video = "clips/crossing_001"
+    frames = sorted(p.stem for p in (full / "instance" / video).glob("*.png"))
+    assert len(frames) == 16
+    paths = sorted(p for p in raw if p != video) + [f"{video}/{f}" for f in frames]
+    assert [im["path"] for im in images] == sorted(paths)
+    assert [im["id"] for im in images] == list(range(1, len(paths) + 1))
     annotated = 0
     for image in images:
-        assert image["file_name"] == raw[image["path"]]["filename"].lstrip("/")
-        assert image["dataloop_id"] in (raw[image["path"]].get("id"), raw[image["path"]].get("_id"))
+        item = raw[image["path"].rpartition("/")[0] if "frame_index" in image else image["path"]]
+        if "frame_index" in image:  # a frame: named where ffmpeg's %06d.jpg would put it
+            assert image["file_name"] == f"{image['path']}.jpg"
+            assert image["video"] == item["filename"].lstrip("/")
+            assert f"{image['frame_index']:06d}" == image["path"].rpartition("/")[2]
+        else:
+            assert image["file_name"] == item["filename"].lstrip("/")
+        assert image["dataloop_id"] in (item.get("id"), item.get("_id"))
         instance = decode_mask((full / f"instance/{image['path']}.png").read_bytes(), "png")
         assert (image["height"], image["width"]) == instance.shape
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
@@ -354,7 +365,9 @@ def test_full_run_writes_coco_and_splits_and_the_dataset_command_rebuilds_them(t
     # one file per subset present, with the ids of the whole file
     for subset in ("train", "validation", "test"):
         part = json.loads((full / f"coco/instances_{subset}.json").read_text())
-        assert [im["path"] for im in part["images"]] == expected[subset]
+        in_subset = [p for p in paths if p.rpartition("/")[0] in expected[subset]]
+        in_subset += [p for p in paths if p in expected[subset]]
+        assert [im["path"] for im in part["images"]] == sorted(in_subset)
         whole = {im["id"]: im for im in coco.dataset["images"]}
         assert all(whole[im["id"]] == im for im in part["images"])
         assert {a["image_id"] for a in part["annotations"]} <= {im["id"] for im in part["images"]}
