@@ -1,7 +1,8 @@
 """The four deployments of the polygons-to-masks flow, side by side.
 
 * ``nightly``: a cron schedule; an incremental run (only items changed since the last
-  successful incremental run of the same source and destination).
+  successful incremental run of the same source and destination) that then rewrites the
+  dataset files (manifest, splits, COCO) when it processed items.
 * ``on-demand``: no schedule; run it from the UI or with
   ``prefect deployment run 'polygons-to-masks/on-demand'``.
 * ``shard``: one shard of a sharded run (``shards`` > 1), started by the parent run; serve it
@@ -109,7 +110,13 @@ def nightly(settings: DeploymentSettings) -> RunnerDeployment:
         name="nightly",
         description="Incremental run: only items changed since the last nightly run.",
         schedules=[Cron(settings.nightly_cron, timezone=settings.timezone)],
-        parameters={"params": {**settings.base_parameters(), "incremental": True}},
+        parameters={
+            "params": {
+                **settings.base_parameters(),
+                "incremental": True,
+                "refresh_dataset_files": True,
+            }
+        },
         concurrency_limit=1,
         tags=["polyburn", "nightly"],
     )

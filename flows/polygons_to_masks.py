@@ -158,7 +158,7 @@ def _task_runner(params: RunParameters):
 def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     """Turn the polygon and binary annotations of every item of ``params.source`` into masks at
     ``params.destination``, with a label map beside them, a record per item and, for a full
-    run, the manifest written last.
+    run (or with ``refresh_dataset_files``), the dataset files and the manifest written last.
 
     Items are processed in batches of ``params.batch_size`` (one task run each; a batch whose
     items, options and label map did not change is taken from Prefect's cache). Each item is
@@ -203,8 +203,11 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     if clock is not None:  # a full run
         gone = stale_record_keys(destination.state, refs, clock)
         publish_manifest(params.destination, gone)
-    elif params.item_ids:
-        summary["removed_items"] = _remove_vanished(destination, params, refs)
+    else:
+        if params.item_ids:
+            summary["removed_items"] = _remove_vanished(destination, params, refs)
+        if params.refresh_dataset_files and refs and params.shard_of is None:
+            publish_manifest(params.destination, [])
     summary.update(summary_extra)
     summary.update(label_map=label_map, retries=taken.retries, cached_batches=taken.cached)
     _report(summary, params, taken, logger)

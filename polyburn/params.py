@@ -117,6 +117,13 @@ class RunParameters(BaseModel):
         description="Only items changed since the last successful incremental run of this "
         "source and destination (a watermark kept in a Prefect Variable).",
     )
+    refresh_dataset_files: bool = Field(
+        default=False,
+        description="After a run over part of the source (incremental, item_ids, filter) "
+        "that processed items, rewrite manifest.jsonl, the splits and the COCO files from every "
+        "item's record, as `polyburn dataset` does (a read of every record: it costs the "
+        "destination's size). Full runs always write them. The nightly deployment sets it.",
+    )
     task_runner: Literal["threads", "dask"] = Field(
         default="threads",
         description="threads: this process; dask: a distributed cluster (see dask_address).",

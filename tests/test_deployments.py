@@ -103,6 +103,7 @@ def test_four_deployments_of_the_flow_with_schedule_and_trigger():
     (schedule,) = nightly.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 1 * * *", "Europe/Berlin")
     assert nightly.parameters["params"]["incremental"] is True
+    assert nightly.parameters["params"]["refresh_dataset_files"] is True
     assert nightly.concurrency_limit == 1
     assert not on_demand.schedules and not on_demand.triggers
     assert on_demand.parameters == {"params": settings.base_parameters()}
@@ -310,6 +311,7 @@ def test_serve_registers_four_deployments_and_the_nightly_schedule(server, serve
     (schedule,) = nightly.schedules
     assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
     assert nightly.parameters["params"]["incremental"] is True
+    assert nightly.parameters["params"]["refresh_dataset_files"] is True
     assert limit_of(nightly) == 1
     assert automation.name == "polyburn-on-annotation"
     assert automation.trigger.posture == "Proactive"

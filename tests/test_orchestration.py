@@ -152,6 +152,19 @@ def test_incremental_runs_process_only_changed_items(export, tmp_path):
     _, second = run(source=str(export), destination=str(dest), incremental=True)
     assert second["items"] == 1
     assert Variable.get(name) > mark
+    assert not (dest / "manifest.jsonl").exists()  # only full runs write it by default
+
+    # the nightly's setting: the dataset files follow the item's new subset
+    data = json.loads(item.read_text())
+    data["metadata"]["system"]["tags"] = {"validation": True}
+    item.write_text(json.dumps(data))
+    _, third = run(
+        source=str(export), destination=str(dest), incremental=True, refresh_dataset_files=True
+    )
+    assert third["items"] == 1
+    assert "indoor/room_001" in (dest / "splits/validation.txt").read_text().splitlines()
+    assert len((dest / "manifest.jsonl").read_text().splitlines()) == 13
+    assert len(list((dest / "splits").glob("*.txt"))) == 4
 
 
 def test_item_ids_limit_a_run_to_those_items(tmp_path):
