@@ -801,4 +801,5 @@ def test_the_dataset_command_assembles_the_same_files_on_s3_as_in_a_folder(
     }
     assert on_s3 == local and "coco/instances_train.json" in on_s3
     coco = json.loads(on_s3["coco/instances.json"])
-    assert len(coco["images"]) == len(refs) and len(coco["annotations"]) > len(refs)
+    # one image per image item, one per frame of the example's 16-frame video
+    assert len(coco["images"]) == len(refs) - 1 + 16 and len(coco["annotations"]) > len(refs)
