@@ -32,6 +32,7 @@ from polyburn.destinations.dataloop import DataloopDestination
 from polyburn.destinations.local import LocalDestination
 from polyburn.encode import decode_mask
 from polyburn.errors import ConfigError, TransientError
+from polyburn.manifest import output_keys
 from polyburn.params import MaskOptions
 from polyburn.pipeline import process_item, write_label_map
 from polyburn.sources.dataloop import DataloopSource, parse_colour
@@ -830,6 +831,44 @@ def test_a_video_item_is_not_written_back_and_fails_with_one_line(fake_gate):
     assert "\n" not in records["clips/drive"]["error"]
     assert ours(fake_gate, clip["id"]) == []
     assert records["still"]["status"] == "ok" and len(ours(fake_gate, still["id"])) == 1
+
+
+def test_a_video_read_through_dtlpy_burns_the_same_frames_as_its_export(fake_gate, tmp_path):
+    """The example export's video (snapshots, a hidden stretch, an early end, two parts of one
+    object) served by the gate: read from the listing (bulk) and from GET /items/{id}, it gives
+    byte for byte the per-frame masks of the same JSON read from disk."""
+    from polyburn.sources.local import LocalSource
+    from tests.support.oracle import EXAMPLES
+
+    export = EXAMPLES / "export"
+    raw = json.loads((export / "json/clips/crossing_001.json").read_text())
+    ds = fake_gate.add_dataset("video", labels=ONTOLOGY)
+    fake_gate.add_item(ds, raw["filename"], 64, 48, raw["annotations"], metadata=raw["metadata"])
+    options = MaskOptions(modes=["semantic", "instance", "binary"])
+    label_map = {"car": 1, "car.sedan": 2, "road": 3, "person": 4}
+
+    def frames(source, ref, folder) -> dict[str, object]:
+        """Each output: a mask's bytes, an instance table's rows without the annotation ids
+        (the gate gives items and annotations ids of its own)."""
+        record = process_item(ref, source, LocalDestination(folder), options, label_map)
+        assert record["status"] == "ok", record["error"]
+        outputs = {}
+        for key in output_keys(record):
+            data = (folder / key).read_bytes()
+            if key.endswith(".json"):
+                rows = json.loads(data)["instances"]
+                data = [(r["id"], r["object_id"], r["label"], len(r["annotations"])) for r in rows]
+            outputs[key] = data
+        return outputs
+
+    local = LocalSource(export)
+    (disk_ref,) = local.find(["clips/crossing_001"])
+    expected = frames(local, disk_ref, tmp_path / "disk")
+    assert len([k for k in expected if k.startswith("semantic/")]) == 16
+    source = DataloopSource.from_uri(f"dataloop://{ds}")
+    (ref,) = source.list_items()
+    assert frames(source, ref, tmp_path / "bulk") == expected
+    assert frames(source, dataclasses.replace(ref, data=""), tmp_path / "get") == expected
 
 
 @pytest.mark.usefixtures("prefect_api")
