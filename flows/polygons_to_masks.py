@@ -27,6 +27,7 @@ from prefect.variables import Variable
 
 from flows.shards import not_processed, run_shards
 from polyburn import progress
+from polyburn.batching import batches_of
 from polyburn.destinations import resolve_destination_uri
 from polyburn.destinations.base import MANIFEST_KEY
 from polyburn.manifest import RecordSpool, output_keys, unpack_records
@@ -51,11 +52,6 @@ PREVIEW_ITEMS = 4
 BATCH_THREADS = 4  # batches in flight; each may use the whole process pool
 AUTO_WORKERS_FROM = 100  # items; below, a process pool's start-up costs more than it saves
 DESTINATION_TOKEN_KEY = ".polyburn/destination-id"
-
-
-def chunk(seq: list, size: int) -> list[list]:
-    """Consecutive slices of ``seq`` of at most ``size`` elements."""
-    return [seq[i : i + size] for i in range(0, len(seq), size)]
 
 
 def watermark_name(source: str, destination: str) -> str:
@@ -182,7 +178,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     clock = destination_clock(destination.state) if _is_full_run(params) else None
 
     refs = list_items(params.source, item_filter, since, _local_item_ids(params))
-    batches = chunk(refs, params.batch_size)
+    batches = batches_of(refs, params.batch_size)
     logger.info("%d items from %s in %d batches", len(refs), params.source, len(batches))
     label_map, colours = _label_map(params, refs, source_for(params.source, item_filter, since))
 

@@ -140,7 +140,14 @@ class RunParameters(BaseModel):
         description="Processes burning items in parallel on this machine; default: one per CPU "
         "core for runs of 100 items or more, else burn in the flow's threads.",
     )
-    batch_size: int = Field(default=100, ge=1, le=10_000, description="Items per Prefect task run.")
+    batch_size: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Items per Prefect task run, on average (from half to twice as many: "
+        "batches end where the item paths say, so an added item changes one batch, not all "
+        "the later ones, and the others still come from the cache).",
+    )
     strict: bool = Field(
         default=False,
         description="Fail the run when any item fails (default: complete and report failures).",

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from botocore.awsrequest import AWSResponse
 
+from polyburn.batching import batches_of
 from polyburn.cli import main
 from polyburn.dataloop_json import parse_item
 from polyburn.destinations.s3 import S3Destination, UnsafeKeyError, parse_s3_uri
@@ -36,6 +37,7 @@ from polyburn.model import ItemRef
 from polyburn.parallel import ITEM_RETRIES
 from polyburn.params import MaskOptions, RunParameters
 from polyburn.pipeline import process_item
+from polyburn.sources import open_source
 from tests.support.fault_proxy import FaultProxy
 from tests.support.oracle import EXAMPLES, same_output
 from tests.support.s3_fixtures import aws_env, stored_objects
@@ -226,9 +228,10 @@ def test_rerun_uploads_nothing_and_a_changed_item_reuploads_only_itself(
         "manifest.jsonl",
     }
 
-    # Other batches (so Prefect's batch cache cannot answer): every mask is HEAD-compared.
+    # Other batches (one of all 13 items, so Prefect's batch cache cannot answer): every mask
+    # is HEAD-compared.
     fault_proxy.clear()
-    second = run_flow(source, uri, batch_size=4)
+    second = run_flow(source, uri, batch_size=100)
     assert second["failed"] == 0 and second["outputs_written"] == 0
     assert output_uploads(fault_proxy, s3_bucket) == ["manifest.jsonl"]  # its timings changed
     assert masks <= set(proxied(fault_proxy, "HEAD", s3_bucket))
@@ -239,7 +242,7 @@ def test_rerun_uploads_nothing_and_a_changed_item_reuploads_only_itself(
     item["annotations"] = [a for a in item["annotations"] if a["label"] != "person"]
     path.write_text(json.dumps(item))
     fault_proxy.clear()
-    third = run_flow(source, uri, batch_size=4)
+    third = run_flow(source, uri, batch_size=100)
     assert third["failed"] == 0
     records = {
         r["path"]: r
@@ -266,7 +269,8 @@ def test_a_cached_rerun_restores_an_object_deleted_from_the_bucket(
     weed_server.client().delete_object(Bucket=s3_bucket, Key=f"{PREFIX}/{key}")
     fault_proxy.clear()
     second = run_flow(EXAMPLES / "export", uri, batch_size=5)
-    assert second["cached_batches"] == 3 and second["failed"] == 0
+    refs = sorted(open_source(str(EXAMPLES / "export")).list_items(), key=lambda ref: ref.path)
+    assert second["cached_batches"] == len(batches_of(refs, 5)) and second["failed"] == 0
     assert stored(weed_server, s3_bucket)[key] == original
     assert set(output_uploads(fault_proxy, s3_bucket)) == {key, "manifest.jsonl"}
     assert len(fault_proxy.requests(r"^GET .*list-type=2")) >= 1
