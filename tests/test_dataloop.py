@@ -28,6 +28,7 @@ import pytest
 from PIL import Image
 
 from polyburn import dataloop_api as api
+from polyburn.batching import batches_of
 from polyburn.destinations.dataloop import DataloopDestination
 from polyburn.destinations.local import LocalDestination
 from polyburn.encode import decode_mask
@@ -434,26 +435,32 @@ def test_faults_during_a_write_back_run_heal(fake_gate):
 @pytest.mark.usefixtures("prefect_api")
 def test_a_fault_that_does_not_heal_fails_only_its_items(fake_gate, tmp_path):
     ds, items = build_dataset(fake_gate, "broken", 8, seed=4)
-    unreadable, unwritable = items[2]["id"], items[5]["id"]
-    # every annotation query naming the unreadable item fails: its page of 3 items fails
+    unwritable = items[5]["id"]
+    # the run's batches (polyburn.batching, in listing order); each is one bulk read: every
+    # annotation query naming the unreadable item fails, so its whole batch fails
+    refs = list(DataloopSource.from_uri(f"dataloop://{ds}").list_items())
+    (batch, *_) = [
+        b for b in batches_of(refs, 3) if len(b) >= 2 and unwritable not in {r.item_id for r in b}
+    ]
+    unreadable, page = batch[-1].item_id, [ref.path for ref in batch]
     fake_gate.inject(QUERY, "http500", times=None, message="disk on fire", body=unreadable)
     fake_gate.inject(rf"/items/{unwritable}/annotations$", "reset", times=None, method="POST")
     state, summary = run_flow(
         f"dataloop://{ds}", "dataloop://", options={"modes": ["semantic"]}, batch_size=3
     )
     assert state.is_completed()
-    assert summary["items"] == 8 and summary["failed"] == 4 and summary["ok"] == 4
+    failed = len(page) + 1
+    assert summary["items"] == 8 and summary["failed"] == failed and summary["ok"] == 8 - failed
     errors = {f["path"]: f["error"] for f in summary["failures"]}
-    page = [f"folder{k}/img_00{k}" for k in range(3)]
     assert sorted(errors) == sorted([*page, "folder2/img_005"])
     for path in page:
-        assert errors[path].startswith(f"{path}: reading the annotations of 3 items ")
+        assert errors[path].startswith(f"{path}: reading the annotations of {len(page)} items ")
         assert "gave up after 5 attempts" in errors[path]
         assert errors[path].endswith("HTTP 500: disk on fire")
     assert re.search(r"upload \d masks to item", errors["folder2/img_005"])
     assert "ConnectionError" in errors["folder2/img_005"]
     assert "\n" not in "".join(errors.values())
-    failed_ids = {items[k]["id"] for k in range(3)} | {unwritable}
+    failed_ids = {ref.item_id for ref in refs if ref.path in page} | {unwritable}
     assert not any(ours(fake_gate, i) for i in failed_ids)
     assert all(ours(fake_gate, it["id"]) for it in items if it["id"] not in failed_ids)
 
