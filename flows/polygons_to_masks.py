@@ -156,8 +156,9 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     ``params.destination``, with a label map beside them, a record per item and, for a full
     run (or with ``refresh_dataset_files``), the dataset files and the manifest written last.
 
-    Items are processed in batches of ``params.batch_size`` (one task run each; a batch whose
-    items, options and label map did not change is taken from Prefect's cache). Each item is
+    Items are processed in batches of about ``params.batch_size`` (one task run each; batch
+    boundaries follow the item paths, :mod:`polyburn.batching`; a batch whose items, options
+    and label map did not change is taken from Prefect's cache). Each item is
     written under its own lease, so any number of runs may write one destination at once
     (:mod:`polyburn.state`). A failed item is reported in its record, the summary and the
     artifacts; the run fails only in ``strict`` mode. With ``incremental``, only items changed
