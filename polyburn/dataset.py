@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 from polyburn.dataloop_json import ML_SUBSETS
 from polyburn.destinations.base import COCO_FRAGMENTS, LABEL_MAP_KEY, FileDestination
 from polyburn.labels import parse_label_map
-from polyburn.manifest import RecordSpool
+from polyburn.manifest import RecordSpool, output_keys
 
 log = logging.getLogger("polyburn.dataset")
 
@@ -50,12 +50,7 @@ def subset_of(record: Mapping[str, Any]) -> str:
 def fragment_keys(record: Mapping[str, Any]) -> list[str]:
     """The keys of the COCO fragments a record lists among its outputs, sorted: one for an
     image item, one per frame for a video item (``coco/items/<path>/<frame:06d>.json``)."""
-    keys = []
-    for output in record.get("outputs", []):
-        key = output.get("key") if isinstance(output, Mapping) else None
-        if isinstance(key, str) and key.startswith(COCO_FRAGMENTS):
-            keys.append(key)
-    return sorted(keys)
+    return sorted(key for key in output_keys(record) if str(key).startswith(COCO_FRAGMENTS))
 
 
 def write_dataset_files(
