@@ -10,6 +10,7 @@ import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -196,15 +197,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         summary = spool.counts.as_dict(time.perf_counter() - started)
         if params.shard_of is None:  # every rejection, for the CLI's --json
             progress.report_records(spool.records())
-
-    if clock is not None:  # a full run
-        gone = stale_record_keys(destination.state, refs, clock)
-        publish_manifest(params.destination, gone)
-    else:
-        if params.item_ids:
-            summary["removed_items"] = _remove_vanished(destination, params, refs)
-        if params.refresh_dataset_files and refs and params.shard_of is None:
-            publish_manifest(params.destination, [])
+        summary.update(_dataset_state(params, destination, refs, clock, spool, Path(folder)))
     summary.update(summary_extra)
     summary.update(label_map=label_map, retries=taken.retries, cached_batches=taken.cached)
     _report(summary, params, taken, logger)
@@ -217,6 +210,25 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     if summary["failed"] and params.strict:
         return Failed(message=f"{summary['failed']} item(s) failed", data=summary)
     return Completed(message=f"{summary['ok']} ok, {summary['failed']} failed", data=summary)
+
+
+def _dataset_state(params, destination, refs, clock, spool: RecordSpool, folder: Path) -> dict:
+    """After the batches: a full run (``clock`` set) forgets the records of items gone from the
+    source and writes the dataset files and the manifest; a run by item ids removes the items
+    the source no longer has (their paths, as ``removed_items``); ``refresh_dataset_files``
+    rewrites the dataset files. The run's own records are handed over as a file, so the
+    snapshot reads from the store only what this run did not write."""
+    written = str(spool.write_manifest(folder / "written.jsonl"))
+    if clock is not None:  # a full run
+        gone = stale_record_keys(destination.state, refs, clock)
+        publish_manifest(params.destination, gone, written)
+        return {}
+    extra = {}
+    if params.item_ids:
+        extra["removed_items"] = _remove_vanished(destination, params, refs)
+    if params.refresh_dataset_files and refs and params.shard_of is None:
+        publish_manifest(params.destination, [], written)
+    return extra
 
 
 def _since(params: RunParameters) -> datetime | None:

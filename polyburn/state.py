@@ -665,7 +665,9 @@ def is_migrated(store: FileDestination) -> bool:
     return (store.get(LAYOUT_KEY) or b"").strip() == LAYOUT.encode()
 
 
-def current_records(store: FileDestination, scratch: Path) -> RecordSpool:
+def current_records(
+    store: FileDestination, scratch: Path, known: Iterable[Path] = ()
+) -> RecordSpool:
     """Every item's current record, in a spool (on disk under ``scratch``) sorted on output.
 
     Costs a listing of the records, one read of ``manifest.jsonl`` and a read of each record
@@ -673,16 +675,19 @@ def current_records(store: FileDestination, scratch: Path) -> RecordSpool:
     (:meth:`FileDestination.content_tag`, S3), a snapshot line whose tag is the listed record's
     is that record, so only records written since the last snapshot are read. A destination not
     yet migrated (see :func:`migrate`) also counts the snapshot's records of items that have no
-    record of their own.
+    record of their own. ``known`` are local files of manifest lines already at hand (the
+    records a run just stored), used the same way before the snapshot.
     """
     spool = RecordSpool(scratch)
     listed = {entry.key: entry.tag for entry in _record_entries(store)}
     migrated = is_migrated(store)
     snapshot = scratch / "previous-manifest.jsonl"
     taken: set[str] = set()
-    reuses_snapshot = store.content_tag(b"") is not None or not migrated
-    if reuses_snapshot and store.read_file(MANIFEST_KEY, snapshot):
-        taken = _take_snapshot_lines(store, snapshot, listed, spool)
+    reuses_lines = store.content_tag(b"") is not None
+    for lines in known if reuses_lines else ():
+        taken |= _take_snapshot_lines(store, lines, listed, spool, taken)
+    if (reuses_lines or not migrated) and store.read_file(MANIFEST_KEY, snapshot):
+        taken |= _take_snapshot_lines(store, snapshot, listed, spool, taken)
     for record in _read_many(store, [key for key in listed if key not in taken]):
         spool.add(record)
     if not migrated and snapshot.exists():
@@ -694,15 +699,21 @@ def current_records(store: FileDestination, scratch: Path) -> RecordSpool:
 
 
 def _take_snapshot_lines(
-    store: FileDestination, snapshot: Path, listed: Mapping[str, str], spool: RecordSpool
+    store: FileDestination,
+    lines: Path,
+    listed: Mapping[str, str],
+    spool: RecordSpool,
+    already: set[str],
 ) -> set[str]:
-    """Add to ``spool`` the snapshot lines that are their item's stored record (the listing
-    shows the tag those bytes get); return those records' keys."""
+    """Add to ``spool`` the manifest lines that are their item's stored record (the listing
+    shows the tag those bytes get), but for records ``already`` taken; return the keys taken."""
     taken = set()
-    for _, line, record in iter_manifest(snapshot):
+    for _, line, record in iter_manifest(lines):
         key = record_key(record["path"])
         tag = listed.get(key)
-        if tag is not None and tag == store.content_tag(line.rstrip(b"\n") + b"\n"):
+        if key in already or key in taken or tag is None:
+            continue
+        if tag == store.content_tag(line.rstrip(b"\n") + b"\n"):
             spool.add(record)
             taken.add(key)
     return taken
@@ -729,11 +740,13 @@ def write_snapshot(
     store: FileDestination,
     scratch: Path,
     before: Callable[[RecordSpool], object] | None = None,
+    known: Iterable[Path] = (),
 ) -> RecordSpool:
     """Write ``manifest.jsonl`` from the current records (atomically: readers see the old file
     or the new one) and return the spool it was written from (for its counts). ``before`` is
-    called with that spool first (the other dataset files: the manifest stays the last one)."""
-    spool = current_records(store, scratch)
+    called with that spool first (the other dataset files: the manifest stays the last one).
+    ``known``: files of manifest lines at hand, as for :func:`current_records`."""
+    spool = current_records(store, scratch, known)
     if before is not None:
         before(spool)
     target = scratch / "snapshot.jsonl"

@@ -17,6 +17,7 @@ import pytest
 
 from polyburn.destinations.s3 import S3Destination
 from polyburn.inflight import InFlightWindow
+from polyburn.manifest import manifest_line
 from polyburn.parallel import process_items
 from polyburn.params import MaskOptions
 from polyburn.pipeline import scan_labels
@@ -130,9 +131,15 @@ def test_a_snapshot_reads_only_the_records_written_since_the_last_one(
     read of every record."""
     s3_env(fault_proxy.endpoint_url)
     source, refs, destination, label_map = open_batch(export, s3_bucket)
-    process_items(refs, source, destination, OPTIONS, label_map)
-    write_snapshot(destination.state, tmp_path)
+    records = process_items(refs, source, destination, OPTIONS, label_map)
+    written = tmp_path / "written.jsonl"  # what a run hands its snapshot: the records it stored
+    written.write_bytes(b"".join(manifest_line(r) for r in records[1:]))
+    fault_proxy.clear()
+    write_snapshot(destination.state, tmp_path, known=[written])
+    read = [k for k in proxied(fault_proxy, "GET", s3_bucket) if k.startswith(RECORDS)]
+    assert read == [f"{RECORDS}{refs[0].path}.json"]  # the one record not handed over
     first = stored(weed_server, s3_bucket)["manifest.jsonl"]
+    assert sorted(first.splitlines(keepends=True)) == sorted(manifest_line(r) for r in records)
 
     fault_proxy.clear()
     write_snapshot(destination.state, tmp_path)
