@@ -425,8 +425,9 @@ class _Taken:
                     output["written"] = False
                 if record["status"] != "ok":
                     self.cached_failures.append(record["path"])
-                else:
-                    self.cached_outputs[record["path"]] = output_keys(record)
+            kept = [o["key"] for o in record.get("outputs", []) if not o.get("written")]
+            if record["status"] == "ok" and kept:  # its record vouched for them: still there?
+                self.cached_outputs[record["path"]] = kept
             preview = record.pop("preview", None)
             if preview:
                 self.previews.append((record["path"], base64.b64decode(preview)))
@@ -435,15 +436,17 @@ class _Taken:
 
 def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, token):
     """Items of batches served from the cache are processed again when they failed (the
-    failure may have been transient) or when an output their record lists is no longer at the
-    destination (deleted by hand since); their fresh records replace the cached ones."""
+    failure may have been transient); items of any batch are processed again when an output
+    this run did not write (served from the cache, or trusted from the item's record) is no
+    longer at the destination (deleted by hand since). Their fresh records replace the others."""
     wanted = set(taken.cached_failures)
     if taken.cached_outputs:
         gone = destination.missing([k for keys in taken.cached_outputs.values() for k in keys])
         lost = {path for path, keys in taken.cached_outputs.items() if gone.intersection(keys)}
         if lost:
             get_run_logger().warning(
-                "%d item(s) of cached batches lost outputs at the destination; burning them again",
+                "%d item(s) lost outputs at the destination since they were written; burning "
+                "them again",
                 len(lost),
             )
         wanted |= lost
@@ -454,7 +457,7 @@ def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, t
         params.source,
         params.destination,
         again,
-        params.options,
+        params.options.model_copy(update={"verify": True}),  # their records are wrong now
         label_map,
         colours,
         0,

@@ -105,6 +105,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_MAX_POOL = 32
 DEFAULT_CONCURRENCY = DEFAULT_MAX_POOL  # requests in flight per process: one per pooled connection
+FEW_KEYS = 1000  # up to this many keys are checked by folder, more by listing the prefix
 _CONGESTION_STATUS = frozenset({429, 500, 502, 503, 504})
 WRITE_CHECK_KEY = ".polyburn/write-check"
 MAX_KEY_BYTES = 1024  # S3's limit for a whole object key
@@ -572,11 +573,20 @@ class S3Destination(FileDestination):
         return sorted(found)
 
     def missing(self, keys: Sequence[str]) -> set[str]:
-        """One ``ListObjectsV2`` pass over the prefix (1,000 keys a page), not a HEAD per key."""
+        """Up to ``FEW_KEYS`` keys (a one-item run): a ``ListObjectsV2`` of each folder's key
+        range, many in flight; more: one pass over the prefix (1,000 keys a page). Never a
+        request per key."""
         wanted = set(keys)
-        if not wanted:
-            return set()
-        return wanted - set(self.keys(""))
+        if len(wanted) > FEW_KEYS:
+            return wanted - set(self.keys(""))
+        folders: dict[str, list[str]] = {}
+        for key in sorted(wanted):
+            folders.setdefault(key.rpartition("/")[0], []).append(key)
+        ranges = [(group[0], group[-1]) for group in folders.values()]
+        present = set()
+        for entries in self._reader_pool().map(lambda r: self._entries_between(*r), ranges):
+            present.update(entry.key for entry in entries)
+        return wanted - present
 
     def keys(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (relative to the destination's prefix), by ``ListObjectsV2``."""
