@@ -192,3 +192,22 @@ def test_the_in_flight_window_bounds_halves_and_grows_back():
     for _ in range(20):
         window.succeeded()
     assert window.window == 4
+
+
+def test_small_uploads_do_not_wait_for_100_continue(weed_server, s3_bucket, s3_env, tmp_path):
+    """botocore sends ``Expect: 100-continue`` with every file-like upload, a round trip before
+    the body; masks and records go without it, a large streamed file (a manifest) keeps it."""
+    destination = S3Destination.from_uri(f"s3://{s3_bucket}/{PREFIX}")
+    sent: list[tuple[str, str | None]] = []
+
+    def capture(request, **_):
+        sent.append((request.url.rsplit("/", 1)[-1], request.headers.get("Expect")))
+
+    destination.client.meta.events.register("before-send.s3.PutObject", capture)
+    destination.put_new("semantic/a.png", b"x" * 50_000, "image/png", {"item-id": "a"})
+    destination.put_record(f"{RECORDS}a.json", b'{"path": "a"}\n')
+    big = tmp_path / "manifest.jsonl"
+    big.write_bytes(b'{"path": "x"}\n' * 100_000)  # 1.4 MB
+    destination.write_file("manifest.jsonl", big)
+    assert sent == [("a.png", None), ("a.json", None), ("manifest.jsonl", b"100-continue")]
+    assert stored(weed_server, s3_bucket)["semantic/a.png"] == b"x" * 50_000

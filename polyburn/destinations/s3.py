@@ -105,6 +105,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_MAX_POOL = 32
 DEFAULT_CONCURRENCY = DEFAULT_MAX_POOL  # requests in flight per process: one per pooled connection
+SMALL_BODY = 1 << 20  # uploads up to this size skip Expect: 100-continue
 FEW_KEYS = 1000  # up to this many keys are checked by folder, more by listing the prefix
 _CONGESTION_STATUS = frozenset({429, 500, 502, 503, 504})
 WRITE_CHECK_KEY = ".polyburn/write-check"
@@ -207,6 +208,7 @@ class S3Destination(FileDestination):
         self._readers_lock = threading.Lock()
         client.meta.events.register("after-call.s3", self._count_retries)
         client.meta.events.register("needs-retry.s3", self._watch_attempt)
+        client.meta.events.register_last("before-call.s3", _no_expect_for_small_bodies)
 
     def _count_retries(self, parsed: Mapping[str, Any] | None = None, **_: Any) -> None:
         """botocore hook: add the call's retry attempts to this thread's count; a call that
@@ -731,6 +733,30 @@ class S3Destination(FileDestination):
                 f"{type(exc).__name__}"
             )
         return PolyburnError(f"{where}: {op} failed: {type(exc).__name__}")
+
+
+def _no_expect_for_small_bodies(params: dict[str, Any], **_: Any) -> None:
+    """botocore hook: no ``Expect: 100-continue`` on an upload of up to ``SMALL_BODY`` bytes.
+
+    botocore asks every upload of a file-like body to wait for the server's go-ahead before
+    sending it: a whole round trip per PUT, for masks and records of a few kilobytes. A small
+    body costs less to send than that wait (a refused one is simply sent for nothing).
+    """
+    headers = params.get("headers") or {}
+    if "Expect" in headers and _body_size(params.get("body")) <= SMALL_BODY:
+        del headers["Expect"]
+
+
+def _body_size(body: Any) -> int:
+    if isinstance(body, bytes | bytearray):
+        return len(body)
+    try:
+        position = body.tell()
+        end = body.seek(0, os.SEEK_END)
+        body.seek(position)
+        return end - position
+    except (AttributeError, OSError, ValueError):
+        return SMALL_BODY + 1  # unknown: keep the header
 
 
 def _entry(listed: Mapping[str, Any], key: str) -> StoredEntry:
