@@ -3,7 +3,8 @@
 Run from the repository root::
 
     .venv/bin/python bench/s3_latency.py [--rtt-ms 0,30,100] [--items 200,1000,5000]
-                                         [--quick] [--aws PATH] [--name s3_latency]
+                                         [--quick] [--repeats 3] [--aws PATH | --no-aws]
+                                         [--name s3_latency] [--keep]
 
 How long: set by the slowest S3 runs. polyburn before issue #19 did about 6 items/s at 30 ms
 and 2.5 at 100 ms, so the defaults take hours; ``--rtt-ms 0,30 --items 200,1000`` about 15
@@ -24,12 +25,14 @@ Measured, each as a fresh process (``bench/_measure.py``: wall, CPU, peak RSS of
 process and of the largest burn worker):
 
 * ``folder``: ``polyburn run EXPORT DIR --mode semantic --labels L --no-progress --json`` per
-  item count (no S3; the reference for what the machine does without a network);
+  item count (no S3; the reference for what the machine does without a network), ``--repeats``
+  times (default 3, the median kept: it is short, so start-up noise weighs on it);
 * per RTT and item count, ``s3``: the same command to ``s3://polyburn-bench/rtt<R>-n<N>``, a
   fresh prefix, then ``s3 re-run``: the same again with nothing changed;
 * per RTT and item count, ``aws cp``: ``aws s3 cp --recursive`` of the semantic PNGs the folder
   run wrote, through the same proxy, to a fresh prefix (awscli's defaults: 10 requests in
-  flight, single PUTs below 8 MiB) - what a plain uploader gets from the same link;
+  flight, single PUTs below 8 MiB) - what a plain uploader gets from the same link; also
+  ``--repeats`` times, the median kept;
 * at the largest count, per RTT: ``polyburn manifest s3://… -o FILE`` and
   ``polyburn dataset s3://…`` on the prefix the runs wrote.
 
@@ -195,6 +198,7 @@ def row(rtt: float | None, n: int, destination: str, measured: dict, **more: Any
         "peak_rss_worker_mb",
         "workers",
         "summary",
+        "walls",
     )
     out = {"rtt_ms": rtt, "items": n, "destination": destination}
     out.update({k: measured[k] for k in keep if k in measured})
@@ -209,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtt-ms", default="0,30,100", help="comma-separated round trips")
     parser.add_argument("--items", default="200,1000,5000", help="comma-separated item counts")
     parser.add_argument("--quick", action="store_true", help="30 ms only, 200 and 600 items")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="folder and aws cp runs per count (median)"
+    )
     parser.add_argument("--aws", help="the aws executable (default: bench/.awscli-venv)")
     parser.add_argument("--no-aws", action="store_true", help="skip the aws s3 cp reference")
     parser.add_argument("--name", default="s3_latency", help="bench/results/<name>.json")
@@ -246,10 +253,14 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(ls, env=s3_env(base, weed, weed.endpoint_url, work), check=True)
         folders: dict[int, Path] = {}
         for n in counts:
-            folders[n] = work / f"folder-{n}"
-            measured = run(base, str(folders[n]), export_of(work, everything, n), f"folder-{n}")
+            tries = []
+            for k in range(args.repeats):
+                folders[n] = work / f"folder-{n}-{k}"
+                source = export_of(work, everything, n)
+                tries.append(run(base, str(folders[n]), source, f"folder-{n}-{k}"))
+            measured = median_run(tries)
             runs.append(row(None, n, "folder", measured))
-            print(f"folder        n={n:>5} {measured['wall']:7.1f} s", flush=True)
+            print(f"folder        n={n:>5} {measured['wall']:7.1f} s {walls(tries)}", flush=True)
 
         for rtt in rtts:
             with LatencyProxy("127.0.0.1", weed.s3_port, rtt / 1000).start() as proxy:
@@ -257,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 for n in counts:
                     runs += s3_runs(rtt, n, env, proxy, run, export_of(work, everything, n))
                     if aws:
-                        runs.append(aws_cp(rtt, n, env, proxy, aws, folders[n] / "semantic"))
+                        masks = folders[n] / "semantic"
+                        runs.append(aws_cp(rtt, n, env, proxy, aws, masks, args.repeats))
                     if n == counts[-1]:
                         runs += listing_runs(rtt, n, env, proxy, work, logs)
     finally:
@@ -302,19 +314,36 @@ def s3_runs(rtt: float, n: int, env: dict, proxy: LatencyProxy, run, source: Pat
     return out
 
 
-def aws_cp(rtt: float, n: int, env: dict, proxy: LatencyProxy, aws: str, masks: Path) -> dict:
-    """``aws s3 cp --recursive`` of the folder run's masks through the proxy."""
+def aws_cp(
+    rtt: float, n: int, env: dict, proxy: LatencyProxy, aws: str, masks: Path, repeats: int
+) -> dict:
+    """``aws s3 cp --recursive`` of the folder run's masks through the proxy, ``repeats`` times
+    (each to a fresh prefix); the run of median wall time, with the others' walls."""
     files = sum(1 for p in masks.rglob("*") if p.is_file())
-    prefix = f"awscp-rtt{rtt:g}-n{n}"
-    command = [aws, "s3", "cp", "--recursive", "--only-show-errors", str(masks)]
-    command += [f"s3://{BUCKET}/{prefix}/{masks.name}/", "--endpoint-url", proxy.endpoint_url]
-    proxy.reset()
-    measured = run_timed(command, env=env, stdin=subprocess.DEVNULL)
-    if measured["code"] != 0:
-        raise RuntimeError(f"aws s3 cp failed ({measured['code']})")
-    requests = requests_seen(proxy, prefix)
-    print(f"aws cp        n={n:>5} rtt={rtt:g} ms {measured['wall']:7.1f} s ({files} files)")
-    return row(rtt, n, "aws cp", measured, files=files, requests=requests)
+    tries = []
+    for k in range(repeats):
+        prefix = f"awscp-rtt{rtt:g}-n{n}-{k}"
+        command = [aws, "s3", "cp", "--recursive", "--only-show-errors", str(masks)]
+        command += [f"s3://{BUCKET}/{prefix}/{masks.name}/", "--endpoint-url", proxy.endpoint_url]
+        proxy.reset()
+        measured = run_timed(command, env=env, stdin=subprocess.DEVNULL)
+        if measured["code"] != 0:
+            raise RuntimeError(f"aws s3 cp failed ({measured['code']})")
+        tries.append({**measured, "requests": requests_seen(proxy, prefix)})
+    measured = median_run(tries)
+    print(f"aws cp        n={n:>5} rtt={rtt:g} ms {measured['wall']:7.1f} s {walls(tries)}")
+    return row(rtt, n, "aws cp", measured, files=files, requests=measured["requests"])
+
+
+def median_run(tries: list[dict]) -> dict:
+    """The try of median wall time (the lower middle one for an even count), with every
+    try's wall under ``walls``."""
+    ordered = sorted(tries, key=lambda t: t["wall"])
+    return {**ordered[(len(ordered) - 1) // 2], "walls": [t["wall"] for t in tries]}
+
+
+def walls(tries: list[dict]) -> str:
+    return "(" + ", ".join(f"{t['wall']:.1f}" for t in tries) + ")" if len(tries) > 1 else ""
 
 
 def listing_runs(
