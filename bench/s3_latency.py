@@ -28,7 +28,11 @@ process and of the largest burn worker):
   item count (no S3; the reference for what the machine does without a network), ``--repeats``
   times (default 3, the median kept: it is short, so start-up noise weighs on it);
 * per RTT and item count, ``s3``: the same command to ``s3://polyburn-bench/rtt<R>-n<N>``, a
-  fresh prefix, then ``s3 re-run``: the same again with nothing changed;
+  fresh prefix; then ``s3 re-run``: the same again with nothing changed (every batch is a hit
+  in Prefect's result cache, so no item is even looked at); then ``s3 re-run nc``: the same
+  again with an empty Prefect result store (a fresh ``PREFECT_HOME``: every batch is a cache
+  miss, as for a run on another machine or after an upgrade, so every item is checked against
+  the destination and nothing is written);
 * per RTT and item count, ``aws cp``: ``aws s3 cp --recursive`` of the semantic PNGs the folder
   run wrote, through the same proxy, to a fresh prefix (awscli's defaults: 10 requests in
   flight, single PUTs below 8 MiB) - what a plain uploader gets from the same link; also
@@ -54,6 +58,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,6 +83,7 @@ from tests.support.weed import WeedServer  # noqa: E402
 BUCKET = "polyburn-bench"
 AWS_VENV = BENCH / ".awscli-venv"
 MASK_FOLDERS = ("semantic", "instance", "binary", "coco", "previews")
+S3_PHASES = ("s3", "s3 re-run", "s3 re-run nc")
 
 
 # ---------------------------------------------------------------------- set-up
@@ -221,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="s3_latency", help="bench/results/<name>.json")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
+    # a SIGTERM (or a SIGINT to a background job, which ignores it) must still stop the servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.rtt_ms, args.items = "30", "200,600"
     rtts = [float(r) for r in args.rtt_ms.split(",") if r.strip()]
@@ -241,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         weed.start()
         weed.client().create_bucket(Bucket=BUCKET)
         prefect = start_prefect_server(work / "prefect-home")
-        base = prefect.client_env({"PREFECT_LOGGING_LEVEL": "WARNING"})
+        # the clients' own PREFECT_HOME: their result store (the batch cache) stays in here
+        base = prefect.client_env(
+            {"PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_HOME": str(work / "client-home")}
+        )
 
         def run(env: dict, dest: str, source: Path, log: str) -> dict:
             command = ["run", str(source), dest, "--mode", "semantic", "--labels", str(labels)]
@@ -297,12 +308,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def s3_runs(rtt: float, n: int, env: dict, proxy: LatencyProxy, run, source: Path) -> list[dict]:
-    """A first run into a fresh prefix, then a re-run with nothing changed."""
+    """A first run into a fresh prefix, a re-run with nothing changed, and that re-run again
+    with an empty Prefect result store (a fresh PREFECT_HOME: no batch cache hits)."""
     prefix = f"rtt{rtt:g}-n{n}"
     out = []
-    for phase in ("s3", "s3 re-run"):
+    for phase in S3_PHASES:
+        log = f"{prefix}-{phase.replace(' ', '')}"
+        phase_env = env
+        if phase == "s3 re-run nc":
+            home = Path(env["PREFECT_HOME"]).parent / f"home-{log}"
+            phase_env = {**env, "PREFECT_HOME": str(home)}
         proxy.reset()
-        measured = run(env, f"s3://{BUCKET}/{prefix}", source, f"{prefix}-{phase.replace(' ', '')}")
+        measured = run(phase_env, f"s3://{BUCKET}/{prefix}", source, log)
         requests = requests_seen(proxy, prefix)
         out.append(row(rtt, n, phase, measured, prefix=prefix, requests=requests))
         per_item = {m: round(c / n, 2) for m, c in sorted(requests["by_method"].items())}
@@ -384,7 +401,7 @@ def summarise(runs: list[dict], rtts: list[float], counts: list[int]) -> dict[st
     folder = marginal(_find(runs, None, small, "folder"), _find(runs, None, large, "folder"))
     for rtt in rtts:
         entry: dict[str, Any] = {}
-        for destination in ("s3", "s3 re-run", "aws cp"):
+        for destination in (*S3_PHASES, "aws cp"):
             a, b = _find(runs, rtt, small, destination), _find(runs, rtt, large, destination)
             if a is None or b is None:
                 continue
@@ -400,7 +417,7 @@ def summarise(runs: list[dict], rtts: list[float], counts: list[int]) -> dict[st
                     for m in sorted(methods)
                 }
         aws = entry.get("aws cp", {}).get("marginal_items_per_s")
-        for destination in ("s3", "s3 re-run"):
+        for destination in S3_PHASES:
             if aws and entry.get(destination, {}).get("marginal_items_per_s"):
                 entry[destination]["x_slower_than_aws_cp"] = (
                     aws / entry[destination]["marginal_items_per_s"]
@@ -422,7 +439,8 @@ def print_tables(runs: list[dict], summary: dict) -> None:
     print()
     print(
         "x folder / x aws: this wall time / that one's at the same count (times slower); "
-        "requests per item by method (all requests of the process / items)"
+        "requests per item by method (all requests of the process / items); re-run: nothing "
+        "changed, Prefect's batch cache hit; re-run nc: the same with an empty result store"
     )
     print(
         f"{'rtt':>5} {'items':>6} {'destination':12} {'wall s':>8} {'items/s':>8} "
@@ -432,7 +450,7 @@ def print_tables(runs: list[dict], summary: dict) -> None:
         folder = _find(runs, None, r["items"], "folder")
         aws = _find(runs, r["rtt_ms"], r["items"], "aws cp")
         nan = float("nan")
-        burns = r["destination"] in ("s3", "s3 re-run", "aws cp")
+        burns = r["destination"] in (*S3_PHASES, "aws cp")
         x_folder = r["wall"] / folder["wall"] if folder and burns else nan
         x_aws = r["wall"] / aws["wall"] if aws and r["destination"].startswith("s3") else nan
         rss = f"{r['peak_rss_mb']:.0f}/{r.get('peak_rss_worker_mb', 0):.0f}"
