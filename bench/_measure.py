@@ -12,16 +12,41 @@ import sys
 import time
 
 
-def write_results(name: str, what: str, runs: list, **machine: object) -> None:
-    """Write ``bench/results/<name>.json`` (what was measured, the machine, the runs)."""
+def write_results(
+    name: str, what: str, runs: list, *, summary: object = None, **machine: object
+) -> None:
+    """Write ``bench/results/<name>.json`` (what was measured, the machine, the runs, and the
+    ``summary`` when one is given)."""
     import platform
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     out = {"what": what, "machine": {"python": platform.python_version(), **machine}}
+    if summary is not None:
+        out["summary"] = summary
     results = root / f"bench/results/{name}.json"
     results.write_text(json.dumps({**out, "runs": runs}, indent=1) + "\n")
     print(f"wrote {results.relative_to(root)}")
+
+
+def run_timed(command: list[str], env: dict | None = None, **popen: object) -> dict:
+    """Run an external command (not Python's: e.g. ``aws``) and return its exit ``code``, its
+    ``wall`` seconds, its ``cpu`` seconds and its ``peak_rss_mb``, from ``wait4`` (the process
+    and the children it waited for). ``popen`` goes to :class:`subprocess.Popen` (stdout...)."""
+    import os
+    import subprocess
+
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, **popen)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "code": process.returncode,
+        "wall": wall,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
