@@ -26,7 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.variables import Variable
 
 from flows.shards import not_processed, run_shards
-from polyburn import progress
+from polyburn import progress, version
 from polyburn.batching import batches_of
 from polyburn.destinations import resolve_destination_uri
 from polyburn.destinations.base import MANIFEST_KEY
@@ -207,6 +207,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
             publish_manifest(params.destination, [])
     summary.update(summary_extra)
     summary.update(label_map=label_map, retries=taken.retries, cached_batches=taken.cached)
+    summary["polyburn_version"] = version()
     _report(summary, params, taken, logger)
     if params.incremental and not summary["failed"] and params.shard_of is None:
         Variable.set(
@@ -323,6 +324,7 @@ def _run_sharded(params, refs, label_map, destination, spool: RecordSpool) -> li
             if ref.path not in spool:  # its shard failed, or left it without a record
                 failed = {"item": ref.item_id, "path": ref.path, "status": "failed"}
                 failed["error"] = f"{ref.path}: {why}"
+                failed["polyburn_version"] = version()
                 spool.add(failed)
                 # An item never processed anywhere gets this record; a stored one still holds.
                 create_record(destination.state, failed)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from polyburn import version
 from polyburn.destinations import Destination
 from polyburn.destinations.base import LABEL_MAP_KEY
 from polyburn.errors import ConfigError, ItemError, PolyburnError, TransientError
@@ -52,7 +53,8 @@ def process_item(
     """Load, repair, burn and publish one item; never raises for a problem of this item.
 
     Returns the item's manifest record: ``status`` ("ok" or "failed"), ``error`` (one line),
-    counts, every repair and rejected annotation, and the outputs with their sha256; with
+    counts, every repair and rejected annotation, the outputs with their sha256 and
+    ``polyburn_version`` (the version that processed it, :func:`polyburn.version`); with
     ``options.skip_empty``, an item with no shape to burn gets no outputs and
     ``skipped_empty: true`` (status "ok"). With ``destination=None`` nothing is burned
     (validation only).
@@ -215,6 +217,7 @@ def _stored_at(state, path: str) -> Callable[[], float | None]:
 
 def _finish(record: dict[str, Any], started: float, retries: int) -> dict[str, Any]:
     record["seconds"] = round(time.perf_counter() - started, 4)
+    record["polyburn_version"] = version()  # which polyburn wrote the item's outputs
     if retries:
         record["retries"] = retries
     return record

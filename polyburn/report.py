@@ -37,6 +37,7 @@ def summary_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         ("item retries (transient errors)", summary.get("item_retries", 0)),
         ("client retries (destination requests)", summary.get("io_retries", 0)),
         ("duration (s)", summary["seconds"]),
+        ("polyburn version", summary.get("polyburn_version", "")),
     ]
     return [{"metric": metric, "value": value} for metric, value in rows]
 
