@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -86,6 +85,16 @@ def workers_for(params: RunParameters, items: int) -> int:
     return params.workers or (os.cpu_count() or 1 if items >= AUTO_WORKERS_FROM else 1)
 
 
+def previews_per_batch(batches: list[list[ItemRef]], wanted: int = PREVIEW_ITEMS) -> list[int]:
+    """How many of each batch's first items get a preview: the run's first ``wanted`` items,
+    however small its first batches are."""
+    counts = []
+    for batch in batches:
+        counts.append(min(len(batch), wanted))
+        wanted -= counts[-1]
+    return counts
+
+
 def submit_batches(
     params: RunParameters,
     batches: list[list[ItemRef]],
@@ -107,6 +116,7 @@ def submit_batches(
         progress=0.0, key="polyburn-progress", description=f"{total} items"
     )
     burn = burn_task()
+    previews = previews_per_batch(batches)
     futures = [
         burn.submit(
             params.source,
@@ -115,7 +125,7 @@ def submit_batches(
             params.options,
             label_map,
             colours,
-            PREVIEW_ITEMS if k == 0 else 0,
+            previews[k],
             token,
             workers,
             sorted({ref.path for ref in batch} & set(unfinished)),
@@ -350,7 +360,7 @@ def _remove_vanished(destination, params: RunParameters, refs: list[ItemRef]) ->
 
 
 def _report(summary: dict, params: RunParameters, taken: _Taken, logger) -> None:
-    _publish_artifacts(summary, params, sorted(taken.previews)[:PREVIEW_ITEMS])
+    _publish_artifacts(summary, params, [taken.previews[p] for p in sorted(taken.previews)])
     logger.info(
         "%d items: %d ok, %d failed; %d annotations, %d repairs, %d rejected; %d batches cached",
         summary["items"],
@@ -404,7 +414,7 @@ class _Taken:
         self.cached = 0
         self.cached_failures: list[str] = []
         self.cached_outputs: dict[str, list[str]] = {}
-        self.previews: list[tuple[str, bytes]] = []
+        self.previews: dict[str, tuple[str, dict[str, Any], str | None]] = {}
 
     def __call__(self, result: dict[str, Any], cached: bool) -> None:
         self.retries += result["attempts"] - 1
@@ -417,10 +427,21 @@ class _Taken:
                     self.cached_failures.append(record["path"])
                 else:
                     self.cached_outputs[record["path"]] = output_keys(record)
-            preview = record.pop("preview", None)
-            if preview:
-                self.previews.append((record["path"], base64.b64decode(preview)))
+            if "preview" in record:  # the item's latest record says what it looks like
+                self.previews[record["path"]] = _preview_entry(record, record.pop("preview"))
             self.spool.add(record)
+
+
+def _preview_entry(
+    record: dict[str, Any], preview: dict[str, Any]
+) -> tuple[str, dict[str, Any], str | None]:
+    """(path, previews, why there is no picture) of an item asked for a preview."""
+    why = None
+    if record["status"] != "ok":
+        why = "Failed: no masks (see the polyburn-failures artifact)."
+    elif record.get("skipped_empty"):
+        why = "Nothing to burn: no masks written."
+    return record["path"], preview, why
 
 
 def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, token):
@@ -440,6 +461,7 @@ def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, t
     if not wanted:
         return
     again = [ref for ref in refs if ref.path in wanted]
+    again.sort(key=lambda ref: ref.path not in taken.previews)  # previews first: made again
     fresh = burn_batch.with_options(refresh_cache=True, cache_key_fn=None)(
         params.source,
         params.destination,
@@ -447,7 +469,7 @@ def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, t
         params.options,
         label_map,
         colours,
-        0,
+        len(wanted & taken.previews.keys()),
         token,
     )
     taken(fresh, cached=False)

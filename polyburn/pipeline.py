@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import logging
@@ -66,8 +65,9 @@ def process_item(
     keeps the previous record's outputs (marked not written); when the failure came after its
     outputs started to change, the lease is left abandoned, so the item counts as unfinished
     until a run processes it again. ``retries`` (the caller's earlier attempts) goes into the
-    record. With ``preview``, the returned record also holds ``preview``: a small colourised PNG
-    (base64) of the item's first mask, over the image when the source has it; it is not stored.
+    record. With ``preview``, the returned record also holds ``preview``: small colourised PNGs
+    of the item's masks (a video's first written frame), over the image when the source has it
+    (:func:`polyburn.report.mask_previews`), empty when the item wrote no mask; it is not stored.
     """
     started = time.perf_counter()
     if destination is None:
@@ -108,6 +108,8 @@ def process_item(
             with contextlib.suppress(Exception):
                 lease.abandon()
         failed = {"item": ref.item_id, "path": ref.path, "status": "ok", "error": None}
+        if preview:
+            failed["preview"] = {}
         _fail(failed, ref, exc)
         return _finish(failed, started, retries)
 
@@ -139,6 +141,8 @@ def _burn(
         "status": "ok",
         "error": None,
     }
+    if preview:  # asked for: stays empty when the item writes no mask
+        record["preview"] = {}
     touched = False
     try:
         item = source.load(ref, options.max_pixels)
@@ -150,7 +154,7 @@ def _burn(
         if item.video is not None:  # frame by frame
             video = VideoBurn(item, destination, options, label_map, colours)
             touched = video.will_write
-            video.run(previous_keys, record, check_lease)
+            video.run(previous_keys, record, check_lease, preview)
             return record, touched
         shapes, repairs, problems = repair_item(item)
         record["repairs"] = [r.as_dict() for r in repairs]
@@ -186,7 +190,7 @@ def _burn(
             if stale:
                 destination.remove(stale)
             if preview:
-                record["preview"] = _preview(ref, source, masks, pal)
+                record["preview"] = _preview(ref, source, masks, pal, label_map)
     except Exception as exc:  # noqa: BLE001 - one item never takes the run down
         _fail(record, ref, exc)
     return record, touched
@@ -237,21 +241,18 @@ def _stored(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in ("preview", "transient", "cleanup")}
 
 
-def _preview(ref: ItemRef, source: Source, masks, pal) -> str | None:
-    mask = masks.semantic if masks.semantic is not None else masks.instance
-    if mask is None and masks.binary:
-        mask = next(iter(masks.binary.values()))
-    if mask is None:
-        return None
-    from polyburn.report import preview_png
+def _preview(ref: ItemRef, source: Source, masks, pal, label_map) -> dict[str, Any]:
+    """The previews of the item's masks (:func:`polyburn.report.mask_previews`), over the image
+    when the source has it; empty when they cannot be made."""
+    from polyburn.report import mask_previews
 
     image_of = getattr(source, "image", None)
     try:
         image = image_of(ref) if image_of else None
-        return base64.b64encode(preview_png(mask, pal, image)).decode("ascii")
+        return mask_previews(masks, pal, {i: label for label, i in label_map.items()}, image)
     except Exception:  # noqa: BLE001 - a preview never fails an item
         log.debug("no preview for %s", ref.path, exc_info=True)
-        return None
+        return {}
 
 
 def _describe(item: Item) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from polyburn.dataloop_json import AnnotationRejected
 from polyburn.errors import ItemError
 from polyburn.geometry import repair_item
 from polyburn.labels import palette, semantic_dtype
-from polyburn.masks import build_masks
+from polyburn.masks import ItemMasks, build_masks
 from polyburn.model import Annotation, Item, Shape
 from polyburn.video import Track, active_states, number_tracks
 
@@ -71,11 +71,13 @@ class VideoBurn:
         previous_keys: Sequence[str],
         record: dict[str, Any],
         check_lease: Callable[[], None] | None = None,
+        preview: bool = False,
     ) -> None:
         """Burn and publish every frame (or, without a destination, only parse and repair every
         state), then remove the previous outputs no longer produced. Fills ``record``:
         ``repairs``, ``problems`` (with their ``frame``), ``shapes`` (states burned),
-        ``outputs`` and ``video`` (frame range, frame count and its source, tracks).
+        ``outputs`` and ``video`` (frame range, frame count and its source, tracks); with
+        ``preview``, ``preview`` of the first frame written (with its ``frame``).
         ``check_lease`` is called after each frame; it raises when the item was taken over."""
         video, destination = self.video, self.destination
         record["repairs"] = [r.as_dict() for r in video.repairs + self.repairs]
@@ -97,7 +99,7 @@ class VideoBurn:
                 destination.remove(sorted(previous_keys))
             return
         retried = destination.retries_in_this_thread()
-        outputs = self._publish_frames(record, check_lease)
+        outputs = self._publish_frames(record, check_lease, preview)
         if destination.retries_in_this_thread() > retried:
             record["io_retries"] = destination.retries_in_this_thread() - retried
         record["outputs"] = [o.as_dict() for o in outputs]
@@ -106,7 +108,7 @@ class VideoBurn:
             destination.remove(stale)
 
     def _publish_frames(
-        self, record: dict[str, Any], check_lease: Callable[[], None] | None
+        self, record: dict[str, Any], check_lease: Callable[[], None] | None, preview: bool
     ) -> list[OutputRecord]:
         item, options, destination = self.item, self.options, self.destination
         dtype = semantic_dtype(self.label_map)
@@ -140,9 +142,21 @@ class VideoBurn:
             if masks.coco is not None:  # one COCO image per frame
                 masks.coco["image"].update(frame_image(item, frame))
             outputs += destination.publish_item(frame_item, masks, options.format, self.palette)
+            if preview and not record.get("preview"):  # the first frame written
+                record["preview"] = self._preview(masks, frame)
             if check_lease is not None:
                 check_lease()
         return outputs
+
+    def _preview(self, masks: ItemMasks, frame: int) -> dict[str, Any]:
+        """The previews of one frame's masks (no image: a video's frames are not read)."""
+        from polyburn.report import mask_previews  # PIL: only for the previews
+
+        names = {i: label for label, i in self.label_map.items()}
+        try:
+            return {**mask_previews(masks, self.palette, names), "frame": frame}
+        except Exception:  # noqa: BLE001 - a preview never fails an item
+            return {}
 
     def _shapes(
         self, states: list[tuple[Track, int]], record: dict[str, Any]

@@ -161,8 +161,11 @@ def test_run_artifacts_show_counts_failures_progress_and_previews(tmp_path):
     assert "manifest.jsonl" in failures.data
     progress = Artifact.get("polyburn-progress")
     assert progress.type == "progress" and float(progress.data) == 100.0
-    preview = Artifact.get("polyburn-preview")
-    assert preview.data.count("data:image/png;base64,") == 1  # the one item that burned
+    preview = Artifact.get("polyburn-preview").data  # all four items, the failed ones too
+    assert preview.count("\n### `") == 4
+    assert preview.count(" semantic](data:image/png;base64,") == 1  # the one item that burned
+    assert "### `ok_item`\n\n| semantic | labels |" in preview
+    assert preview.count("Failed: no masks (see the polyburn-failures artifact).") == 3
 
 
 def test_incremental_runs_process_only_changed_items(export, tmp_path):
