@@ -92,11 +92,10 @@ def test_rerun_is_served_from_cache_and_redoes_only_what_changed(export, tmp_pat
     assert first["cached_batches"] == 0 and first["outputs_written"] > 0
     assert len(batches(export, 4)) >= 3
 
-    started = time.perf_counter()
+    # what such a re-run costs: bench/cached_rerun.py
     _, second = run(source=str(export), destination=str(dest), batch_size=4)
     assert second["cached_batches"] == len(batches(export, 4)) and second["outputs_written"] == 0
     assert second["items"] == 13 and second["failed"] == 0
-    assert time.perf_counter() - started < 10
 
     # One changed item: only its batch runs again, and only its record and mask change.
     before = {r["path"]: r for r in third_records(dest)}
