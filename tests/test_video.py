@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -254,9 +253,7 @@ def test_hostile_frame_data_is_reported_per_annotation_and_never_crashes(tmp_pat
         track("d", ring(20, 0, 24, 4), frame=1, end=10**15),  # endFrame beyond the video
         track("e", ring(24, 8, 28, 12), frame=1, end=-3),  # negative endFrame
     ]
-    started = time.perf_counter()
     record = burn(tmp_path, {"clips/v": video(annotations, nb_frames=12)})["clips/v"]
-    assert time.perf_counter() - started < 20
     assert record["status"] == "ok", record["error"]
     problems = {(p["annotation"], p.get("frame"), p["reason"]) for p in record["problems"]}
     reasons = " | ".join(sorted(r for _, _, r in problems))
