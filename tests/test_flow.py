@@ -278,8 +278,16 @@ def test_cli_passes_the_instance_id_choice_to_the_run_parameters():
     assert options("--instance-id", "shape").instance_id == "shape"
 
 
-def test_cli_validate_reports_without_writing(tmp_path, capsys):
-    assert main(["validate", str(EXAMPLES / "broken")]) == 1
+def test_cli_validate_reports_without_writing(tmp_path, capsys, monkeypatch):
+    shutil.copytree(EXAMPLES / "broken", tmp_path / "broken")
+    monkeypatch.chdir(tmp_path)  # where a default output folder would go
+
+    def tree() -> dict[str, tuple[int, int]]:
+        return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")}
+
+    before = tree()
+    assert main(["validate", "broken"]) == 1
+    assert tree() == before
     out = capsys.readouterr().out
     assert "FAILED truncated: invalid or truncated JSON" in out
     assert "REJECTED ok_item annotation" in out

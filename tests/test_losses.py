@@ -260,3 +260,19 @@ def test_json_summary_streams_every_rejection_from_the_log():
     empty = io.StringIO()
     write_json_summary({}, [], empty)
     assert json.loads(empty.getvalue()) == {"rejections": []}
+
+    # streamed: each rejection is written before the next one is asked for
+    streamed = io.StringIO()
+
+    def rejections():
+        for k in range(3):
+            if k:
+                assert f'"annotation": "a{k - 1}"' in streamed.getvalue()
+            yield {"path": "p", "annotation": f"a{k}"}
+
+    write_json_summary(summary, rejections(), streamed)
+    assert [r["annotation"] for r in json.loads(streamed.getvalue())["rejections"]] == [
+        "a0",
+        "a1",
+        "a2",
+    ]
