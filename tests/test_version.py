@@ -7,6 +7,7 @@ those already run (test_losses, test_orchestration, test_events)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tomllib
 from pathlib import Path
@@ -32,6 +33,14 @@ def test_polyburn_version_prints_the_version_pyproject_declares(capsys):
     assert exited.value.code == 0
     assert capsys.readouterr().out == f"polyburn {DECLARED}\n"
     assert polyburn.version() == polyburn.__version__ == DECLARED
+
+
+def test_the_changelog_has_a_section_for_the_declared_version():
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    headings = re.findall(r"^## \[([^\]]+)\]", changelog, flags=re.MULTILINE)
+    dated = rf"^## \[{re.escape(DECLARED)}\] - \d{{4}}-\d{{2}}-\d{{2}}$"
+    assert re.search(dated, changelog, flags=re.MULTILINE), f"no '## [{DECLARED}] - <date>'"
+    assert headings[0] == "Unreleased"  # where the next changes go, above the releases
 
 
 def test_records_and_manifest_lines_name_the_version_and_older_records_are_still_read(
