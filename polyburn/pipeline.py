@@ -16,7 +16,7 @@ from polyburn.errors import ConfigError, ItemError, PolyburnError, TransientErro
 from polyburn.geometry import repair_item
 from polyburn.labels import dump_label_map, load_label_map, palette, semantic_dtype
 from polyburn.manifest import output_keys
-from polyburn.masks import build_masks
+from polyburn.masks import ItemMasks, build_masks
 from polyburn.model import Item, ItemRef
 from polyburn.sources import Source
 from polyburn.state import (
@@ -241,7 +241,13 @@ def _stored(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in ("preview", "transient", "cleanup")}
 
 
-def _preview(ref: ItemRef, source: Source, masks, pal, label_map) -> dict[str, Any]:
+def _preview(
+    ref: ItemRef,
+    source: Source,
+    masks: ItemMasks,
+    pal: Sequence[int],
+    label_map: Mapping[str, int],
+) -> dict[str, Any]:
     """The previews of the item's masks (:func:`polyburn.report.mask_previews`), over the image
     when the source has it; empty when they cannot be made."""
     from polyburn.report import mask_previews

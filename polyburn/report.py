@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import colorsys
 import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -181,8 +182,6 @@ def object_colours(mask: np.ndarray) -> np.ndarray:
 
 
 def _hue_rgb(hue: float, saturation: float = 0.7, value: float = 0.95) -> np.ndarray:
-    import colorsys
-
     return np.array(
         [round(255 * c) for c in colorsys.hsv_to_rgb(hue, saturation, value)], dtype=np.uint8
     )
@@ -261,7 +260,7 @@ def _swatch(colour: str, size: int = 12) -> str:
 
 
 def _picture(alt: str, png: str) -> str:
-    return f"![{alt}](data:image/png;base64,{png})"
+    return f"![{_cell(alt)}](data:image/png;base64,{png})"
 
 
 def previews_markdown(previews: Sequence[tuple[str, Mapping[str, Any], str | None]]) -> str:
