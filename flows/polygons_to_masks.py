@@ -9,6 +9,7 @@ import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -206,15 +207,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         summary = spool.counts.as_dict(time.perf_counter() - started)
         if params.shard_of is None:  # every rejection, for the CLI's --json
             progress.report_records(spool.records())
-
-    if clock is not None:  # a full run
-        gone = stale_record_keys(destination.state, refs, clock)
-        publish_manifest(params.destination, gone)
-    else:
-        if params.item_ids:
-            summary["removed_items"] = _remove_vanished(destination, params, refs)
-        if params.refresh_dataset_files and refs and params.shard_of is None:
-            publish_manifest(params.destination, [])
+        summary.update(_dataset_state(params, destination, refs, clock, spool, Path(folder)))
     summary.update(summary_extra)
     summary.update(label_map=label_map, retries=taken.retries, cached_batches=taken.cached)
     summary["polyburn_version"] = version()
@@ -228,6 +221,25 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     if summary["failed"] and params.strict:
         return Failed(message=f"{summary['failed']} item(s) failed", data=summary)
     return Completed(message=f"{summary['ok']} ok, {summary['failed']} failed", data=summary)
+
+
+def _dataset_state(params, destination, refs, clock, spool: RecordSpool, folder: Path) -> dict:
+    """After the batches: a full run (``clock`` set) forgets the records of items gone from the
+    source and writes the dataset files and the manifest; a run by item ids removes the items
+    the source no longer has (their paths, as ``removed_items``); ``refresh_dataset_files``
+    rewrites the dataset files. The run's own records are handed over as a file, so the
+    snapshot reads from the store only what this run did not write."""
+    written = str(spool.write_manifest(folder / "written.jsonl"))
+    if clock is not None:  # a full run
+        gone = stale_record_keys(destination.state, refs, clock)
+        publish_manifest(params.destination, gone, written)
+        return {}
+    extra = {}
+    if params.item_ids:
+        extra["removed_items"] = _remove_vanished(destination, params, refs)
+    if params.refresh_dataset_files and refs and params.shard_of is None:
+        publish_manifest(params.destination, [], written)
+    return extra
 
 
 def _since(params: RunParameters) -> datetime | None:
@@ -425,8 +437,9 @@ class _Taken:
                     output["written"] = False
                 if record["status"] != "ok":
                     self.cached_failures.append(record["path"])
-                else:
-                    self.cached_outputs[record["path"]] = output_keys(record)
+            kept = [o["key"] for o in record.get("outputs", []) if not o.get("written")]
+            if record["status"] == "ok" and kept:  # its record vouched for them: still there?
+                self.cached_outputs[record["path"]] = kept
             if "preview" in record:  # the item's latest record says what it looks like
                 self.previews[record["path"]] = _preview_entry(record, record.pop("preview"))
             self.spool.add(record)
@@ -446,15 +459,17 @@ def _preview_entry(
 
 def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, token):
     """Items of batches served from the cache are processed again when they failed (the
-    failure may have been transient) or when an output their record lists is no longer at the
-    destination (deleted by hand since); their fresh records replace the cached ones."""
+    failure may have been transient); items of any batch are processed again when an output
+    this run did not write (served from the cache, or trusted from the item's record) is no
+    longer at the destination (deleted by hand since). Their fresh records replace the others."""
     wanted = set(taken.cached_failures)
     if taken.cached_outputs:
         gone = destination.missing([k for keys in taken.cached_outputs.values() for k in keys])
         lost = {path for path, keys in taken.cached_outputs.items() if gone.intersection(keys)}
         if lost:
             get_run_logger().warning(
-                "%d item(s) of cached batches lost outputs at the destination; burning them again",
+                "%d item(s) lost outputs at the destination since they were written; burning "
+                "them again",
                 len(lost),
             )
         wanted |= lost
@@ -466,7 +481,7 @@ def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, t
         params.source,
         params.destination,
         again,
-        params.options,
+        params.options.model_copy(update={"verify": True}),  # their records are wrong now
         label_map,
         colours,
         len(wanted & taken.previews.keys()),

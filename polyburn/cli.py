@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
         "and remove those an earlier run wrote",
     )
     run.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare every output with what the destination stores instead of trusting each "
+        "item's record; writes again what was deleted or changed by hand",
+    )
+    run.add_argument(
         "--shards",
         type=int,
         default=0,
@@ -205,6 +211,7 @@ def _parameters(args: argparse.Namespace):
         "draw_order": args.draw_order,
         "instance_id": args.instance_id,
         "skip_empty": args.skip_empty,
+        "verify": args.verify,
         "frames": args.frames,
     }
     if args.max_pixels is not None:

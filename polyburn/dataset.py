@@ -19,7 +19,6 @@ in one atomic write. Memory stays flat: the records are read back one at a time 
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -37,7 +36,6 @@ log = logging.getLogger("polyburn.dataset")
 SPLITS = "splits/"
 UNASSIGNED = "unassigned"
 COCO_FILES = "coco/instances"
-READ_THREADS = 16
 CHUNK = 1000
 
 
@@ -137,16 +135,15 @@ def _fragments(
     store: FileDestination, spool: RecordSpool
 ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """``(record, fragment)`` for each COCO fragment the ``ok`` records list, by path; the
-    fragments are read ``CHUNK`` at a time with a few threads. A fragment that is gone or does
-    not parse is logged and left out (its item is not in the COCO files)."""
+    fragments are read ``CHUNK`` at a time (:meth:`FileDestination.get_many`). A fragment that
+    is gone or does not parse is logged and left out (its item is not in the COCO files)."""
     pending: list[tuple[dict[str, Any], str]] = []
-    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
-        for record in _with_fragment(spool):
-            pending.append(record)
-            if len(pending) == CHUNK:
-                yield from _read_chunk(store, pool, pending)
-                pending = []
-        yield from _read_chunk(store, pool, pending)
+    for record in _with_fragment(spool):
+        pending.append(record)
+        if len(pending) == CHUNK:
+            yield from _read_chunk(store, pending)
+            pending = []
+    yield from _read_chunk(store, pending)
 
 
 def _with_fragment(spool: RecordSpool) -> Iterator[tuple[dict[str, Any], str]]:
@@ -156,10 +153,10 @@ def _with_fragment(spool: RecordSpool) -> Iterator[tuple[dict[str, Any], str]]:
                 yield record, key
 
 
-def _read_chunk(store, pool, pending):
-    for (record, key), data in zip(
-        pending, pool.map(store.get, [key for _, key in pending]), strict=True
-    ):
+def _read_chunk(store: FileDestination, pending: list[tuple[dict[str, Any], str]]):
+    found = store.get_many([key for _, key in pending])
+    for record, key in pending:
+        data = found.get(key)
         try:
             fragment = json.loads(data) if data is not None else None
         except (json.JSONDecodeError, UnicodeDecodeError):

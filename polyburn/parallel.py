@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from polyburn.destinations import Destination, open_destination
 from polyburn.errors import TransientError
 from polyburn.model import ItemRef
-from polyburn.pipeline import process_item, scan_labels
+from polyburn.pipeline import ClaimedItem, process_item, scan_labels
 from polyburn.sources import Source, open_source
+from polyburn.state import BatchClaim, batch_claim, records_of
 
 if TYPE_CHECKING:
     from polyburn.params import MaskOptions
@@ -63,6 +64,11 @@ def process_items(
     Items that failed with a transient error (throttling, 5xx, resets, timeouts that outlasted
     the client's own retries) are tried again up to ``ITEM_RETRIES`` times with exponential
     backoff and jitter; their records then carry ``retries``.
+
+    The items are written under one :class:`~polyburn.state.BatchClaim`, and their stored
+    records are read together before any is burned (:func:`~polyburn.state.records_of`), so the
+    batch's state costs a few requests, not several per item. Items another run kept writing
+    past the wait are left out of the claim and take their own lease.
     """
     # What process_item reads of the options, as a plain tuple: workers need no pydantic.
     plain = _Options(
@@ -73,32 +79,51 @@ def process_items(
         options.skip_empty,
         options.instance_id,
         options.frames,
+        options.verify,
     )
-    jobs = [
-        (
-            ref,
-            source.uri,
-            destination.uri,
-            plain,
-            dict(label_map),
-            colours,
-            k < previews,
-            0,
-        )
-        for k, ref in enumerate(refs)
-    ]
-    records = _run_jobs(jobs, source, destination, workers)
-    for attempt in range(1, ITEM_RETRIES + 1):
-        again = [k for k, record in enumerate(records) if record.get("transient")]
-        if not again:
-            break
-        time.sleep(ITEM_RETRY_DELAY * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
-        redone = _run_jobs([jobs[k][:-1] + (attempt,) for k in again], source, destination, workers)
-        for k, record in zip(again, redone, strict=True):
-            records[k] = record
+    with batch_claim(destination.state, [ref.path for ref in refs]) as claim:
+        previous = records_of(destination.state, claim.paths)
+        held = set(claim.paths)
+        jobs = [
+            (
+                ref,
+                source.uri,
+                destination.uri,
+                plain,
+                dict(label_map),
+                colours,
+                k < previews,
+                0,
+                _claimed(claim, previous, ref.path) if ref.path in held else None,
+            )
+            for k, ref in enumerate(refs)
+        ]
+        records = _run_jobs(jobs, source, destination, workers)
+        for attempt in range(1, ITEM_RETRIES + 1):
+            again = [k for k, record in enumerate(records) if record.get("transient")]
+            if not again:
+                break
+            time.sleep(ITEM_RETRY_DELAY * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+            redo = [_again(jobs[k], attempt) for k in again]
+            redone = _run_jobs(redo, source, destination, workers)
+            for k, record in zip(again, redone, strict=True):
+                records[k] = record
     for record in records:
         record.pop("transient", None)
     return records
+
+
+def _claimed(claim: BatchClaim, previous: Mapping[str, dict], path: str) -> ClaimedItem:
+    key, owner = claim.handle()
+    return ClaimedItem(key, owner, previous.get(path), claim.leases.get(path))
+
+
+def _again(job: tuple, attempt: int) -> tuple:
+    """A job run once more: an earlier attempt may have left the item an abandoned lease."""
+    claimed = job[8]
+    if claimed is not None and not claimed.stale_lease:
+        claimed = claimed._replace(stale_lease="?")
+    return (*job[:7], attempt, claimed)
 
 
 class _Options(NamedTuple):
@@ -111,6 +136,7 @@ class _Options(NamedTuple):
     skip_empty: bool
     instance_id: str
     frames: str = "span"
+    verify: bool = False
 
 
 SCAN_CHUNK = 50  # items per job of a label scan
@@ -164,7 +190,8 @@ def _run_jobs(
     if workers <= 1 or len(jobs) < 2:
         records = _work_all(jobs, threads, source, destination)
     else:
-        size = max(1, len(jobs) // (4 * workers))
+        # enough groups to balance the processes, each big enough for its threads
+        size = max(1, len(jobs) // (4 * workers), min(threads, len(jobs) // workers))
         groups = [(jobs[k : k + size], threads) for k in range(0, len(jobs), size)]
         records = [r for group in _pool_map(_work_group, groups, workers) for r in group]
     destination.finish_batch(records)
@@ -205,7 +232,7 @@ def _work(
 ) -> dict[str, Any]:
     """One item. In a worker process the source and destination are opened from their URIs
     once and reused."""
-    ref, source_uri, destination_uri, options, label_map, colours, preview, retries = job
+    ref, source_uri, destination_uri, options, label_map, colours, preview, retries, claimed = job
     if source is None:
         source = _worker_source(source_uri)
     if destination is None:
@@ -213,7 +240,15 @@ def _work(
         if destination is None:
             destination = _worker_destinations[destination_uri] = open_destination(destination_uri)
     return process_item(
-        ref, source, destination, options, label_map, colours, preview=preview, retries=retries
+        ref,
+        source,
+        destination,
+        options,
+        label_map,
+        colours,
+        preview=preview,
+        retries=retries,
+        claimed=claimed,
     )
 
 

@@ -54,6 +54,12 @@ class MaskOptions(BaseModel):
         "way.",
     )
 
+    verify: bool = Field(
+        default=False,
+        description="Compare every output with what the destination stores (a request per "
+        "output on S3) instead of trusting each item's record, and write again what differs or "
+        "is gone (outputs deleted or changed by hand).",
+    )
     frames: Literal["span", "all"] = Field(
         default="span",
         description="Video items: which frames get masks. 'span': from the first frame where any "

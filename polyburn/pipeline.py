@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from polyburn import version
 from polyburn.destinations import Destination
@@ -20,8 +20,11 @@ from polyburn.masks import ItemMasks, build_masks
 from polyburn.model import Item, ItemRef
 from polyburn.sources import Source
 from polyburn.state import (
+    ClaimCheck,
     ItemBusyError,
     ItemLease,
+    abandon_claimed_item,
+    finish_claimed_item,
     read_record,
     record_key,
     settle_label_map,
@@ -39,6 +42,20 @@ READ_AHEAD_MARGIN = 2.0
 deciding whether an item read ahead may be older than its stored record."""
 
 
+class ClaimedItem(NamedTuple):
+    """An item its batch's claim holds (:class:`~polyburn.state.BatchClaim`), with what the
+    batch read for it: :func:`process_item` then takes no lease and reads no record itself."""
+
+    claim_key: str
+    claim_owner: str
+    previous: dict[str, Any] | None
+    """The item's stored record, read with the batch's records (None: it has none)."""
+    stale_lease: str | None = None
+    """The tag of the stale lease the item had (a writer died or failed half-way: its outputs
+    may be a mix, so its record is not trusted); "?" when an earlier attempt of this run may
+    have left one."""
+
+
 def process_item(
     ref: ItemRef,
     source: Source,
@@ -48,6 +65,7 @@ def process_item(
     colours: Mapping[str, tuple[int, int, int]] | None = None,
     preview: bool = False,
     retries: int = 0,
+    claimed: ClaimedItem | None = None,
 ) -> dict[str, Any]:
     """Load, repair, burn and publish one item; never raises for a problem of this item.
 
@@ -58,28 +76,35 @@ def process_item(
     ``skipped_empty: true`` (status "ok"). With ``destination=None`` nothing is burned
     (validation only).
 
-    With a destination, the item is processed while this call holds the item's lease
-    (:mod:`polyburn.state`), so runs that overlap never mix their outputs: the item is loaded from
-    the source inside it (the newest revision wins), outputs the previous record lists that the
-    item no longer produces are removed, and the record is stored last. A failed item's record
+    With a destination, the item is processed while its writer holds the item: its own lease
+    (:mod:`polyburn.state`), or with ``claimed`` the batch's claim. So runs that overlap never
+    mix their outputs: the item is loaded from the source inside it (the newest revision wins),
+    outputs the previous record lists that the item no longer produces are removed, and the
+    record is stored last. With ``claimed``, the previous record is trusted for what is stored
+    (an output it lists with the same sha256 and size is not sent again, nor compared) unless
+    ``options.verify`` is set or the item was left unfinished. A failed item's record
     keeps the previous record's outputs (marked not written); when the failure came after its
-    outputs started to change, the lease is left abandoned, so the item counts as unfinished
-    until a run processes it again. ``retries`` (the caller's earlier attempts) goes into the
-    record. With ``preview``, the returned record also holds ``preview``: small colourised PNGs
-    of the item's masks (a video's first written frame), over the image when the source has it
-    (:func:`polyburn.report.mask_previews`), empty when the item wrote no mask; it is not stored.
+    outputs started to change, the item is left with an abandoned lease, so it counts as
+    unfinished until a run processes it again. ``retries`` (the caller's earlier attempts) goes
+    into the record. With ``preview``, the returned record also holds ``preview``: small
+    colourised PNGs of the item's masks (a video's first written frame), over the image when the
+    source has it (:func:`polyburn.report.mask_previews`), empty when the item wrote no mask;
+    it is not stored.
     """
     started = time.perf_counter()
     if destination is None:
         record, _ = _burn(ref, source, None, options, label_map, colours, (), False)
         return _finish(record, started, retries)
+    if claimed is not None:
+        return _process_claimed(
+            ref, source, destination, options, label_map, colours, preview, retries, claimed
+        )
     state = destination.state
     lease = None
     try:
         lease = ItemLease(state, ref.path)
         lease.acquire()
         previous = read_record(state, ref.path) or {}
-        stored_at = _stored_at(state, ref.path) if previous else None
         record, touched = _burn(
             ref,
             source,
@@ -89,15 +114,13 @@ def process_item(
             colours,
             output_keys(previous),
             preview,
-            stored_at,
+            _stored_at(state, ref.path) if previous else None,
             previous.get("revision"),
             lease.check,
         )
         if lease.lost:  # another run took the item over: its record, not ours, is stored
             raise ItemBusyError(f"{ref.path}: another run took the item over while it was written")
-        if record["status"] != "ok":
-            _keep_previous_outputs(record, previous)
-        write_record(state, _stored(_finish(record, started, retries)))
+        _store_record(state, record, previous, started, retries)
         if touched and record["status"] != "ok":
             lease.abandon()
         else:
@@ -107,11 +130,87 @@ def process_item(
         if lease is not None:
             with contextlib.suppress(Exception):
                 lease.abandon()
-        failed = {"item": ref.item_id, "path": ref.path, "status": "ok", "error": None}
-        if preview:
-            failed["preview"] = {}
-        _fail(failed, ref, exc)
-        return _finish(failed, started, retries)
+        return _state_failed(ref, exc, started, retries, preview)
+
+
+def _process_claimed(
+    ref: ItemRef,
+    source: Source,
+    destination: Destination,
+    options: MaskOptions,
+    label_map: Mapping[str, int],
+    colours: Mapping[str, tuple[int, int, int]] | None,
+    preview: bool,
+    retries: int,
+    claimed: ClaimedItem,
+) -> dict[str, Any]:
+    """:func:`process_item` of an item its batch's claim holds."""
+    started = time.perf_counter()
+    state = destination.state
+    claim = ClaimCheck(state, claimed.claim_key, claimed.claim_owner)
+    previous = claimed.previous or {}
+    trusted = not (getattr(options, "verify", False) or claimed.stale_lease)
+    try:
+        record, touched = _burn(
+            ref,
+            source,
+            destination,
+            options,
+            label_map,
+            colours,
+            output_keys(previous),
+            preview,
+            _stored_at(state, ref.path) if previous else None,
+            previous.get("revision"),
+            claim.check,
+            previous if trusted else None,
+        )
+        claim.check()  # another run took the batch over: its records, not ours, are stored
+        _store_record(state, record, previous, started, retries)
+        if touched and record["status"] != "ok":
+            abandon_claimed_item(state, ref.path, claimed.stale_lease)
+        elif claimed.stale_lease:
+            finish_claimed_item(state, ref.path, claimed.stale_lease)
+        return record
+    except Exception as exc:  # noqa: BLE001 - the state store failed (claim, record I/O)
+        with contextlib.suppress(Exception):
+            abandon_claimed_item(state, ref.path, claimed.stale_lease)
+        return _state_failed(ref, exc, started, retries, preview)
+
+
+def _store_record(
+    state, record: dict[str, Any], previous: Mapping[str, Any], started: float, retries: int
+) -> None:
+    if record["status"] != "ok":
+        _keep_previous_outputs(record, previous)
+    write_record(state, _stored(_finish(record, started, retries)))
+
+
+def _state_failed(
+    ref: ItemRef, exc: Exception, started: float, retries: int, preview: bool = False
+) -> dict[str, Any]:
+    failed = {"item": ref.item_id, "path": ref.path, "status": "ok", "error": None}
+    if preview:  # asked for: none, the item failed
+        failed["preview"] = {}
+    _fail(failed, ref, exc)
+    return _finish(failed, started, retries)
+
+
+def known_outputs(
+    previous: Mapping[str, Any] | None, revision: str | None
+) -> dict[str, tuple[str, int]] | None:
+    """What a trusted previous record says is stored for ``revision`` (key → sha256, size):
+    its outputs when it is an ``ok`` record of that revision, else nothing (every output is
+    sent); None when there is no record to trust (``previous`` None: compare with the store)."""
+    if previous is None:
+        return None
+    if previous.get("status") != "ok" or previous.get("revision") != revision:
+        return {}
+    return {
+        o["key"]: (o.get("sha256"), o.get("bytes"))
+        for o in previous.get("outputs", [])
+        if isinstance(o, dict) and "key" in o
+    }
 
 
 def _burn(
@@ -126,6 +225,7 @@ def _burn(
     stored_at: Callable[[], float | None] | None = None,
     stored_revision: str | None = None,
     check_lease: Callable[[], None] | None = None,
+    trusted: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """The record of one item and whether its outputs at the destination started to change.
 
@@ -134,6 +234,9 @@ def _burn(
     stored after that read, give or take ``READ_AHEAD_MARGIN``: another run may have written a
     newer version since, and the last writer must have read the newest one. ``check_lease``
     raises when another run took the item over (a video item calls it after each frame).
+    ``trusted`` is the previous record when it may be trusted for what is stored
+    (:func:`known_outputs`); an empty mapping when there is none to trust but nothing can be
+    stored either.
     """
     record: dict[str, Any] = {
         "item": ref.item_id,
@@ -151,10 +254,11 @@ def _burn(
             if when is not None and when >= item.read_at - READ_AHEAD_MARGIN:
                 item = source.load(dataclasses.replace(ref, data=""), options.max_pixels)
         record.update(_describe(item))
+        known = known_outputs(trusted, item.revision) if trusted is not None else None
         if item.video is not None:  # frame by frame
             video = VideoBurn(item, destination, options, label_map, colours)
             touched = video.will_write
-            video.run(previous_keys, record, check_lease, preview)
+            video.run(previous_keys, record, check_lease, known, preview)
             return record, touched
         shapes, repairs, problems = repair_item(item)
         record["repairs"] = [r.as_dict() for r in repairs]
@@ -179,7 +283,7 @@ def _burn(
             pal = palette(label_map, colours)
             retried = destination.retries_in_this_thread()
             touched = True
-            outputs = destination.publish_item(item, masks, options.format, pal)
+            outputs = destination.publish_item(item, masks, options.format, pal, known)
             if destination.retries_in_this_thread() > retried:
                 record["io_retries"] = destination.retries_in_this_thread() - retried
             record["outputs"] = [o.as_dict() for o in outputs]

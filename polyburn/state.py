@@ -14,6 +14,13 @@ prefix itself, or the local state folder of a Dataloop destination):
     (a dead process of this host, an expiry passed, or marked abandoned after a failed write)
     marks the item *unfinished*: its outputs may be a mix, so the next run that lists the item
     processes it again (never from Prefect's cache) and takes the lease over.
+``.polyburn/claims/<owner>.json``
+    A batch claim: the same right as a lease, for every item of a batch at once (host, pid,
+    expiry, the item paths), so that a batch pays a few requests for its state instead of two
+    per item (:class:`BatchClaim`). A claim and a lease are each created first and then look
+    for the other kind, so two writers of one item always see each other and one backs off.
+    A claim whose holder is gone marks all its items unfinished; a writer that takes some of
+    them over leaves the others an abandoned lease each, then deletes the claim.
 ``label_map.json``
     Label → id, extended by compare-and-swap (:func:`settle_label_map`): a new label gets one id
     however many runs add it at once, and an id never changes.
@@ -28,8 +35,8 @@ prefix itself, or the local state folder of a Dataloop destination):
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -57,6 +64,7 @@ log = logging.getLogger("polyburn.state")
 
 RECORDS = ".polyburn/records/"
 LEASES = ".polyburn/leases/"
+CLAIMS = ".polyburn/claims/"
 LAYOUT_KEY = ".polyburn/layout"
 LAYOUT = "records-1"
 LEASE_SECONDS = float(os.environ.get("POLYBURN_LEASE_SECONDS", "300"))
@@ -64,7 +72,6 @@ LEASE_SECONDS = float(os.environ.get("POLYBURN_LEASE_SECONDS", "300"))
 as soon as its process is gone."""
 LEASE_WAIT_SECONDS = float(os.environ.get("POLYBURN_LEASE_WAIT_SECONDS", "600"))
 """How long a run waits for an item another run is writing before reporting it busy."""
-READ_THREADS = 16
 CAS_ATTEMPTS = 50
 
 
@@ -185,30 +192,43 @@ class ItemLease:
         ).encode("utf-8")
 
     def acquire(self, wait: float = LEASE_WAIT_SECONDS) -> None:
-        """Take the lease, waiting while a live holder has it; raises ItemBusyError after
-        ``wait`` seconds."""
+        """Take the lease, waiting while a live holder (a lease or a batch claim) has the item;
+        raises ItemBusyError after ``wait`` seconds."""
         deadline = time.monotonic() + wait
         delay = 0.005
         while True:
             self.renewed = time.monotonic()
             self.tag = self.store.create(self.key, self._body())
-            if self.tag is not None:
-                _renewals.add(self)
-                return
-            held = self.store.get_tagged(self.key)
-            if held is not None and lease_is_stale(held[0]):
-                self.tag = self.store.replace(self.key, self._body(), held[1])
-                if self.tag is not None:
+            if self.tag is None:
+                held = self.store.get_tagged(self.key)
+                if held is None:
+                    continue  # released in between
+                if lease_is_stale(held[0]):
+                    self.tag = self.store.replace(self.key, self._body(), held[1])
+                    if self.tag is None:
+                        continue  # another run took it over first
                     self.taken_over = True
+            if self.tag is not None:
+                live, stale = survey_claims(self.store, {self.path})
+                if not live:
+                    self.taken_over |= bool(stale)
                     _renewals.add(self)
                     return
-                continue  # another run took it over first
-            if held is None:
-                continue  # released in between
+                self._back_off()
             if time.monotonic() > deadline:
                 raise ItemBusyError(f"{self.path}: another run kept writing it for {wait:.0f} s")
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 0.5)
+
+    def _back_off(self) -> None:
+        """Give the lease back to a live batch claim found after it was taken; a lease taken
+        over from a gone holder stays behind abandoned (the item is still unfinished)."""
+        if self.taken_over:
+            self.store.replace(self.key, self._body(abandoned=True), self.tag)
+        else:
+            self.store.remove_if(self.key, self.tag)
+        self.tag = None
+        self.taken_over = False
 
     def renew(self) -> None:
         """Push the lease's expiry ``LEASE_SECONDS`` ahead again (compare-and-swap); done every
@@ -248,6 +268,252 @@ class ItemLease:
             if self.tag is not None:
                 self.store.replace(self.key, self._body(abandoned=True), self.tag)
             self.tag = None
+
+
+def abandoned_lease(path: str, owner: str = "") -> bytes:
+    """The body of a lease that marks ``path`` unfinished and protects nothing."""
+    return json.dumps(
+        {
+            "path": path,
+            "owner": owner,
+            "host": host_name(),
+            "pid": os.getpid(),
+            "expires": 0,
+            "abandoned": True,
+        }
+    ).encode("utf-8")
+
+
+class BatchClaim:
+    """The exclusive right to write the outputs and records of many items at once.
+
+    One object under ``CLAIMS`` lists the items; it costs a create, two listings (claims and
+    leases) and a delete per batch, where item leases cost two writes per item. Use
+    :func:`batch_claim`. After :meth:`acquire`:
+
+    ``paths``
+        The items held (sorted).
+    ``busy``
+        Items a live writer kept for longer than the wait: not held, left to the caller.
+    ``leases``
+        Held items that had a stale item lease (a writer gone, or a failed write): path → the
+        lease's tag. Their outputs may be a mix; :func:`finish_claimed_item` removes the lease
+        once the item is written.
+    """
+
+    def __init__(self, store: FileDestination, paths: Iterable[str]) -> None:
+        self.store = store
+        self.paths = sorted(set(paths))
+        self.owner = uuid.uuid4().hex
+        self.key = f"{CLAIMS}{self.owner}.json"
+        self.path = f"batch claim {self.owner[:8]}"  # for the renewal thread's messages
+        self.tag: str | None = None
+        self.lost = False
+        self.renewed = 0.0
+        self.busy: list[str] = []
+        self.leases: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def _body(self, abandoned: bool = False) -> bytes:
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "host": host_name(),
+                "pid": os.getpid(),
+                "expires": time.time() + LEASE_SECONDS,
+                "abandoned": abandoned,
+                "paths": self.paths,
+            }
+        ).encode("utf-8")
+
+    def acquire(self, wait: float = LEASE_WAIT_SECONDS) -> None:
+        """Claim the items, waiting while live writers hold some of them; after ``wait``
+        seconds the items still held by others move to ``busy`` and the rest are claimed."""
+        deadline = time.monotonic() + wait
+        delay = 0.005
+        while self.paths:
+            self.renewed = time.monotonic()
+            self.tag = self.store.create(self.key, self._body())
+            if self.tag is None:  # a key nobody else writes: the store refused the write
+                raise TransientError(f"{self.store.uri}/{self.key}: could not be created")
+            wanted = set(self.paths)
+            live_claims, _ = survey_claims(self.store, wanted, own=self.key)
+            live_leases, stale_leases = _survey_leases(self.store, wanted)
+            conflicts = live_claims | live_leases
+            if not conflicts:
+                self.leases = stale_leases
+                _renewals.add(self)
+                return
+            self.store.remove_if(self.key, self.tag)
+            self.tag = None
+            if time.monotonic() > deadline:
+                self.busy += sorted(conflicts)
+                self.paths = [p for p in self.paths if p not in conflicts]
+                continue
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 0.5)
+
+    renew = ItemLease.renew
+    check = ItemLease.check
+
+    def release(self) -> None:
+        """Give the claim up: every held item's outputs and record are complete (an item that
+        failed half-way has an abandoned lease of its own, see :func:`abandon_claimed_item`)."""
+        ItemLease.release(self)
+
+    def abandon(self) -> None:
+        """Give the claim up leaving every held item unfinished (the batch broke off)."""
+        ItemLease.abandon(self)
+
+    def handle(self) -> tuple[str, str]:
+        """What a burn worker needs to check the claim (:class:`ClaimCheck`)."""
+        return self.key, self.owner
+
+
+@contextlib.contextmanager
+def batch_claim(store: FileDestination, paths: Iterable[str]) -> Iterator[BatchClaim]:
+    """Hold a claim on ``paths`` for the block (see :class:`BatchClaim`): released when the
+    block ends, abandoned (every held item stays unfinished) when it raises."""
+    claim = BatchClaim(store, paths)
+    claim.acquire()
+    try:
+        yield claim
+    except BaseException:
+        with contextlib.suppress(Exception):
+            claim.abandon()
+        raise
+    claim.release()
+
+
+class ClaimCheck:
+    """A burn worker's view of its batch's claim, held by its parent process: :meth:`check`
+    raises when another run took the claim over. It reads the claim at most once every
+    ``LEASE_SECONDS / 3`` (as often as the holder renews it), so fast items cost nothing."""
+
+    def __init__(self, store: FileDestination, key: str, owner: str) -> None:
+        self.store, self.key, self.owner = store, key, owner
+        self.checked = time.monotonic()
+        self.lost = False
+
+    def check(self) -> None:
+        if not self.lost and time.monotonic() - self.checked >= LEASE_SECONDS / 3:
+            self.checked = time.monotonic()
+            body = _parse_json(self.store.get(self.key))
+            self.lost = body.get("owner") != self.owner or bool(body.get("abandoned"))
+        if self.lost:
+            raise TransientError("another run took the item over while it was written")
+
+
+def finish_claimed_item(store: FileDestination, path: str, lease_tag: str | None) -> None:
+    """A claimed item is written: remove the stale lease it had (``lease_tag``), or one that a
+    failed earlier attempt of this run left (``lease_tag`` "?": looked up)."""
+    if lease_tag == "?":
+        held = store.get_tagged(lease_key(path))
+        if held is None or not lease_is_stale(held[0]):
+            return
+        lease_tag = held[1]
+    if lease_tag:
+        store.remove_if(lease_key(path), lease_tag)
+
+
+def abandon_claimed_item(store: FileDestination, path: str, lease_tag: str | None) -> None:
+    """A claimed item failed half-way: leave it an abandoned lease, so it stays unfinished
+    after the claim is released."""
+    body = abandoned_lease(path)
+    if lease_tag and lease_tag != "?" and store.replace(lease_key(path), body, lease_tag):
+        return
+    if store.create(lease_key(path), body) is None:
+        held = store.get_tagged(lease_key(path))
+        if held is not None and lease_is_stale(held[0]):
+            store.replace(lease_key(path), body, held[1])
+
+
+_claim_bodies: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+_claim_bodies_lock = threading.Lock()
+
+
+def _claims(store: FileDestination, own: str | None = None) -> list[tuple[StoredEntry, dict]]:
+    """Every claim but ``own`` with its body; bodies are read once per version (the listing's
+    tag), so the claims of a run's other batches cost one read each."""
+    found = []
+    for entry in store.entries(CLAIMS):
+        if entry.key == own or not entry.key.endswith(".json"):
+            continue
+        cache_key = (store.uri, entry.key)
+        with _claim_bodies_lock:
+            cached = _claim_bodies.get(cache_key)
+        if cached is not None and cached[0] == entry.tag:
+            found.append((entry, cached[1]))
+            continue
+        held = store.get_tagged(entry.key)
+        if held is None:
+            continue  # released in between
+        body = _parse_json(held[0])
+        with _claim_bodies_lock:
+            if len(_claim_bodies) > 4096:
+                _claim_bodies.clear()
+            _claim_bodies[cache_key] = (held[1], body)
+        found.append((dataclasses.replace(entry, tag=held[1]), body))
+    return found
+
+
+def survey_claims(
+    store: FileDestination, paths: set[str], own: str | None = None
+) -> tuple[set[str], set[str]]:
+    """(items of ``paths`` a live claim holds, items a stale claim held). A stale claim that
+    holds any of ``paths`` is split first: each of its items gets an abandoned lease (so it stays
+    unfinished), then the claim is deleted."""
+    live: set[str] = set()
+    stale: set[str] = set()
+    for entry, body in _claims(store, own):
+        held = paths.intersection(_claim_paths(body))
+        if not held:
+            continue
+        if lease_is_stale(json.dumps(body).encode()):
+            _split(store, entry, body)
+            stale |= held
+        else:
+            live |= held
+    return live, stale
+
+
+def _split(store: FileDestination, entry: StoredEntry, body: Mapping[str, Any]) -> None:
+    owner = f"claim {body.get('owner', '')}"
+    for path in _claim_paths(body):
+        store.create(lease_key(path), abandoned_lease(path, owner))
+    store.remove_if(entry.key, entry.tag)
+
+
+def _survey_leases(store: FileDestination, paths: set[str]) -> tuple[set[str], dict[str, str]]:
+    """(items of ``paths`` with a live item lease, {item: tag} of those with a stale one)."""
+    keys = {lease_key(path): path for path in paths}
+    live: set[str] = set()
+    stale: dict[str, str] = {}
+    for entry in store.entries(LEASES):
+        path = keys.get(entry.key)
+        if path is None:
+            continue
+        held = store.get_tagged(entry.key)
+        if held is None:
+            continue
+        if lease_is_stale(held[0]):
+            stale[path] = held[1]
+        else:
+            live.add(path)
+    return live, stale
+
+
+def _claim_paths(body: Mapping[str, Any]) -> list[str]:
+    paths = body.get("paths")
+    return [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else []
+
+
+def _parse_json(data: bytes | None) -> dict[str, Any]:
+    try:
+        value = json.loads(data) if data is not None else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 class _Renewals:
@@ -319,8 +585,9 @@ def item_lease(store: FileDestination, path: str) -> Iterator[ItemLease]:
 
 
 def unfinished_items(store: FileDestination) -> set[str]:
-    """Paths of items whose lease is stale: a writer was killed or failed half-way. Costs one
-    listing of the leases (the items being written right now), not of the destination."""
+    """Paths of items whose lease or batch claim is stale: a writer was killed or failed
+    half-way. Costs a listing of the leases and of the claims (the items being written right
+    now), not of the destination."""
     stale = set()
     for entry in store.entries(LEASES):
         held = store.get_tagged(entry.key)
@@ -330,6 +597,9 @@ def unfinished_items(store: FileDestination) -> set[str]:
             stale.add(str(json.loads(held[0])["path"]))
         except (ValueError, KeyError, TypeError):
             continue
+    for _, body in _claims(store):
+        if lease_is_stale(json.dumps(body).encode()):
+            stale.update(_claim_paths(body))
     return stale
 
 
@@ -369,38 +639,84 @@ def _record_keys(store: FileDestination) -> list[str]:
 
 
 def _read_many(store: FileDestination, keys: list[str]) -> Iterator[dict[str, Any]]:
-    """The records at ``keys`` that exist and parse, read with a few threads (S3 answers one
-    small GET at a time), a thousand at a time."""
+    """The records at ``keys`` that exist and parse, a thousand at a time (a store with
+    latency reads each thousand many at once: :meth:`FileDestination.get_many`)."""
     chunk = 1000
-    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
-        for start in range(0, len(keys), chunk):
-            for data in pool.map(store.get, keys[start : start + chunk]):
-                record = _parse_record(data)
-                if record is not None:
-                    yield record
+    for start in range(0, len(keys), chunk):
+        for data in store.get_many(keys[start : start + chunk]).values():
+            record = _parse_record(data)
+            if record is not None:
+                yield record
+
+
+def records_of(store: FileDestination, paths: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The stored records of these items (path → record; items without one are left out),
+    read together: what a batch reads before its items are burned."""
+    keys = {record_key(path): path for path in paths}
+    found = {}
+    for key, data in store.get_many(list(keys)).items():
+        record = _parse_record(data)
+        if record is not None and record["path"] == keys[key]:
+            found[keys[key]] = record
+    return found
 
 
 def is_migrated(store: FileDestination) -> bool:
     return (store.get(LAYOUT_KEY) or b"").strip() == LAYOUT.encode()
 
 
-def current_records(store: FileDestination, scratch: Path) -> RecordSpool:
+def current_records(
+    store: FileDestination, scratch: Path, known: Iterable[Path] = ()
+) -> RecordSpool:
     """Every item's current record, in a spool (on disk under ``scratch``) sorted on output.
 
-    A destination not yet migrated (see :func:`migrate`) also counts the snapshot's records of
-    items that have no record of their own.
+    Costs a listing of the records, one read of ``manifest.jsonl`` and a read of each record
+    the snapshot does not hold as stored: on a store whose tags follow from the bytes
+    (:meth:`FileDestination.content_tag`, S3), a snapshot line whose tag is the listed record's
+    is that record, so only records written since the last snapshot are read. A destination not
+    yet migrated (see :func:`migrate`) also counts the snapshot's records of items that have no
+    record of their own. ``known`` are local files of manifest lines already at hand (the
+    records a run just stored), used the same way before the snapshot.
     """
     spool = RecordSpool(scratch)
-    for record in _read_many(store, _record_keys(store)):
+    listed = {entry.key: entry.tag for entry in _record_entries(store)}
+    migrated = is_migrated(store)
+    snapshot = scratch / "previous-manifest.jsonl"
+    taken: set[str] = set()
+    reuses_lines = store.content_tag(b"") is not None
+    for lines in known if reuses_lines else ():
+        taken |= _take_snapshot_lines(store, lines, listed, spool, taken)
+    if (reuses_lines or not migrated) and store.read_file(MANIFEST_KEY, snapshot):
+        taken |= _take_snapshot_lines(store, snapshot, listed, spool, taken)
+    for record in _read_many(store, [key for key in listed if key not in taken]):
         spool.add(record)
-    if not is_migrated(store):
-        legacy = scratch / "legacy-manifest.jsonl"
-        if store.read_file(MANIFEST_KEY, legacy):
-            for _, _, record in iter_manifest(legacy):
-                if record["path"] not in spool:
-                    spool.add(record)
-            legacy.unlink()
+    if not migrated and snapshot.exists():
+        for _, _, record in iter_manifest(snapshot):
+            if record["path"] not in spool:
+                spool.add(record)
+    snapshot.unlink(missing_ok=True)
     return spool
+
+
+def _take_snapshot_lines(
+    store: FileDestination,
+    lines: Path,
+    listed: Mapping[str, str],
+    spool: RecordSpool,
+    already: set[str],
+) -> set[str]:
+    """Add to ``spool`` the manifest lines that are their item's stored record (the listing
+    shows the tag those bytes get), but for records ``already`` taken; return the keys taken."""
+    taken = set()
+    for _, line, record in iter_manifest(lines):
+        key = record_key(record["path"])
+        tag = listed.get(key)
+        if key in already or key in taken or tag is None:
+            continue
+        if tag == store.content_tag(line.rstrip(b"\n") + b"\n"):
+            spool.add(record)
+            taken.add(key)
+    return taken
 
 
 def migrate(store: FileDestination, scratch: Path) -> int:
@@ -424,11 +740,13 @@ def write_snapshot(
     store: FileDestination,
     scratch: Path,
     before: Callable[[RecordSpool], object] | None = None,
+    known: Iterable[Path] = (),
 ) -> RecordSpool:
     """Write ``manifest.jsonl`` from the current records (atomically: readers see the old file
     or the new one) and return the spool it was written from (for its counts). ``before`` is
-    called with that spool first (the other dataset files: the manifest stays the last one)."""
-    spool = current_records(store, scratch)
+    called with that spool first (the other dataset files: the manifest stays the last one).
+    ``known``: files of manifest lines at hand, as for :func:`current_records`."""
+    spool = current_records(store, scratch, known)
     if before is not None:
         before(spool)
     target = scratch / "snapshot.jsonl"
@@ -439,12 +757,17 @@ def write_snapshot(
 
 
 __all__ = [
+    "BatchClaim",
+    "ClaimCheck",
     "ItemBusyError",
     "ItemLease",
     "create_record",
     "current_records",
     "destination_clock",
+    "abandon_claimed_item",
+    "batch_claim",
     "find_records",
+    "finish_claimed_item",
     "forget_items",
     "item_lease",
     "lease_is_stale",
@@ -454,6 +777,7 @@ __all__ = [
     "record_key",
     "settle_label_map",
     "stale_record_keys",
+    "survey_claims",
     "unfinished_items",
     "write_record",
     "write_snapshot",

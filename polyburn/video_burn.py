@@ -71,6 +71,7 @@ class VideoBurn:
         previous_keys: Sequence[str],
         record: dict[str, Any],
         check_lease: Callable[[], None] | None = None,
+        known: Mapping[str, tuple[str, int]] | None = None,
         preview: bool = False,
     ) -> None:
         """Burn and publish every frame (or, without a destination, only parse and repair every
@@ -78,7 +79,9 @@ class VideoBurn:
         ``repairs``, ``problems`` (with their ``frame``), ``shapes`` (states burned),
         ``outputs`` and ``video`` (frame range, frame count and its source, tracks); with
         ``preview``, ``preview`` of the first frame written (with its ``frame``).
-        ``check_lease`` is called after each frame; it raises when the item was taken over."""
+        ``check_lease`` is called after each frame; it raises when the item was taken over.
+        ``known`` is what the item's trusted record says is stored (see
+        :meth:`~polyburn.destinations.Destination.publish_item`)."""
         video, destination = self.video, self.destination
         record["repairs"] = [r.as_dict() for r in video.repairs + self.repairs]
         record["shapes"] = 0
@@ -99,7 +102,7 @@ class VideoBurn:
                 destination.remove(sorted(previous_keys))
             return
         retried = destination.retries_in_this_thread()
-        outputs = self._publish_frames(record, check_lease, preview)
+        outputs = self._publish_frames(record, check_lease, known, preview)
         if destination.retries_in_this_thread() > retried:
             record["io_retries"] = destination.retries_in_this_thread() - retried
         record["outputs"] = [o.as_dict() for o in outputs]
@@ -108,7 +111,11 @@ class VideoBurn:
             destination.remove(stale)
 
     def _publish_frames(
-        self, record: dict[str, Any], check_lease: Callable[[], None] | None, preview: bool
+        self,
+        record: dict[str, Any],
+        check_lease: Callable[[], None] | None,
+        known: Mapping[str, tuple[str, int]] | None,
+        preview: bool,
     ) -> list[OutputRecord]:
         item, options, destination = self.item, self.options, self.destination
         dtype = semantic_dtype(self.label_map)
@@ -141,7 +148,9 @@ class VideoBurn:
             )
             if masks.coco is not None:  # one COCO image per frame
                 masks.coco["image"].update(frame_image(item, frame))
-            outputs += destination.publish_item(frame_item, masks, options.format, self.palette)
+            outputs += destination.publish_item(
+                frame_item, masks, options.format, self.palette, known
+            )
             if preview and not record.get("preview"):  # the first frame written
                 record["preview"] = self._preview(masks, frame)
             if check_lease is not None:

@@ -35,11 +35,14 @@ def migrate_state(destination_uri: str) -> int:
 
 
 @task(name="publish-manifest", **IO_TASK_OPTIONS)
-def publish_manifest(destination_uri: str, forget: list[str]) -> dict[str, Any]:
+def publish_manifest(
+    destination_uri: str, forget: list[str], written: str | None = None
+) -> dict[str, Any]:
     """Delete the records at ``forget`` (items gone from the source), then write
     ``manifest.jsonl`` from every item's current record and, for a folder or S3 destination,
     the splits and COCO files (:mod:`polyburn.dataset`); returns the snapshot's counts
-    (``RunCounts.as_dict``)."""
+    (``RunCounts.as_dict``). ``written`` is a local file of the records this run stored
+    (manifest lines): those still current are not read back from the store."""
     destination = destination_for(destination_uri)
     state = destination.state
     state.remove(forget)
@@ -50,5 +53,6 @@ def publish_manifest(destination_uri: str, forget: list[str]) -> dict[str, Any]:
             if state is destination:  # a Dataloop destination's state folder is no dataset
                 write_dataset_files(state, spool, scratch)
 
-        with write_snapshot(state, scratch, dataset_files) as spool:
+        known = [Path(written)] if written else []
+        with write_snapshot(state, scratch, dataset_files, known) as spool:
             return spool.counts.as_dict(0.0)

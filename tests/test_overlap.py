@@ -30,9 +30,12 @@ from polyburn.destinations.local import LocalDestination
 from polyburn.params import MaskOptions, RunParameters
 from polyburn.sources import open_source
 from polyburn.state import (
+    CLAIMS,
     LEASES,
+    BatchClaim,
     ItemBusyError,
     ItemLease,
+    finish_claimed_item,
     item_lease,
     lease_key,
     record_key,
@@ -239,6 +242,122 @@ def test_an_item_lease_is_exclusive_and_a_dead_holders_lease_is_taken_over(dest_
         raise RuntimeError("upload failed")
     assert unfinished_items(store) == {"a/c"}
     assert store.get_tagged(lease_key("a/c")) is not None
+
+
+def test_a_batch_claim_and_item_leases_exclude_each_other(dest_uri):
+    """A batch claim holds each of its items as a lease would: an item lease or another claim
+    waits for it; after the wait, a claim takes the items nobody holds and reports the rest
+    busy."""
+    store = open_destination(dest_uri).state
+    claim = BatchClaim(store, ["a/b", "a/c"])
+    claim.acquire()
+    with pytest.raises(ItemBusyError):
+        ItemLease(open_destination(dest_uri).state, "a/b").acquire(wait=0.3)
+    other = BatchClaim(open_destination(dest_uri).state, ["a/c", "a/d"])
+    other.acquire(wait=0.3)
+    assert other.busy == ["a/c"] and other.paths == ["a/d"]
+    other.release()
+    claim.release()
+
+    lease = ItemLease(store, "a/b")
+    lease.acquire(wait=5)  # free now
+    assert not lease.taken_over
+    blocked = BatchClaim(open_destination(dest_uri).state, ["a/b"])
+    blocked.acquire(wait=0.3)
+    assert blocked.busy == ["a/b"] and blocked.paths == [] and blocked.tag is None
+    lease.release()
+    assert store.entries(LEASES) == [] and store.entries(CLAIMS) == []
+
+
+def test_a_killed_claim_holder_leaves_its_items_unfinished_until_each_is_written(dest_uri):
+    """A batch claim whose process was killed marks every item it held unfinished. A writer
+    that takes some of them over leaves the others an abandoned lease each (still unfinished)
+    and deletes the claim; each item stops being unfinished once it is written again."""
+    store = open_destination(dest_uri).state
+    code = (
+        "import os, signal\n"
+        "from polyburn.destinations import open_destination\n"
+        "from polyburn.state import BatchClaim\n"
+        f"BatchClaim(open_destination({dest_uri!r}).state, ['k/1', 'k/2', 'k/3']).acquire()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert unfinished_items(store) == {"k/1", "k/2", "k/3"}
+
+    claim = BatchClaim(store, ["k/1"])
+    claim.acquire(wait=5)  # at once: the holder is gone
+    assert set(claim.leases) == {"k/1"}  # taken over: its outputs may be a mix
+    assert [e.key for e in store.entries(CLAIMS)] == [claim.key]
+    finish_claimed_item(store, "k/1", claim.leases["k/1"])
+    claim.release()
+    assert unfinished_items(store) == {"k/2", "k/3"}
+
+    with item_lease(store, "k/2") as lease:
+        assert lease.taken_over
+    assert unfinished_items(store) == {"k/3"}
+    assert store.entries(CLAIMS) == []
+
+
+def test_batch_and_item_writers_of_one_item_never_mix_their_outputs(tmp_path):
+    """One thread writes an item through batches (a claim), another through item leases, each
+    from its own version, for 3 s: whenever a checker holds the item, its outputs are one
+    version's, whole, and match its record."""
+    from polyburn.parallel import process_items
+    from polyburn.pipeline import process_item
+    from polyburn.state import read_record
+
+    path = "batch000/img_000000"
+    versions = []
+    for k in range(2):
+        export = make_export(tmp_path / f"export-{k}")
+        relabel(export, path, f"version-{k}")
+        versions.append(open_source(str(export)))
+    destination = LocalDestination(tmp_path / "dest")
+    label_map = settle_label_map(destination.state, {"version-0", "version-1"})
+    options = MaskOptions(modes=MODES)
+    (ref0,) = versions[0].find([path])
+    (ref1,) = versions[1].find([path])
+    stop = time.monotonic() + 3
+    problems: list[str] = []
+    writes = [0, 0]
+
+    def by_batch() -> None:
+        while time.monotonic() < stop:
+            (record,) = process_items([ref0], versions[0], destination, options, label_map)
+            writes[0] += record["status"] == "ok"
+
+    def by_item() -> None:
+        while time.monotonic() < stop:
+            record = process_item(ref1, versions[1], destination, options, label_map)
+            writes[1] += record["status"] == "ok"
+
+    def check() -> None:
+        while time.monotonic() < stop:
+            with item_lease(destination.state, path):
+                record = read_record(destination.state, path)
+                if record is None:
+                    continue
+                objects = {
+                    o["key"]: (tmp_path / "dest" / o["key"]).read_bytes() for o in record["outputs"]
+                }
+                try:
+                    check_records_match_bytes([record], objects)
+                except AssertionError as exc:
+                    problems.append(f"record and bytes differ: {exc}")
+                ids = semantic_values(objects, path) - {0}
+                if len(ids) != 1:
+                    problems.append(f"a mix of versions: {ids}")
+
+    threads = [threading.Thread(target=f) for f in (by_batch, by_item, check)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert problems == []
+    assert writes[0] > 0 and writes[1] > 0  # both kinds of writer got the item
+    assert unfinished_items(destination.state) == set()
+    assert destination.state.entries(CLAIMS) == []
 
 
 def test_a_lease_held_longer_than_its_expiry_is_renewed_and_a_taken_over_one_is_lost(

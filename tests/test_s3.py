@@ -40,7 +40,7 @@ from polyburn.pipeline import process_item
 from polyburn.sources import open_source
 from tests.support.fault_proxy import FaultProxy
 from tests.support.oracle import EXAMPLES, same_output
-from tests.support.s3_fixtures import aws_env, stored_objects
+from tests.support.s3_fixtures import stored_objects
 from tests.support.weed import WeedServer
 
 ALL_MODES = ["semantic", "instance", "binary"]
@@ -71,32 +71,13 @@ def _fresh_destination_cache():
     _destination.cache_clear()
 
 
-@pytest.fixture
-def s3_env(monkeypatch: pytest.MonkeyPatch, weed_server: WeedServer, tmp_path: Path):
-    """Point boto3's default chain at the test server (or a proxy) through the environment."""
-    for name in list(os.environ):
-        if name.startswith(("POLYBURN_S3_", "AWS_")) or name == "POLYBURN_AWS_CREDENTIALS_BLOCK":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-
-    def configure(endpoint: str | None = None, **polyburn: Any) -> None:
-        for name, value in aws_env(weed_server, endpoint).items():
-            monkeypatch.setenv(name, value)
-        for name, value in polyburn.items():
-            monkeypatch.setenv(f"POLYBURN_S3_{name.upper()}", str(value))
-
-    configure()
-    return configure
-
-
-def run_flow(source: Path, destination: str, batch_size: int = 5) -> dict:
+def run_flow(source: Path, destination: str, batch_size: int = 5, verify: bool = False) -> dict:
     from flows.polygons_to_masks import polygons_to_masks
 
     params = RunParameters(
         source=str(source),
         destination=destination,
-        options=MaskOptions(modes=ALL_MODES),
+        options=MaskOptions(modes=ALL_MODES, verify=verify),
         batch_size=batch_size,
     )
     state = polygons_to_masks(params, return_state=True)
@@ -228,13 +209,36 @@ def test_rerun_uploads_nothing_and_a_changed_item_reuploads_only_itself(
         "manifest.jsonl",
     }
 
-    # Other batches (one of all 13 items, so Prefect's batch cache cannot answer): every mask
-    # is HEAD-compared.
+    # Other batches (one of all 13 items, so Prefect's batch cache cannot answer): each item's
+    # record says its masks are stored with the same sha256 and size, so no mask is sent again
+    # nor even compared (no HEAD).
     fault_proxy.clear()
     second = run_flow(source, uri, batch_size=100)
     assert second["failed"] == 0 and second["outputs_written"] == 0
     assert output_uploads(fault_proxy, s3_bucket) == ["manifest.jsonl"]  # its timings changed
+    burned = {k for k in masks if k.split("/")[0] in ("semantic", "instance", "binary")}
+    assert burned.isdisjoint(proxied(fault_proxy, "HEAD", s3_bucket))
+
+    # A run asked to verify compares every mask with the bucket (a HEAD each), sends none.
+    fault_proxy.clear()
+    verified = run_flow(source, uri, batch_size=100, verify=True)
+    assert verified["failed"] == 0 and verified["outputs_written"] == 0
+    assert output_uploads(fault_proxy, s3_bucket) == ["manifest.jsonl"]
     assert masks <= set(proxied(fault_proxy, "HEAD", s3_bucket))
+
+    # A mask deleted from the bucket by hand: the next run (other batches, so nothing comes from
+    # Prefect's cache) trusts the records, then finds the mask gone and writes it again.
+    weed_server.client().delete_object(
+        Bucket=s3_bucket, Key=f"{PREFIX}/semantic/street/scene_001.png"
+    )
+    fault_proxy.clear()
+    restored = run_flow(source, uri, batch_size=7)
+    assert restored["failed"] == 0 and restored["cached_batches"] == 0
+    assert set(output_uploads(fault_proxy, s3_bucket)) == {
+        "semantic/street/scene_001.png",
+        "manifest.jsonl",
+    }
+    assert "semantic/street/scene_001.png" in stored(weed_server, s3_bucket)
 
     # Drop the only person annotation of scene_003: exactly its objects are uploaded again.
     path = source / "json" / "street" / "scene_003.json"

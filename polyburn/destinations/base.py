@@ -59,9 +59,20 @@ class Destination(ABC):
 
     @abstractmethod
     def publish_item(
-        self, item: Item, masks: ItemMasks, fmt: str, palette: Sequence[int] | None
+        self,
+        item: Item,
+        masks: ItemMasks,
+        fmt: str,
+        palette: Sequence[int] | None,
+        known: Mapping[str, tuple[str, int]] | None = None,
     ) -> list[OutputRecord]:
-        """Store the masks of one item idempotently; returns what is stored for it."""
+        """Store the masks of one item idempotently; returns what is stored for it.
+
+        ``known`` is what the item's record says is stored for this revision (key → sha256 and
+        size), trusted instead of asking the store: an output listed with the same sha256 and
+        size is not sent again, any other is sent without comparing first. None means nothing
+        is known (no record to trust, or the run verifies): each output is compared with what
+        is stored."""
 
     @abstractmethod
     def read_text(self, key: str) -> str | None:
@@ -180,14 +191,48 @@ class FileDestination(Destination):
         written = self.put(key, data, text_content_type(key), {})
         return OutputRecord(key, sha256(data), len(data), written)
 
+    def put_new(
+        self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str]
+    ) -> None:
+        """Store ``data`` at ``key`` without comparing with what is stored (the caller knows it
+        differs). Stores that compare cheaply may keep comparing."""
+        self.put(key, data, content_type, metadata)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The bytes of those ``keys`` that are stored (absent keys are left out). Stores that
+        answer with latency read many at once."""
+        found = {}
+        for key in keys:
+            data = self.get(key)
+            if data is not None:
+                found[key] = data
+        return found
+
+    def content_tag(self, data: bytes) -> str | None:
+        """The tag (:attr:`StoredEntry.tag`) this store gives an object holding ``data``, when
+        it follows from the bytes alone (an S3 ETag of a single-part upload is their MD5); None
+        when it does not (a folder's tags are inode, size and time)."""
+        return None
+
     def publish_item(
-        self, item: Item, masks: ItemMasks, fmt: str, palette: Sequence[int] | None
+        self,
+        item: Item,
+        masks: ItemMasks,
+        fmt: str,
+        palette: Sequence[int] | None,
+        known: Mapping[str, tuple[str, int]] | None = None,
     ) -> list[OutputRecord]:
         records = []
         for key, data, content_type in mask_files(item, masks, fmt, palette):
             digest = sha256(data)
             metadata = {"item-id": item.item_id, "revision": item.revision, "sha256": digest}
-            written = self.put(key, data, content_type, metadata)
+            if known is None:
+                written = self.put(key, data, content_type, metadata)
+            elif known.get(key) == (digest, len(data)):
+                written = False
+            else:
+                self.put_new(key, data, content_type, metadata)
+                written = True
             records.append(OutputRecord(key, digest, len(data), written))
         return records
 

@@ -245,9 +245,15 @@ class DataloopDestination(Destination):
 
     # ------------------------------------------------------------------------- items
     def publish_item(
-        self, item: Item, masks: ItemMasks, fmt: str, palette: Sequence[int] | None
+        self,
+        item: Item,
+        masks: ItemMasks,
+        fmt: str,
+        palette: Sequence[int] | None,
+        known: Mapping[str, tuple[str, int]] | None = None,
     ) -> list[OutputRecord]:
         """Make the item's polyburn annotations equal to ``masks`` (see the module docstring).
+        ``known`` is not used: the item's annotations are compared with what it has.
 
         The replaced annotations are deleted later, by :meth:`finish_batch` (their ids wait in
         :meth:`take_cleanup`). Raises ItemError (upload incomplete, no destination item) or the

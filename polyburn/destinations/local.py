@@ -59,6 +59,13 @@ class LocalDestination(FileDestination):
                 os.fsync(handle.fileno())
         return True
 
+    def put_new(
+        self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str]
+    ) -> None:
+        """Write ``data`` at ``key`` without reading what is there first."""
+        with self._temp_for(self._path(key)) as (handle, _):
+            handle.write(data)
+
     def put_record(self, key: str, data: bytes) -> None:
         """Replace ``key`` by ``data`` atomically, without comparing first and without fsync."""
         with self._temp_for(self._path(key)) as (handle, _):

@@ -17,6 +17,12 @@ Contracts
   timeouts (``POLYBURN_S3_CONNECT_TIMEOUT``, ``POLYBURN_S3_READ_TIMEOUT``) and a connection pool
   sized for the flow's threads (``POLYBURN_S3_MAX_POOL``). A block's own botocore ``config``
   overrides these per option.
+* **Requests in flight.** Each process keeps up to ``POLYBURN_S3_CONCURRENCY`` requests in
+  flight (default: the connection pool's size): the flow burns that many items of a batch at
+  once per process (:attr:`S3Destination.concurrent_items`), and reads many objects at once
+  (:meth:`S3Destination.get_many`). The bound is an :class:`~polyburn.inflight.InFlightWindow`:
+  a throttled (``503 SlowDown``, 429), failed (5xx) or reset request halves it, and requests
+  that go through grow it back, so a store that pushes back gets fewer requests, not more.
 * **Up-front check** (:meth:`S3Destination.from_uri` with ``check=True``): one
   ``ListObjectsV2`` under the prefix (bucket exists, credentials valid, ``s3:ListBucket``) and one
   empty conditional ``PutObject`` (``If-None-Match: *``) of ``prefix/.polyburn/write-check``
@@ -46,6 +52,7 @@ Contracts
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -80,6 +87,7 @@ from polyburn.destinations.base import (
     text_content_type,
 )
 from polyburn.errors import ConfigError, PolyburnError, TransientError
+from polyburn.inflight import InFlightWindow
 
 log = logging.getLogger("polyburn.s3")
 T = TypeVar("T")
@@ -90,11 +98,16 @@ ENV_CONNECT_TIMEOUT = "POLYBURN_S3_CONNECT_TIMEOUT"
 ENV_READ_TIMEOUT = "POLYBURN_S3_READ_TIMEOUT"
 ENV_MAX_POOL = "POLYBURN_S3_MAX_POOL"
 ENV_ADDRESSING_STYLE = "POLYBURN_S3_ADDRESSING_STYLE"
+ENV_CONCURRENCY = "POLYBURN_S3_CONCURRENCY"
 
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_MAX_POOL = 32
+DEFAULT_CONCURRENCY = DEFAULT_MAX_POOL  # requests in flight per process: one per pooled connection
+SMALL_BODY = 1 << 20  # uploads up to this size skip Expect: 100-continue
+FEW_KEYS = 1000  # up to this many keys are checked by folder, more by listing the prefix
+_CONGESTION_STATUS = frozenset({429, 500, 502, 503, 504})
 WRITE_CHECK_KEY = ".polyburn/write-check"
 MAX_KEY_BYTES = 1024  # S3's limit for a whole object key
 DELETE_CHUNK = 1000  # DeleteObjects takes at most 1000 keys
@@ -176,6 +189,7 @@ class S3Destination(FileDestination):
         *,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         credentials_source: str = "the boto3 default chain",
+        concurrency: int = DEFAULT_CONCURRENCY,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -188,12 +202,30 @@ class S3Destination(FileDestination):
         self._closed = threading.Event()
         self._head_denied = threading.Event()
         self._retries = threading.local()
+        self.concurrent_items = concurrency
+        self.window = InFlightWindow(concurrency)
+        self._readers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._readers_lock = threading.Lock()
         client.meta.events.register("after-call.s3", self._count_retries)
+        client.meta.events.register("needs-retry.s3", self._watch_attempt)
+        client.meta.events.register_last("before-call.s3", _no_expect_for_small_bodies)
 
     def _count_retries(self, parsed: Mapping[str, Any] | None = None, **_: Any) -> None:
-        """botocore hook: add the call's retry attempts to this thread's count."""
+        """botocore hook: add the call's retry attempts to this thread's count; a call that
+        went through at its first attempt grows the in-flight window."""
         attempts = ((parsed or {}).get("ResponseMetadata") or {}).get("RetryAttempts") or 0
         self._retries.count = getattr(self._retries, "count", 0) + int(attempts)
+        if not attempts:
+            self.window.succeeded()
+
+    def _watch_attempt(
+        self, response: Any = None, caught_exception: Exception | None = None, **_: Any
+    ) -> None:
+        """botocore hook, after every attempt: a reset, a timeout, a throttle or a 5xx shrinks
+        the in-flight window (botocore then decides the retry itself)."""
+        status = response[0].status_code if response is not None else None
+        if caught_exception is not None or status in _CONGESTION_STATUS:
+            self.window.congested()
 
     def retries_in_this_thread(self) -> int:
         return getattr(self._retries, "count", 0)
@@ -217,11 +249,18 @@ class S3Destination(FileDestination):
         """
         bucket, prefix = parse_s3_uri(uri)
         max_attempts = _env_int(ENV_MAX_ATTEMPTS, DEFAULT_MAX_ATTEMPTS, minimum=1)
+        pool = _env_int(ENV_MAX_POOL, DEFAULT_MAX_POOL, minimum=1)
+        concurrency = _env_int(ENV_CONCURRENCY, pool, minimum=1)
         source = "client given"
         if client is None:
             client, source = _make_client(bucket, max_attempts)
         destination = cls(
-            bucket, prefix, client, max_attempts=max_attempts, credentials_source=source
+            bucket,
+            prefix,
+            client,
+            max_attempts=max_attempts,
+            credentials_source=source,
+            concurrency=concurrency,
         )
         if check:
             destination.check()
@@ -330,17 +369,18 @@ class S3Destination(FileDestination):
             if not isinstance(body, bytes):
                 body.seek(0)
             try:
-                response = self.client.put_object(
-                    Bucket=self.bucket,
-                    Key=full,
-                    Body=body,
-                    ContentLength=size,
-                    ContentType=content_type,
-                    ChecksumAlgorithm="SHA256",
-                    ChecksumSHA256=checksum,
-                    Metadata=dict(metadata),
-                    **condition,
-                )
+                with self.window:
+                    response = self.client.put_object(
+                        Bucket=self.bucket,
+                        Key=full,
+                        Body=body,
+                        ContentLength=size,
+                        ContentType=content_type,
+                        ChecksumAlgorithm="SHA256",
+                        ChecksumSHA256=checksum,
+                        Metadata=dict(metadata),
+                        **condition,
+                    )
                 return response["ETag"]
             except ClientError as exc:
                 if condition and _precondition_failed(exc):
@@ -382,27 +422,29 @@ class S3Destination(FileDestination):
         full = self._object_key(key)
         last: Exception | None = None
         for attempt in range(1, self.max_attempts + 1):
-            try:  # the request itself: botocore has already retried what is retryable
-                response = self.client.get_object(
-                    Bucket=self.bucket, Key=full, ChecksumMode="ENABLED"
-                )
-            except ClientError as exc:
-                if _code(exc) in ("NoSuchKey", "404", "NotFound"):
-                    return None
-                raise self._error(exc, "read", key) from None
-            except BotoCoreError as exc:
-                raise self._error(exc, "read", key) from None
-            body = response["Body"]  # not as a context manager: that yields the raw stream
-            try:  # the body: botocore does not retry a cut or corrupted body, so we do
-                consumed = consume(body)  # reading to the end checks length and checksum
-                return (consumed, response["ETag"]) if with_etag else consumed
-            except _BODY_ERRORS as exc:
-                last = exc
-                log.debug("re-reading %s after %s (attempt %d)", full, exc, attempt)
-                if attempt < self.max_attempts:
-                    time.sleep(min(0.05 * 2 ** (attempt - 1), 1.0))
-            finally:
-                body.close()
+            with self.window:
+                try:  # the request itself: botocore has already retried what is retryable
+                    response = self.client.get_object(
+                        Bucket=self.bucket, Key=full, ChecksumMode="ENABLED"
+                    )
+                except ClientError as exc:
+                    if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                        return None
+                    raise self._error(exc, "read", key) from None
+                except BotoCoreError as exc:
+                    raise self._error(exc, "read", key) from None
+                body = response["Body"]  # not as a context manager: that yields the raw stream
+                try:  # the body: botocore does not retry a cut or corrupted body, so we do
+                    consumed = consume(body)  # reading to the end checks length and checksum
+                    return (consumed, response["ETag"]) if with_etag else consumed
+                except _BODY_ERRORS as exc:
+                    last = exc
+                    self.window.congested()
+                    log.debug("re-reading %s after %s (attempt %d)", full, exc, attempt)
+                finally:
+                    body.close()
+            if attempt < self.max_attempts:
+                time.sleep(min(0.05 * 2 ** (attempt - 1), 1.0))
         raise TransientError(
             f"{self._where(key)}: read failed after {self.max_attempts} attempts "
             f"({type(last).__name__})"
@@ -413,6 +455,64 @@ class S3Destination(FileDestination):
         item record changes whenever it is written)."""
         digest = hashlib.sha256(data)
         self._send(key, data, len(data), digest, JSON_CONTENT_TYPE, {"sha256": digest.hexdigest()})
+
+    def put_new(
+        self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str]
+    ) -> None:
+        """One checksummed ``PutObject`` without the ``HEAD`` of :meth:`put` (the caller knows
+        from the item's record that the stored object differs or is absent)."""
+        wanted = {_meta_key(k): _meta_value(v) for k, v in metadata.items()}
+        digest = hashlib.sha256(data)
+        wanted["sha256"] = digest.hexdigest()
+        self._send(key, data, len(data), digest, content_type, wanted)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The stored objects among ``keys``, read ``concurrent_items`` at a time. More than a
+        few keys are first looked up in one listing of the key range they span (1,000 keys a
+        request), so absent keys cost no request of their own."""
+        wanted = sorted(set(keys))
+        if len(wanted) > 2:
+            present = {e.key for e in self._entries_between(wanted[0], wanted[-1])}
+            wanted = [key for key in wanted if key in present]
+        found = {}
+        for key, data in zip(wanted, self._reader_pool().map(self.get, wanted), strict=True):
+            if data is not None:
+                found[key] = data
+        return found
+
+    def content_tag(self, data: bytes) -> str | None:
+        """The ETag of a single-part upload of ``data``: its MD5, quoted (AWS without SSE-KMS
+        or SSE-C, SeaweedFS, MinIO). Where a store tags otherwise, tags simply never match."""
+        return f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"'
+
+    def _reader_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._readers_lock:
+            if self._readers is None:
+                self._readers = concurrent.futures.ThreadPoolExecutor(
+                    self.concurrent_items, thread_name_prefix="polyburn-s3-read"
+                )
+            return self._readers
+
+    def _entries_between(self, first: str, last: str) -> list[StoredEntry]:
+        """Stored objects with keys from ``first`` to ``last`` (both relative, inclusive): one
+        ``ListObjectsV2`` from just before ``first``, stopped after ``last``."""
+        common = os.path.commonprefix([first, last])
+        found = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket,
+                Prefix=self._key_prefix + common,
+                StartAfter=self._key_prefix + first[:-1],
+            )
+            for page in pages:
+                for entry in page.get("Contents", ()):
+                    key = entry["Key"][len(self._key_prefix) :]
+                    if key > last:
+                        return found
+                    found.append(_entry(entry, key))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "list", "") from None
+        return found
 
     # ------------------------------------------------------------------ conditional writes
     def get_tagged(self, key: str) -> tuple[bytes, str] | None:
@@ -431,7 +531,10 @@ class S3Destination(FileDestination):
         """``DeleteObject`` with ``If-Match: <tag>``; a store that ignores the condition on
         deletes (some S3-compatible servers) deletes unconditionally."""
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key), IfMatch=tag)
+            with self.window:
+                self.client.delete_object(
+                    Bucket=self.bucket, Key=self._object_key(key), IfMatch=tag
+                )
         except ClientError as exc:
             if _precondition_failed(exc) or _code(exc) in ("NoSuchKey", "404", "NotFound"):
                 return False
@@ -464,14 +567,7 @@ class S3Destination(FileDestination):
             )
             for page in pages:
                 for entry in page.get("Contents", ()):
-                    found.append(
-                        StoredEntry(
-                            entry["Key"][len(self._key_prefix) :],
-                            entry["ETag"],
-                            entry["LastModified"].timestamp(),
-                            entry["Size"],
-                        )
-                    )
+                    found.append(_entry(entry, entry["Key"][len(self._key_prefix) :]))
         except ClientError as exc:
             raise self._error(exc, "list", "") from None
         except BotoCoreError as exc:
@@ -479,11 +575,20 @@ class S3Destination(FileDestination):
         return sorted(found)
 
     def missing(self, keys: Sequence[str]) -> set[str]:
-        """One ``ListObjectsV2`` pass over the prefix (1,000 keys a page), not a HEAD per key."""
+        """Up to ``FEW_KEYS`` keys (a one-item run): a ``ListObjectsV2`` of each folder's key
+        range, many in flight; more: one pass over the prefix (1,000 keys a page). Never a
+        request per key."""
         wanted = set(keys)
-        if not wanted:
-            return set()
-        return wanted - set(self.keys(""))
+        if len(wanted) > FEW_KEYS:
+            return wanted - set(self.keys(""))
+        folders: dict[str, list[str]] = {}
+        for key in sorted(wanted):
+            folders.setdefault(key.rpartition("/")[0], []).append(key)
+        ranges = [(group[0], group[-1]) for group in folders.values()]
+        present = set()
+        for entries in self._reader_pool().map(lambda r: self._entries_between(*r), ranges):
+            present.update(entry.key for entry in entries)
+        return wanted - present
 
     def keys(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (relative to the destination's prefix), by ``ListObjectsV2``."""
@@ -515,6 +620,8 @@ class S3Destination(FileDestination):
         """Close the client's connections (idempotent)."""
         if not self._closed.is_set():
             self._closed.set()
+            if self._readers is not None:
+                self._readers.shutdown(wait=False)
             close = getattr(self.client, "close", None)
             if close is not None:
                 close()
@@ -546,7 +653,8 @@ class S3Destination(FileDestination):
 
     def _head(self, full: str, key: str) -> dict[str, Any] | None:
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
+            with self.window:
+                return self.client.head_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
         except ClientError as exc:
             if _status(exc) == 404 or _code(exc) in ("NoSuchKey", "404", "NotFound"):
                 return None  # a missing bucket is reported by the PUT that follows
@@ -625,6 +733,35 @@ class S3Destination(FileDestination):
                 f"{type(exc).__name__}"
             )
         return PolyburnError(f"{where}: {op} failed: {type(exc).__name__}")
+
+
+def _no_expect_for_small_bodies(params: dict[str, Any], **_: Any) -> None:
+    """botocore hook: no ``Expect: 100-continue`` on an upload of up to ``SMALL_BODY`` bytes.
+
+    botocore asks every upload of a file-like body to wait for the server's go-ahead before
+    sending it: a whole round trip per PUT, for masks and records of a few kilobytes. A small
+    body costs less to send than that wait (a refused one is simply sent for nothing).
+    """
+    headers = params.get("headers") or {}
+    if "Expect" in headers and _body_size(params.get("body")) <= SMALL_BODY:
+        del headers["Expect"]
+
+
+def _body_size(body: Any) -> int:
+    if isinstance(body, bytes | bytearray):
+        return len(body)
+    try:
+        position = body.tell()
+        end = body.seek(0, os.SEEK_END)
+        body.seek(position)
+        return end - position
+    except (AttributeError, OSError, ValueError):
+        return SMALL_BODY + 1  # unknown: keep the header
+
+
+def _entry(listed: Mapping[str, Any], key: str) -> StoredEntry:
+    """A ``ListObjectsV2`` entry as a StoredEntry (``key`` relative to the prefix)."""
+    return StoredEntry(key, listed["ETag"], listed["LastModified"].timestamp(), listed["Size"])
 
 
 class _PreconditionFailed(Exception):

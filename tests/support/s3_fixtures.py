@@ -9,15 +9,20 @@ in ``pytest_plugins``).
 * ``fault_proxy`` (function): a started :class:`~tests.support.fault_proxy.FaultProxy` in front
   of the session server, with no faults scheduled; pass ``fault_proxy.endpoint_url`` to
   ``weed_server.client(endpoint_url=...)``.
+* ``s3_env`` (function): points boto3's default chain at the session server through the
+  environment, as users configure it; call it with a proxy's endpoint and ``POLYBURN_S3_*``
+  settings (``s3_env(proxy.endpoint_url, concurrency=8)``) to change them.
 * ``no_retry_backoff`` (function): makes botocore's standard-mode retry backoff 0 s so that retry
   tests run fast; retry decisions and attempt counts are unchanged.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +31,7 @@ from botocore.retries.standard import ExponentialBackoff
 from tests.support.fault_proxy import FaultProxy
 from tests.support.weed import WeedServer
 
-__all__ = ["fault_proxy", "no_retry_backoff", "s3_bucket", "weed_server"]
+__all__ = ["fault_proxy", "no_retry_backoff", "s3_bucket", "s3_env", "weed_server"]
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +104,22 @@ def _empty_bucket(client: Any, bucket: str) -> None:
         keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
         if keys:
             client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch, weed_server: WeedServer, tmp_path: Path):
+    """Point boto3's default chain at the test server (or a proxy) through the environment."""
+    for name in list(os.environ):
+        if name.startswith(("POLYBURN_S3_", "AWS_")) or name == "POLYBURN_AWS_CREDENTIALS_BLOCK":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+
+    def configure(endpoint: str | None = None, **polyburn: Any) -> None:
+        for name, value in aws_env(weed_server, endpoint).items():
+            monkeypatch.setenv(name, value)
+        for name, value in polyburn.items():
+            monkeypatch.setenv(f"POLYBURN_S3_{name.upper()}", str(value))
+
+    configure()
+    return configure
