@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.variables import Variable
 
 from flows.shards import not_processed, run_shards
-from polyburn import progress
+from polyburn import progress, version
 from polyburn.batching import batches_of
 from polyburn.destinations import resolve_destination_uri
 from polyburn.destinations.base import MANIFEST_KEY
@@ -87,6 +86,16 @@ def workers_for(params: RunParameters, items: int) -> int:
     return params.workers or (os.cpu_count() or 1 if items >= AUTO_WORKERS_FROM else 1)
 
 
+def previews_per_batch(batches: list[list[ItemRef]], wanted: int = PREVIEW_ITEMS) -> list[int]:
+    """How many of each batch's first items get a preview: the run's first ``wanted`` items,
+    however small its first batches are."""
+    counts = []
+    for batch in batches:
+        counts.append(min(len(batch), wanted))
+        wanted -= counts[-1]
+    return counts
+
+
 def submit_batches(
     params: RunParameters,
     batches: list[list[ItemRef]],
@@ -108,6 +117,7 @@ def submit_batches(
         progress=0.0, key="polyburn-progress", description=f"{total} items"
     )
     burn = burn_task()
+    previews = previews_per_batch(batches)
     futures = [
         burn.submit(
             params.source,
@@ -116,7 +126,7 @@ def submit_batches(
             params.options,
             label_map,
             colours,
-            PREVIEW_ITEMS if k == 0 else 0,
+            previews[k],
             token,
             workers,
             sorted({ref.path for ref in batch} & set(unfinished)),
@@ -200,6 +210,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         summary.update(_dataset_state(params, destination, refs, clock, spool, Path(folder)))
     summary.update(summary_extra)
     summary.update(label_map=label_map, retries=taken.retries, cached_batches=taken.cached)
+    summary["polyburn_version"] = version()
     _report(summary, params, taken, logger)
     if params.incremental and not summary["failed"] and params.shard_of is None:
         Variable.set(
@@ -335,6 +346,7 @@ def _run_sharded(params, refs, label_map, destination, spool: RecordSpool) -> li
             if ref.path not in spool:  # its shard failed, or left it without a record
                 failed = {"item": ref.item_id, "path": ref.path, "status": "failed"}
                 failed["error"] = f"{ref.path}: {why}"
+                failed["polyburn_version"] = version()
                 spool.add(failed)
                 # An item never processed anywhere gets this record; a stored one still holds.
                 create_record(destination.state, failed)
@@ -360,7 +372,7 @@ def _remove_vanished(destination, params: RunParameters, refs: list[ItemRef]) ->
 
 
 def _report(summary: dict, params: RunParameters, taken: _Taken, logger) -> None:
-    _publish_artifacts(summary, params, sorted(taken.previews)[:PREVIEW_ITEMS])
+    _publish_artifacts(summary, params, [taken.previews[p] for p in sorted(taken.previews)])
     logger.info(
         "%d items: %d ok, %d failed; %d annotations, %d repairs, %d rejected; %d batches cached",
         summary["items"],
@@ -414,7 +426,7 @@ class _Taken:
         self.cached = 0
         self.cached_failures: list[str] = []
         self.cached_outputs: dict[str, list[str]] = {}
-        self.previews: list[tuple[str, bytes]] = []
+        self.previews: dict[str, tuple[str, dict[str, Any], str | None]] = {}
 
     def __call__(self, result: dict[str, Any], cached: bool) -> None:
         self.retries += result["attempts"] - 1
@@ -428,10 +440,21 @@ class _Taken:
             kept = [o["key"] for o in record.get("outputs", []) if not o.get("written")]
             if record["status"] == "ok" and kept:  # its record vouched for them: still there?
                 self.cached_outputs[record["path"]] = kept
-            preview = record.pop("preview", None)
-            if preview:
-                self.previews.append((record["path"], base64.b64decode(preview)))
+            if "preview" in record:  # the item's latest record says what it looks like
+                self.previews[record["path"]] = _preview_entry(record, record.pop("preview"))
             self.spool.add(record)
+
+
+def _preview_entry(
+    record: dict[str, Any], preview: dict[str, Any]
+) -> tuple[str, dict[str, Any], str | None]:
+    """(path, previews, why there is no picture) of an item asked for a preview."""
+    why = None
+    if record["status"] != "ok":
+        why = "Failed: no masks (see the polyburn-failures artifact)."
+    elif record.get("skipped_empty"):
+        why = "Nothing to burn: no masks written."
+    return record["path"], preview, why
 
 
 def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, token):
@@ -453,6 +476,7 @@ def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, t
     if not wanted:
         return
     again = [ref for ref in refs if ref.path in wanted]
+    again.sort(key=lambda ref: ref.path not in taken.previews)  # previews first: made again
     fresh = burn_batch.with_options(refresh_cache=True, cache_key_fn=None)(
         params.source,
         params.destination,
@@ -460,7 +484,7 @@ def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, t
         params.options.model_copy(update={"verify": True}),  # their records are wrong now
         label_map,
         colours,
-        0,
+        len(wanted & taken.previews.keys()),
         token,
     )
     taken(fresh, cached=False)

@@ -18,6 +18,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from polyburn import version
 from polyburn.errors import ConfigError, PolyburnError
 
 
@@ -37,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polyburn", description="Dataloop polygon annotations to exact segmentation masks."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"polyburn {version()}", help="print the version"
     )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import logging
@@ -10,13 +9,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from polyburn import version
 from polyburn.destinations import Destination
 from polyburn.destinations.base import LABEL_MAP_KEY
 from polyburn.errors import ConfigError, ItemError, PolyburnError, TransientError
 from polyburn.geometry import repair_item
 from polyburn.labels import dump_label_map, load_label_map, palette, semantic_dtype
 from polyburn.manifest import output_keys
-from polyburn.masks import build_masks
+from polyburn.masks import ItemMasks, build_masks
 from polyburn.model import Item, ItemRef
 from polyburn.sources import Source
 from polyburn.state import (
@@ -70,7 +70,8 @@ def process_item(
     """Load, repair, burn and publish one item; never raises for a problem of this item.
 
     Returns the item's manifest record: ``status`` ("ok" or "failed"), ``error`` (one line),
-    counts, every repair and rejected annotation, and the outputs with their sha256; with
+    counts, every repair and rejected annotation, the outputs with their sha256 and
+    ``polyburn_version`` (the version that processed it, :func:`polyburn.version`); with
     ``options.skip_empty``, an item with no shape to burn gets no outputs and
     ``skipped_empty: true`` (status "ok"). With ``destination=None`` nothing is burned
     (validation only).
@@ -85,8 +86,9 @@ def process_item(
     keeps the previous record's outputs (marked not written); when the failure came after its
     outputs started to change, the item is left with an abandoned lease, so it counts as
     unfinished until a run processes it again. ``retries`` (the caller's earlier attempts) goes
-    into the record. With ``preview``, the returned record also holds ``preview``: a small
-    colourised PNG (base64) of the item's first mask, over the image when the source has it;
+    into the record. With ``preview``, the returned record also holds ``preview``: small
+    colourised PNGs of the item's masks (a video's first written frame), over the image when the
+    source has it (:func:`polyburn.report.mask_previews`), empty when the item wrote no mask;
     it is not stored.
     """
     started = time.perf_counter()
@@ -128,7 +130,7 @@ def process_item(
         if lease is not None:
             with contextlib.suppress(Exception):
                 lease.abandon()
-        return _state_failed(ref, exc, started, retries)
+        return _state_failed(ref, exc, started, retries, preview)
 
 
 def _process_claimed(
@@ -173,7 +175,7 @@ def _process_claimed(
     except Exception as exc:  # noqa: BLE001 - the state store failed (claim, record I/O)
         with contextlib.suppress(Exception):
             abandon_claimed_item(state, ref.path, claimed.stale_lease)
-        return _state_failed(ref, exc, started, retries)
+        return _state_failed(ref, exc, started, retries, preview)
 
 
 def _store_record(
@@ -184,8 +186,12 @@ def _store_record(
     write_record(state, _stored(_finish(record, started, retries)))
 
 
-def _state_failed(ref: ItemRef, exc: Exception, started: float, retries: int) -> dict[str, Any]:
+def _state_failed(
+    ref: ItemRef, exc: Exception, started: float, retries: int, preview: bool = False
+) -> dict[str, Any]:
     failed = {"item": ref.item_id, "path": ref.path, "status": "ok", "error": None}
+    if preview:  # asked for: none, the item failed
+        failed["preview"] = {}
     _fail(failed, ref, exc)
     return _finish(failed, started, retries)
 
@@ -238,6 +244,8 @@ def _burn(
         "status": "ok",
         "error": None,
     }
+    if preview:  # asked for: stays empty when the item writes no mask
+        record["preview"] = {}
     touched = False
     try:
         item = source.load(ref, options.max_pixels)
@@ -250,7 +258,7 @@ def _burn(
         if item.video is not None:  # frame by frame
             video = VideoBurn(item, destination, options, label_map, colours)
             touched = video.will_write
-            video.run(previous_keys, record, check_lease, known)
+            video.run(previous_keys, record, check_lease, known, preview)
             return record, touched
         shapes, repairs, problems = repair_item(item)
         record["repairs"] = [r.as_dict() for r in repairs]
@@ -286,7 +294,7 @@ def _burn(
             if stale:
                 destination.remove(stale)
             if preview:
-                record["preview"] = _preview(ref, source, masks, pal)
+                record["preview"] = _preview(ref, source, masks, pal, label_map)
     except Exception as exc:  # noqa: BLE001 - one item never takes the run down
         _fail(record, ref, exc)
     return record, touched
@@ -317,6 +325,7 @@ def _stored_at(state, path: str) -> Callable[[], float | None]:
 
 def _finish(record: dict[str, Any], started: float, retries: int) -> dict[str, Any]:
     record["seconds"] = round(time.perf_counter() - started, 4)
+    record["polyburn_version"] = version()  # which polyburn wrote the item's outputs
     if retries:
         record["retries"] = retries
     return record
@@ -336,21 +345,24 @@ def _stored(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in ("preview", "transient", "cleanup")}
 
 
-def _preview(ref: ItemRef, source: Source, masks, pal) -> str | None:
-    mask = masks.semantic if masks.semantic is not None else masks.instance
-    if mask is None and masks.binary:
-        mask = next(iter(masks.binary.values()))
-    if mask is None:
-        return None
-    from polyburn.report import preview_png
+def _preview(
+    ref: ItemRef,
+    source: Source,
+    masks: ItemMasks,
+    pal: Sequence[int],
+    label_map: Mapping[str, int],
+) -> dict[str, Any]:
+    """The previews of the item's masks (:func:`polyburn.report.mask_previews`), over the image
+    when the source has it; empty when they cannot be made."""
+    from polyburn.report import mask_previews
 
     image_of = getattr(source, "image", None)
     try:
         image = image_of(ref) if image_of else None
-        return base64.b64encode(preview_png(mask, pal, image)).decode("ascii")
+        return mask_previews(masks, pal, {i: label for label, i in label_map.items()}, image)
     except Exception:  # noqa: BLE001 - a preview never fails an item
         log.debug("no preview for %s", ref.path, exc_info=True)
-        return None
+        return {}
 
 
 def _describe(item: Item) -> dict[str, Any]:

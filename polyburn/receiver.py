@@ -11,7 +11,7 @@ Routes:
   (:class:`polyburn.events.Verifier`; 401), the payload (:func:`polyburn.events.parse_change`;
   400), and the event is handed to ``emit`` (in a worker thread): 202 with
   ``{"event", "resource"}``, or 503 when it was not accepted.
-* ``GET /healthz``: 200 ``{"status": "ok"}``.
+* ``GET /healthz``: 200 ``{"status": "ok", "version": <polyburn's version>}``.
 * Anything else: 404 (405 for a known path with another method), JSON.
 
 Shutdown (SIGTERM or SIGINT, see :func:`serve`): stop accepting connections, let accepted
@@ -44,6 +44,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from polyburn import version
 from polyburn.events import (
     HOOK_PATH,
     MAX_BODY_BYTES,
@@ -150,7 +151,7 @@ def create_app(
         )
 
     async def healthz(request: Request) -> Response:
-        return _reply(HTTPStatus.OK, {"status": "ok"})
+        return _reply(HTTPStatus.OK, {"status": "ok", "version": version()})
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = HTTPStatus(exc.status_code if isinstance(exc, HTTPException) else 500)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import colorsys
 import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from polyburn.masks import ItemMasks
 
 PREVIEW_WIDTH = 320
 LISTED_LOSSES = 20
@@ -37,6 +41,7 @@ def summary_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         ("item retries (transient errors)", summary.get("item_retries", 0)),
         ("client retries (destination requests)", summary.get("io_retries", 0)),
         ("duration (s)", summary["seconds"]),
+        ("polyburn version", summary.get("polyburn_version", "")),
     ]
     return [{"metric": metric, "value": value} for metric, value in rows]
 
@@ -165,15 +170,34 @@ def colourise(mask: np.ndarray, palette: Sequence[int]) -> np.ndarray:
     return lut[np.asarray(mask) & 0xFF]
 
 
+def object_colours(mask: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB image of an instance mask: black background, and each id its own
+    colour, hues spread by the golden ratio in the order of the ids (objectIds can be far
+    apart or differ by 256, which a 256-entry palette would show alike)."""
+    ids, position = np.unique(np.asarray(mask), return_inverse=True)
+    hues = (np.arange(len(ids)) * 0.618034) % 1.0
+    colours = np.stack([_hue_rgb(h) for h in hues]) if len(ids) else np.zeros((0, 3), np.uint8)
+    colours[ids == 0] = 0
+    return colours[position.reshape(np.shape(mask))]
+
+
+def _hue_rgb(hue: float, saturation: float = 0.7, value: float = 0.95) -> np.ndarray:
+    return np.array(
+        [round(255 * c) for c in colorsys.hsv_to_rgb(hue, saturation, value)], dtype=np.uint8
+    )
+
+
 def preview_png(
     mask: np.ndarray,
-    palette: Sequence[int],
+    palette: Sequence[int] | None,
     image: np.ndarray | None = None,
     width: int = PREVIEW_WIDTH,
 ) -> bytes:
-    """A small PNG of the colourised mask, blended half-and-half over ``image`` (H, W, 3) where
-    the mask is set when the image is given."""
-    rgb = colourise(mask, palette)
+    """A PNG of the colourised mask (through ``palette``, or with :func:`object_colours` when
+    it is None), blended half-and-half over ``image`` (H, W, 3) where the mask is set when the
+    image is given; scaled down to ``width`` pixels, or up by a whole factor when it is at most
+    half as wide (each mask pixel a square of pixels)."""
+    rgb = colourise(mask, palette) if palette is not None else object_colours(mask)
     if image is not None and image.shape[:2] == mask.shape:
         base = image[:, :, :3].astype(np.uint16)
         blended = ((base + rgb) // 2).astype(np.uint8)
@@ -182,17 +206,93 @@ def preview_png(
     if picture.width > width:
         height = max(1, round(picture.height * width / picture.width))
         picture = picture.resize((width, height), Image.Resampling.NEAREST)
+    elif picture.width * 2 <= width:  # a small mask (a thumbnail-sized video): whole pixels
+        scale = width // picture.width
+        picture = picture.resize(
+            (picture.width * scale, picture.height * scale), Image.Resampling.NEAREST
+        )
+    return _png(picture)
+
+
+def _png(picture: Image.Image) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 
-def previews_markdown(previews: Sequence[tuple[str, bytes]]) -> str:
-    """Markdown with the preview PNGs inline (data URIs), one heading per item."""
+def mask_previews(
+    masks: ItemMasks,
+    palette: Sequence[int],
+    label_names: Mapping[int, str],
+    image: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The previews of one item's (or video frame's) written masks, PNGs in base64, for the
+    preview artifact: ``semantic`` (colours of the label palette, over ``image`` when given)
+    with its ``legend`` (``[id, label, "#rrggbb"]`` of each label it shows), ``instance`` (a
+    colour per object, :func:`object_colours`), and, when neither mode was written,
+    ``binary``: ``[label, png]`` of the item's first label mask."""
+    previews: dict[str, Any] = {}
+    if masks.semantic is not None:
+        previews["semantic"] = _base64(preview_png(masks.semantic, palette, image))
+        lut = np.asarray(palette, dtype=np.uint8).reshape(256, 3)
+        previews["legend"] = [
+            [int(i), label_names.get(int(i), "?"), "#{:02x}{:02x}{:02x}".format(*lut[i & 0xFF])]
+            for i in np.unique(masks.semantic)
+            if i
+        ]
+    if masks.instance is not None:
+        previews["instance"] = _base64(preview_png(masks.instance, None, image))
+    if not previews and masks.binary:
+        label, mask = next(iter(masks.binary.items()))
+        previews["binary"] = [label, _base64(preview_png(mask, palette, image))]
+    return previews
+
+
+def _base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _swatch(colour: str, size: int = 12) -> str:
+    """A ``size``-pixel square of ``colour`` (``#rrggbb``) as a markdown image."""
+    rgb = tuple(int(colour[k : k + 2], 16) for k in (1, 3, 5))
+    data = _base64(_png(Image.new("RGB", (size, size), rgb)))
+    return f"![{colour}](data:image/png;base64,{data})"
+
+
+def _picture(alt: str, png: str) -> str:
+    return f"![{_cell(alt)}](data:image/png;base64,{png})"
+
+
+def previews_markdown(previews: Sequence[tuple[str, Mapping[str, Any], str | None]]) -> str:
+    """Markdown with the preview PNGs inline (data URIs): for each ``(path, previews, note)``
+    (``previews`` from :func:`mask_previews`, with ``frame`` for a video item) a heading and a
+    table of the pictures side by side, the semantic one with its label legend; ``note`` says
+    why an item has no picture (failed, nothing to burn)."""
     lines = ["# Mask previews", ""]
-    for path, png in previews:
-        data = base64.b64encode(png).decode("ascii")
-        lines += [f"**{path}**", "", f"![{path}](data:image/png;base64,{data})", ""]
+    for path, shown, note in previews:
+        frame = f" (frame {shown['frame']})" if shown.get("frame") is not None else ""
+        lines += [f"### `{path}`{frame}", ""]
+        columns: list[tuple[str, str]] = []
+        if "semantic" in shown:
+            columns.append(("semantic", _picture(f"{path} semantic", shown["semantic"])))
+            legend = " · ".join(
+                f"{_swatch(colour)} {_cell(label)} ({i})" for i, label, colour in shown["legend"]
+            )
+            columns.append(("labels", legend or "background only"))
+        if "instance" in shown:
+            columns.append(("instance", _picture(f"{path} instance", shown["instance"])))
+        if "binary" in shown:
+            label, png = shown["binary"]
+            columns.append((f"binary: {_cell(label)}", _picture(f"{path} binary", png)))
+        if columns:
+            lines += [
+                "| " + " | ".join(name for name, _ in columns) + " |",
+                "|" + "---|" * len(columns),
+                "| " + " | ".join(cell for _, cell in columns) + " |",
+                "",
+            ]
+        else:
+            lines += [note or "No preview.", ""]
     if not previews:
-        lines.append("No item produced a mask.")
+        lines.append("No item was burned.")
     return "\n".join(lines)

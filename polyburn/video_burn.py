@@ -19,7 +19,7 @@ from polyburn.dataloop_json import AnnotationRejected
 from polyburn.errors import ItemError
 from polyburn.geometry import repair_item
 from polyburn.labels import palette, semantic_dtype
-from polyburn.masks import build_masks
+from polyburn.masks import ItemMasks, build_masks
 from polyburn.model import Annotation, Item, Shape
 from polyburn.video import Track, active_states, number_tracks
 
@@ -72,11 +72,13 @@ class VideoBurn:
         record: dict[str, Any],
         check_lease: Callable[[], None] | None = None,
         known: Mapping[str, tuple[str, int]] | None = None,
+        preview: bool = False,
     ) -> None:
         """Burn and publish every frame (or, without a destination, only parse and repair every
         state), then remove the previous outputs no longer produced. Fills ``record``:
         ``repairs``, ``problems`` (with their ``frame``), ``shapes`` (states burned),
-        ``outputs`` and ``video`` (frame range, frame count and its source, tracks).
+        ``outputs`` and ``video`` (frame range, frame count and its source, tracks); with
+        ``preview``, ``preview`` of the first frame written (with its ``frame``).
         ``check_lease`` is called after each frame; it raises when the item was taken over.
         ``known`` is what the item's trusted record says is stored (see
         :meth:`~polyburn.destinations.Destination.publish_item`)."""
@@ -100,7 +102,7 @@ class VideoBurn:
                 destination.remove(sorted(previous_keys))
             return
         retried = destination.retries_in_this_thread()
-        outputs = self._publish_frames(record, check_lease, known)
+        outputs = self._publish_frames(record, check_lease, known, preview)
         if destination.retries_in_this_thread() > retried:
             record["io_retries"] = destination.retries_in_this_thread() - retried
         record["outputs"] = [o.as_dict() for o in outputs]
@@ -113,6 +115,7 @@ class VideoBurn:
         record: dict[str, Any],
         check_lease: Callable[[], None] | None,
         known: Mapping[str, tuple[str, int]] | None,
+        preview: bool,
     ) -> list[OutputRecord]:
         item, options, destination = self.item, self.options, self.destination
         dtype = semantic_dtype(self.label_map)
@@ -148,9 +151,21 @@ class VideoBurn:
             outputs += destination.publish_item(
                 frame_item, masks, options.format, self.palette, known
             )
+            if preview and not record.get("preview"):  # the first frame written
+                record["preview"] = self._preview(masks, frame)
             if check_lease is not None:
                 check_lease()
         return outputs
+
+    def _preview(self, masks: ItemMasks, frame: int) -> dict[str, Any]:
+        """The previews of one frame's masks (no image: a video's frames are not read)."""
+        from polyburn.report import mask_previews  # PIL: only for the previews
+
+        names = {i: label for label, i in self.label_map.items()}
+        try:
+            return {**mask_previews(masks, self.palette, names), "frame": frame}
+        except Exception:  # noqa: BLE001 - a preview never fails an item
+            return {}
 
     def _shapes(
         self, states: list[tuple[Track, int]], record: dict[str, Any]

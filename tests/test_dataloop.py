@@ -257,7 +257,7 @@ def test_a_rejected_query_is_an_error_never_zero_items(fake_gate, big_dataset):
         DataloopSource.from_uri("dataloop://" + "f" * 24)
 
 
-def test_transient_faults_heal_inside_the_budget(fake_gate, big_dataset, monkeypatch):
+def test_transient_faults_heal_inside_the_budget(fake_gate, big_dataset, monkeypatch, caplog):
     ds, items = big_dataset
     item_id = items[0]["id"]
     route = rf"/items/{item_id}$"
@@ -280,11 +280,16 @@ def test_transient_faults_heal_inside_the_budget(fake_gate, big_dataset, monkeyp
     fake_gate.inject(route, "stall", times=1, seconds=1.0)
     assert api.request("GET", f"/items/{item_id}", what="get item")["id"] == item_id
 
-    # Retry-After is honoured
+    # Retry-After is honoured: the pause is the server's 1 s (not the test's ~0.03 s backoff,
+    # nor more), and it is slept
     fake_gate.inject(route, "http429", times=1, retry_after=1)
+    caplog.clear()
     t0 = time.monotonic()
-    assert api.request("GET", f"/items/{item_id}", what="get item")["id"] == item_id
-    assert 1.0 <= time.monotonic() - t0 < 3
+    with caplog.at_level(logging.INFO, logger="polyburn.dataloop"):
+        assert api.request("GET", f"/items/{item_id}", what="get item")["id"] == item_id
+    assert time.monotonic() - t0 >= 1.0
+    (retry,) = [r.getMessage() for r in caplog.records if "; retry " in r.getMessage()]
+    assert "HTTP 429" in retry and retry.endswith("retry 1/4 in 1.00 s")
 
     # the budget is bounded: a persistent 503 gives a TransientError naming the call
     fake_gate.inject(route, "http503", times=None, message="gate overloaded")

@@ -33,6 +33,9 @@ def test_the_cli_page_lists_every_subcommand_and_option_of_the_parser():
     assert "<!-- generated" not in page
     sub_actions = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
     assert sub_actions, "the parser has no subcommands"
+    for action in _parser()._actions:  # polyburn's own options, e.g. --version
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            assert f"`polyburn {action.option_strings[-1]}`" in page, action.option_strings
     subcommands = sub_actions[0].choices
     assert set(subcommands) >= {"run", "validate", "serve", "events"}
     for name, sub in subcommands.items():

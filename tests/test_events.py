@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -50,6 +51,7 @@ SECRET = "hmac-secret-for-tests-0123456789"
 TOKEN = "static-token-for-tests-0123456789"
 LIMIT = 10_000  # the in-process receiver's body limit
 REQUEST_TIMEOUT = 2.0  # the in-process receiver's request timeout
+VERSION = version("polyburn")  # the installed package's metadata, which /healthz reports
 
 
 # ============================================================== payloads and credentials
@@ -247,7 +249,7 @@ def test_receiver_token_mode_and_request_hygiene(receiver, caplog):
         assert httpx.post(f"{base}/x", content=body).json() == {"error": "not found"}
         assert httpx.get(url).status_code == 405
         health = httpx.get(f"{base}/healthz")
-        assert (health.status_code, health.json()) == (200, {"status": "ok"})
+        assert (health.status_code, health.json()) == (200, {"status": "ok", "version": VERSION})
     assert len(receiver.recorder.emitted) == 2
     server_side = [
         r.getMessage() for r in caplog.records if r.name.startswith(("polyburn", "uvicorn"))
@@ -408,7 +410,7 @@ def test_tls_only_and_the_certificate_is_the_one_given(tls_receiver, tls):
     with pytest.raises(httpx.ConnectError):  # a client that trusts only the system's CAs
         httpx.get(hook.replace("/dataloop", "/healthz"), timeout=5)
     answer = httpx.get(hook.replace("/dataloop", "/healthz"), verify=tls.client_context())
-    assert answer.json() == {"status": "ok"}
+    assert answer.json() == {"status": "ok", "version": VERSION}  # the serving process's
 
 
 def test_500_deliveries_from_50_clients_reach_prefect_exactly_once(

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 
-from flows.polygons_to_masks import polygons_to_masks
+from flows.polygons_to_masks import PREVIEW_ITEMS, polygons_to_masks
+from polyburn.batching import batches_of
 from polyburn.cli import main
 from polyburn.encode import decode_mask
 from polyburn.params import MaskOptions, RunParameters
+from polyburn.sources import open_source
 from tests.support.oracle import (
     EXAMPLES,
     decode_binary,
@@ -24,6 +27,7 @@ from tests.support.oracle import (
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 ALL_MODES = ["semantic", "instance", "binary"]
+BATCH_SIZE = 3  # the example run's; its first batch holds fewer items than get a preview
 
 
 def run(source, dest, **kwargs):
@@ -42,7 +46,7 @@ def manifest(dest):
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory):
     dest = tmp_path_factory.mktemp("example-masks")
-    state, summary = run(EXAMPLES / "export", dest, batch_size=5)
+    state, summary = run(EXAMPLES / "export", dest, batch_size=BATCH_SIZE)
     return dest, state, summary
 
 
@@ -58,6 +62,51 @@ def test_example_run_completes_with_every_item_ok(example_run):
         "degenerate_hole",
     }
     assert summary["skipped_by_type"] == {"box": 1, "class": 1, "ellipse": 1, "point": 1}
+
+
+def artifact_data(state, key: str) -> str:
+    """The data of the artifact ``key`` of the flow run behind ``state``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    wanted = ArtifactFilter(
+        key=ArtifactFilterKey(any_=[key]),
+        flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+    )
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=wanted)
+    return artifact.data
+
+
+def test_the_preview_artifact_shows_the_runs_first_items_whatever_their_kind(example_run):
+    """The example's first four items, though the run's batches are smaller than that: the
+    video by its first frame written, then three images; each with its semantic picture, the
+    legend of exactly the labels its mask holds, and its instance picture."""
+    dest, state, _ = example_run
+    refs = list(open_source(str(EXAMPLES / "export")).list_items())
+    assert len(batches_of(refs, BATCH_SIZE)[0]) < PREVIEW_ITEMS == 4
+    markdown = artifact_data(state, "polyburn-preview")
+    sections = markdown.split("\n### ")[1:]
+    headings = [section.split("\n", 1)[0] for section in sections]
+    assert headings == [
+        "`clips/crossing_001` (frame 0)",
+        "`fields/plot_001`",
+        "`fields/plot_002`",
+        "`fields/plot_003`",
+    ]
+    names = {i: label for label, i in json.loads((dest / "label_map.json").read_text()).items()}
+    for heading, section in zip(headings, sections, strict=True):
+        path = heading.split("`")[1]
+        key = f"semantic/{path}/000000.png" if path.startswith("clips/") else f"semantic/{path}.png"
+        written = decode_mask((dest / key).read_bytes(), "png")
+        legend = re.findall(r"\) (\S+) \((\d+)\)", section)
+        assert legend == [(names[i], str(i)) for i in np.unique(written) if i], path
+        assert section.count(f"![{path} semantic](data:image/png;base64,") == 1
+        assert section.count(f"![{path} instance](data:image/png;base64,") == 1
 
 
 def test_label_map_is_the_sorted_labels_one_based(example_run):
@@ -229,8 +278,16 @@ def test_cli_passes_the_instance_id_choice_to_the_run_parameters():
     assert options("--instance-id", "shape").instance_id == "shape"
 
 
-def test_cli_validate_reports_without_writing(tmp_path, capsys):
-    assert main(["validate", str(EXAMPLES / "broken")]) == 1
+def test_cli_validate_reports_without_writing(tmp_path, capsys, monkeypatch):
+    shutil.copytree(EXAMPLES / "broken", tmp_path / "broken")
+    monkeypatch.chdir(tmp_path)  # where a default output folder would go
+
+    def tree() -> dict[str, tuple[int, int]]:
+        return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")}
+
+    before = tree()
+    assert main(["validate", "broken"]) == 1
+    assert tree() == before
     out = capsys.readouterr().out
     assert "FAILED truncated: invalid or truncated JSON" in out
     assert "REJECTED ok_item annotation" in out

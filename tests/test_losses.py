@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from polyburn.params import MaskOptions, RunParameters
 from polyburn.report import LISTED_LOSSES, failures_markdown, losses_text, write_json_summary
 
 HOSTILE_REJECTS = LISTED_LOSSES + 5  # more than a summary names
+VERSION = version("polyburn")  # the installed package's (tests/test_version.py: pyproject's)
 
 
 def _item(path: str, annotations: list[dict], width: int = 32, height: int = 24) -> dict:
@@ -124,6 +126,7 @@ def test_cli_summary_names_each_rejection_and_each_item_with_nothing_to_burn(
     assert {r["path"] for r in summary["rejections"]} == {"hostile"}
     assert summary["empty_items"] == 2 and summary["empty_items_skipped"] == 0
     assert [e["path"] for e in summary["empty"]] == ["bare", "boxes"]
+    assert summary["polyburn_version"] == VERSION
     monkeypatch.undo()
 
     # --skip-empty: no masks for them, the earlier ones removed, the record says why
@@ -170,6 +173,8 @@ def test_skip_empty_holds_in_the_burn_pool_and_the_artifacts_name_every_loss(
     assert summary["empty_items_skipped"] == summary["empty_items"] == 2
     records = _manifest(tmp_path / "masks")
     assert records["boxes"]["skipped_empty"] and records["bare"]["skipped_empty"]
+    # records written in the worker processes name the version too
+    assert {r["polyburn_version"] for r in records.values()} == {VERSION}
     assert sorted(p.name for p in (tmp_path / "masks" / "semantic").iterdir()) == [
         "good.png",
         "hostile.png",
@@ -181,6 +186,7 @@ def test_skip_empty_holds_in_the_burn_pool_and_the_artifacts_name_every_loss(
     rows = {row["metric"]: row["value"] for row in json.loads(table.data)}
     assert rows["annotations rejected"] == HOSTILE_REJECTS
     assert rows["items with nothing to burn"] == rows["items left without masks (skip_empty)"] == 2
+    assert rows["polyburn version"] == VERSION
     failures = Artifact.get("polyburn-failures").data
     assert failures.count("| `hostile` | `h") == LISTED_LOSSES
     assert f"… and {HOSTILE_REJECTS - LISTED_LOSSES} more, see the manifest." in failures
@@ -254,3 +260,19 @@ def test_json_summary_streams_every_rejection_from_the_log():
     empty = io.StringIO()
     write_json_summary({}, [], empty)
     assert json.loads(empty.getvalue()) == {"rejections": []}
+
+    # streamed: each rejection is written before the next one is asked for
+    streamed = io.StringIO()
+
+    def rejections():
+        for k in range(3):
+            if k:
+                assert f'"annotation": "a{k - 1}"' in streamed.getvalue()
+            yield {"path": "p", "annotation": f"a{k}"}
+
+    write_json_summary(summary, rejections(), streamed)
+    assert [r["annotation"] for r in json.loads(streamed.getvalue())["rejections"]] == [
+        "a0",
+        "a1",
+        "a2",
+    ]

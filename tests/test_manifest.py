@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -87,8 +88,6 @@ def test_failures_listed_are_capped_but_all_counted(tmp_path):
 
 def test_spool_memory_does_not_hold_the_records(tmp_path):
     """The spool keeps an index, not the records: its file grows, its index stays small."""
-    import tracemalloc
-
     big = record("x", repairs=[{"kind": "clipped", "detail": "y" * 200}] * 50)
     with RecordSpool(tmp_path) as spool:
         tracemalloc.start()
@@ -99,6 +98,26 @@ def test_spool_memory_does_not_hold_the_records(tmp_path):
         size = spool._file.seek(0, os.SEEK_END)
     assert size > 2000 * 10_000  # ~20 MB of records went to disk ...
     assert held < 2_000_000  # ... and well under 1 kB per record stayed in memory
+
+
+def large_manifest(path: Path) -> Path:
+    """~12 MB of manifest lines: several 1 MiB blocks each way."""
+    with open(path, "wb") as handle:
+        for k in range(6000):
+            handle.write(manifest_line(record(f"{k:06d}", detail="z" * 1800)))
+    return path
+
+
+class TracedPeak:
+    """Python's allocations traced inside ``with``; ``bytes``: their peak, afterwards."""
+
+    def __enter__(self) -> TracedPeak:
+        tracemalloc.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
 
 
 def test_local_destination_streams_the_manifest_and_skips_an_identical_one(tmp_path):
@@ -116,6 +135,14 @@ def test_local_destination_streams_the_manifest_and_skips_an_identical_one(tmp_p
     )
     assert not list((tmp_path / "dest").rglob("*.part"))
 
+    # streamed both ways: a large manifest is never held in memory whole
+    large = large_manifest(tmp_path / "large.jsonl")
+    with TracedPeak() as traced:
+        assert destination.write_file(MANIFEST_KEY, large).written
+        assert destination.read_file(MANIFEST_KEY, target)
+    assert target.read_bytes() == large.read_bytes()
+    assert traced.bytes < large.stat().st_size / 4
+
 
 @pytest.fixture
 def s3_destination(weed_server, s3_bucket, monkeypatch, tmp_path):
@@ -131,18 +158,17 @@ def s3_destination(weed_server, s3_bucket, monkeypatch, tmp_path):
 
 
 def test_s3_destination_streams_a_large_manifest_both_ways(s3_destination, tmp_path):
-    source = tmp_path / "m.jsonl"
-    with open(source, "wb") as handle:  # ~12 MB: several 1 MiB blocks each way
-        for k in range(6000):
-            handle.write(manifest_line(record(f"{k:06d}", detail="z" * 1800)))
+    source = large_manifest(tmp_path / "m.jsonl")
     missing = tmp_path / "missing.jsonl"
     assert s3_destination.read_file(MANIFEST_KEY, missing) is False
-    first = s3_destination.write_file(MANIFEST_KEY, source)
+    copy = tmp_path / "copy.jsonl"
+    with TracedPeak() as traced:
+        first = s3_destination.write_file(MANIFEST_KEY, source)
+        assert s3_destination.read_file(MANIFEST_KEY, copy) is True
+    assert traced.bytes < source.stat().st_size / 4  # never the whole manifest in memory
     again = s3_destination.write_file(MANIFEST_KEY, source)
     assert first.written and not again.written
     assert first.size == source.stat().st_size
-    copy = tmp_path / "copy.jsonl"
-    assert s3_destination.read_file(MANIFEST_KEY, copy) is True
     assert copy.read_bytes() == source.read_bytes()
     assert s3_destination.get(MANIFEST_KEY) == source.read_bytes()
 

@@ -410,10 +410,9 @@ def test_each_put_fault_heals_within_the_budget(
     s3_env(fault_proxy.endpoint_url, max_attempts=5, read_timeout=1)
     destination = S3Destination.from_uri(f"s3://{s3_bucket}/{PREFIX}")
     fault_proxy.add(kind, times=times, match=rf"^PUT /{s3_bucket}/{PREFIX}/x\.png", **options)
-    started = time.monotonic()
     assert destination.put("x.png", b"png bytes", "image/png", {})
+    # each fault cost one attempt and the next one healed it (a stall, too: read_timeout cut it)
     assert [s.fault for s in fault_proxy.requests(r"^PUT .*/x\.png")] == [kind] * times + [None]
-    assert time.monotonic() - started < 10
     assert stored(weed_server, s3_bucket)["x.png"] == b"png bytes"
 
 
@@ -632,7 +631,11 @@ def test_wrong_credentials_or_missing_bucket_fail_in_one_line_without_secrets(
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     export = str(EXAMPLES / "export")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-" + secret[:8])
-    started = time.monotonic()
+
+    def flow_started(*args, **kwargs):
+        raise AssertionError("the flow started: the S3 check did not fail before Prefect")
+
+    monkeypatch.setattr("flows.polygons_to_masks.polygons_to_masks", flow_started)
     assert main(["run", export, f"s3://{s3_bucket}/{PREFIX}", "--no-progress"]) == 2
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and out == ""
@@ -650,7 +653,6 @@ def test_wrong_credentials_or_missing_bucket_fail_in_one_line_without_secrets(
     out, err = capsys.readouterr()
     assert "S3 bucket 'polyburn-no-such-bucket' does not exist at http://127.0.0.1:" in err
     assert err.count("\n") == 1 and secret not in err + out
-    assert time.monotonic() - started < 10  # before Prefect starts
 
 
 def test_denied_list_or_write_is_reported_up_front(weed_server, s3_bucket, s3_env):

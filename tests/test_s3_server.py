@@ -150,7 +150,9 @@ def test_stall_hits_read_timeout_and_is_retried(
 
     assert put["ResponseMetadata"]["RetryAttempts"] == 1
     assert [p.fault for p in fault_proxy.requests(r"^PUT ")] == ["stall", None]
-    assert 1.0 <= elapsed < 4.0  # gave up after read_timeout, long before the stall ended
+    # it waited out read_timeout, then retried: the stalled attempt never got its answer (a
+    # stall that ran its 5 s would have answered it, with no retry)
+    assert elapsed >= 1.0
 
 
 def test_latency_delays_the_real_response(
