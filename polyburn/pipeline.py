@@ -181,9 +181,30 @@ def _process_claimed(
 def _store_record(
     state, record: dict[str, Any], previous: Mapping[str, Any], started: float, retries: int
 ) -> None:
+    """Store the item's record, unless the stored one already says the same: only the timing,
+    retry counts and whether this run wrote the outputs would differ (a re-run of an unchanged
+    item then writes nothing at all)."""
     if record["status"] != "ok":
         _keep_previous_outputs(record, previous)
-    write_record(state, _stored(_finish(record, started, retries)))
+    stored = _stored(_finish(record, started, retries))
+    if not previous or _lasting(stored) != _lasting(previous):
+        write_record(state, stored)
+
+
+_PER_RUN = ("seconds", "retries", "io_retries")
+
+
+def _lasting(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What a record says about the item and its stored outputs, without what only describes
+    the run that wrote it (time taken, retries, which outputs it wrote)."""
+    lasting = {k: v for k, v in record.items() if k not in _PER_RUN}
+    outputs = record.get("outputs")
+    if isinstance(outputs, list):
+        lasting["outputs"] = [
+            {k: v for k, v in o.items() if k != "written"} if isinstance(o, dict) else o
+            for o in outputs
+        ]
+    return lasting
 
 
 def _state_failed(
