@@ -306,9 +306,12 @@ def test_an_item_read_ahead_is_read_again_when_another_run_stored_a_newer_versio
     late = process_item(ahead, source, destination, options, LABELS)  # run A, later
     assert late["status"] == "ok" and late["revision"] == fresh["revision"]
     assert fake_gate.requests_to(ITEM_GETS, "GET")  # it read the item again
-    assert read_record(destination.state, ref.path)["outputs"] == [
-        dict(o, written=False) for o in fresh["outputs"]
+    stored = read_record(destination.state, ref.path)  # the newest revision's outputs
+    assert stored["revision"] == fresh["revision"]
+    assert [dict(o, written=None) for o in stored["outputs"]] == [
+        dict(o, written=None) for o in fresh["outputs"]
     ]
+    assert [o["written"] for o in late["outputs"]] == [False] * len(fresh["outputs"])
 
     other = LocalDestination(tmp_path / "other")
     assert process_item(unchanged, source, other, options, LABELS)["status"] == "ok"

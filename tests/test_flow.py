@@ -179,8 +179,10 @@ def test_rerun_writes_nothing_and_a_changed_item_rewrites_only_itself(tmp_path, 
     dest = tmp_path / "masks"
     _, first = run(source, dest)
     assert first["outputs_written"] > 0
+    before = {r["path"]: r for r in manifest(dest)}
     _, second = run(source, dest)
     assert second["outputs_written"] == 0 and second["failed"] == 0
+    assert {r["path"]: r for r in manifest(dest)} == before  # not even a record rewritten
 
     # Drop the only person annotation of scene_003: its masks change, its person mask goes.
     path = source / "json" / "street" / "scene_003.json"
@@ -189,8 +191,10 @@ def test_rerun_writes_nothing_and_a_changed_item_rewrites_only_itself(tmp_path, 
     path.write_text(json.dumps(item))
     assert (dest / "binary/person/street/scene_003.png").exists()
     _, third = run(source, dest)
-    changed = [r for r in manifest(dest) if any(o["written"] for o in r["outputs"])]
-    assert [r["path"] for r in changed] == ["street/scene_003"]
+    after = {r["path"]: r for r in manifest(dest)}
+    assert [p for p in after if after[p] != before[p]] == ["street/scene_003"]
+    assert all(o["written"] for o in after["street/scene_003"]["outputs"])
+    assert third["outputs_written"] == len(after["street/scene_003"]["outputs"])
     assert not (dest / "binary/person/street/scene_003.png").exists()
     assert json.loads((dest / "label_map.json").read_text())["person"] == 5  # ids stay put
 

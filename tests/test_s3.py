@@ -215,7 +215,7 @@ def test_rerun_uploads_nothing_and_a_changed_item_reuploads_only_itself(
     fault_proxy.clear()
     second = run_flow(source, uri, batch_size=100)
     assert second["failed"] == 0 and second["outputs_written"] == 0
-    assert output_uploads(fault_proxy, s3_bucket) == ["manifest.jsonl"]  # its timings changed
+    assert output_uploads(fault_proxy, s3_bucket) == []  # no record changed, so no manifest
     burned = {k for k in masks if k.split("/")[0] in ("semantic", "instance", "binary")}
     assert burned.isdisjoint(proxied(fault_proxy, "HEAD", s3_bucket))
 
@@ -223,7 +223,7 @@ def test_rerun_uploads_nothing_and_a_changed_item_reuploads_only_itself(
     fault_proxy.clear()
     verified = run_flow(source, uri, batch_size=100, verify=True)
     assert verified["failed"] == 0 and verified["outputs_written"] == 0
-    assert output_uploads(fault_proxy, s3_bucket) == ["manifest.jsonl"]
+    assert output_uploads(fault_proxy, s3_bucket) == []
     assert masks <= set(proxied(fault_proxy, "HEAD", s3_bucket))
 
     # A mask deleted from the bucket by hand: the next run (other batches, so nothing comes from
@@ -234,10 +234,8 @@ def test_rerun_uploads_nothing_and_a_changed_item_reuploads_only_itself(
     fault_proxy.clear()
     restored = run_flow(source, uri, batch_size=7)
     assert restored["failed"] == 0 and restored["cached_batches"] == 0
-    assert set(output_uploads(fault_proxy, s3_bucket)) == {
-        "semantic/street/scene_001.png",
-        "manifest.jsonl",
-    }
+    # (its record already said what is stored again: neither it nor the manifest changes)
+    assert set(output_uploads(fault_proxy, s3_bucket)) == {"semantic/street/scene_001.png"}
     assert "semantic/street/scene_001.png" in stored(weed_server, s3_bucket)
 
     # Drop the only person annotation of scene_003: exactly its objects are uploaded again.
@@ -264,7 +262,8 @@ def test_a_cached_rerun_restores_an_object_deleted_from_the_bucket(
     weed_server, s3_bucket, s3_env, fault_proxy
 ):
     """Prefect's batch cache does not hide a deleted object: one listing of the prefix finds it
-    missing, its item is burned again, and only that object (and the manifest) is uploaded."""
+    missing, its item is burned again, and only that object is uploaded (its record, hence the
+    manifest, already said what is stored again)."""
     uri = f"s3://{s3_bucket}/{PREFIX}"
     s3_env(fault_proxy.endpoint_url)
     assert run_flow(EXAMPLES / "export", uri, batch_size=5)["failed"] == 0
@@ -276,7 +275,7 @@ def test_a_cached_rerun_restores_an_object_deleted_from_the_bucket(
     refs = sorted(open_source(str(EXAMPLES / "export")).list_items(), key=lambda ref: ref.path)
     assert second["cached_batches"] == len(batches_of(refs, 5)) and second["failed"] == 0
     assert stored(weed_server, s3_bucket)[key] == original
-    assert set(output_uploads(fault_proxy, s3_bucket)) == {key, "manifest.jsonl"}
+    assert set(output_uploads(fault_proxy, s3_bucket)) == {key}
     assert len(fault_proxy.requests(r"^GET .*list-type=2")) >= 1
 
 
