@@ -45,6 +45,7 @@ _pool_size = 0
 _lock = threading.Lock()
 _worker_sources: dict[str, Source] = {}
 _worker_destinations: dict[str, Destination] = {}
+_opening = threading.Lock()
 
 
 def process_items(
@@ -172,10 +173,21 @@ def _preload(refs: Sequence[ItemRef], source: Source) -> list[ItemRef]:
 
 
 def _worker_source(uri: str) -> Source:
-    source = _worker_sources.get(uri)
-    if source is None:
-        source = _worker_sources[uri] = open_source(uri)
+    with _opening:
+        source = _worker_sources.get(uri)
+        if source is None:
+            source = _worker_sources[uri] = open_source(uri)
     return source
+
+
+def _worker_destination(uri: str) -> Destination:
+    """The process's one destination for ``uri``: its threads share its client, connection pool
+    and in-flight window (opened once, under a lock: the item threads start together)."""
+    with _opening:
+        destination = _worker_destinations.get(uri)
+        if destination is None:
+            destination = _worker_destinations[uri] = open_destination(uri)
+    return destination
 
 
 def _run_jobs(
@@ -236,9 +248,7 @@ def _work(
     if source is None:
         source = _worker_source(source_uri)
     if destination is None:
-        destination = _worker_destinations.get(destination_uri)
-        if destination is None:
-            destination = _worker_destinations[destination_uri] = open_destination(destination_uri)
+        destination = _worker_destination(destination_uri)
     return process_item(
         ref,
         source,

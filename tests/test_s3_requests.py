@@ -7,6 +7,7 @@ core of the burn task, in this process, so the destination's in-flight window ca
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import threading
@@ -216,3 +217,41 @@ def test_small_uploads_do_not_wait_for_100_continue(weed_server, s3_bucket, s3_e
     destination.write_file("manifest.jsonl", big)
     assert sent == [("a.png", None), ("a.json", None), ("manifest.jsonl", b"100-continue")]
     assert stored(weed_server, s3_bucket)["semantic/a.png"] == b"x" * 50_000
+
+
+def test_each_burn_process_opens_the_destination_once_for_all_its_threads(
+    weed_server, s3_bucket, s3_env, fault_proxy, export
+):
+    """Items burned on two processes of 32 threads each: one client per process (its pool and
+    in-flight window shared by its threads), so one up-front check per process, not per
+    thread."""
+    s3_env(fault_proxy.endpoint_url)
+    source, refs, destination, label_map = open_batch(export, s3_bucket)
+    fault_proxy.clear()
+    records = process_items(refs, source, destination, OPTIONS, label_map, workers=2)
+    assert all(r["status"] == "ok" for r in records)
+    checks = [k for k in proxied(fault_proxy, "PUT", s3_bucket) if k == ".polyburn/write-check"]
+    assert 1 <= len(checks) <= 2
+
+
+def test_reading_keys_spread_over_a_big_prefix_lists_a_bounded_range(
+    weed_server, s3_bucket, s3_env, fault_proxy
+):
+    """get_many of a few keys far apart lists at most a page past the first, then GETs the
+    keys beyond what it listed: never the whole prefix between them."""
+    client = weed_server.client()
+    keys = [f"r/{k:05d}.json" for k in range(2500)]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        list(
+            pool.map(
+                lambda k: client.put_object(Bucket=s3_bucket, Key=f"{PREFIX}/{k}", Body=k), keys
+            )
+        )
+    s3_env(fault_proxy.endpoint_url)
+    destination = S3Destination.from_uri(f"s3://{s3_bucket}/{PREFIX}")
+    wanted = [keys[0], keys[10], keys[1200], keys[2499], "r/01200x.json"]
+    fault_proxy.clear()
+    found = destination.get_many(wanted)
+    assert found == {k: k.encode() for k in wanted if k in keys}
+    assert len(fault_proxy.requests(r"^GET /[^/?]+\?list-type=2")) == 1
+    assert destination.missing(wanted) == {"r/01200x.json"}

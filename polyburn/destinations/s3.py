@@ -106,6 +106,7 @@ DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_MAX_POOL = 32
 DEFAULT_CONCURRENCY = DEFAULT_MAX_POOL  # requests in flight per process: one per pooled connection
 SMALL_BODY = 1 << 20  # uploads up to this size skip Expect: 100-continue
+RANGE_SLACK = 4  # a ranged listing stops after this many times the objects wanted
 FEW_KEYS = 1000  # up to this many keys are checked by folder, more by listing the prefix
 _CONGESTION_STATUS = frozenset({429, 500, 502, 503, 504})
 WRITE_CHECK_KEY = ".polyburn/write-check"
@@ -472,8 +473,8 @@ class S3Destination(FileDestination):
         request), so absent keys cost no request of their own."""
         wanted = sorted(set(keys))
         if len(wanted) > 2:
-            present = {e.key for e in self._entries_between(wanted[0], wanted[-1])}
-            wanted = [key for key in wanted if key in present]
+            present, covered = self._present(wanted)
+            wanted = [key for key in wanted if key in present or key > covered]
         found = {}
         for key, data in zip(wanted, self._reader_pool().map(self.get, wanted), strict=True):
             if data is not None:
@@ -493,26 +494,35 @@ class S3Destination(FileDestination):
                 )
             return self._readers
 
-    def _entries_between(self, first: str, last: str) -> list[StoredEntry]:
-        """Stored objects with keys from ``first`` to ``last`` (both relative, inclusive): one
-        ``ListObjectsV2`` from just before ``first``, stopped after ``last``."""
-        common = os.path.commonprefix([first, last])
-        found = []
+    def _present(self, wanted: list[str]) -> tuple[set[str], str]:
+        """(the keys of ``wanted`` (sorted) that are stored, the last key the listing covered).
+
+        One ``ListObjectsV2`` of the range the keys span, from just before the first, stopped
+        after the last, or once it has listed ``RANGE_SLACK`` times as many objects as are
+        wanted (keys spread over a big prefix): the keys after the covered one are unknown.
+        """
+        first, last = wanted[0], wanted[-1]
+        limit = RANGE_SLACK * max(len(wanted), 250)
+        present: set[str] = set()
+        covered, listed = first[:-1], 0
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket,
-                Prefix=self._key_prefix + common,
+                Prefix=self._key_prefix + os.path.commonprefix([first, last]),
                 StartAfter=self._key_prefix + first[:-1],
             )
             for page in pages:
                 for entry in page.get("Contents", ()):
                     key = entry["Key"][len(self._key_prefix) :]
                     if key > last:
-                        return found
-                    found.append(_entry(entry, key))
+                        return present, last
+                    present.add(key)
+                    covered, listed = key, listed + 1
+                if listed >= limit:
+                    return present, covered
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "list", "") from None
-        return found
+        return present, last
 
     # ------------------------------------------------------------------ conditional writes
     def get_tagged(self, key: str) -> tuple[bytes, str] | None:
@@ -584,11 +594,15 @@ class S3Destination(FileDestination):
         folders: dict[str, list[str]] = {}
         for key in sorted(wanted):
             folders.setdefault(key.rpartition("/")[0], []).append(key)
-        ranges = [(group[0], group[-1]) for group in folders.values()]
-        present = set()
-        for entries in self._reader_pool().map(lambda r: self._entries_between(*r), ranges):
-            present.update(entry.key for entry in entries)
-        return wanted - present
+        gone = set()
+        for group, (present, covered) in zip(
+            folders.values(), self._reader_pool().map(self._present, folders.values()), strict=True
+        ):
+            gone.update(k for k in group if k not in present and k <= covered)
+            unknown = [k for k in group if k > covered]
+            heads = self._reader_pool().map(lambda k: self._head(self._object_key(k), k), unknown)
+            gone.update(k for k, head in zip(unknown, heads, strict=True) if head is None)
+        return gone
 
     def keys(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (relative to the destination's prefix), by ``ListObjectsV2``."""
