@@ -95,62 +95,14 @@ def process_item(
     if destination is None:
         record, _ = _burn(ref, source, None, options, label_map, colours, (), False)
         return _finish(record, started, retries)
-    if claimed is not None:
-        return _process_claimed(
-            ref, source, destination, options, label_map, colours, preview, retries, claimed
-        )
     state = destination.state
-    lease = None
+    holder: _Holder | None = None
     try:
-        lease = ItemLease(state, ref.path)
-        lease.acquire()
-        previous = read_record(state, ref.path) or {}
-        record, touched = _burn(
-            ref,
-            source,
-            destination,
-            options,
-            label_map,
-            colours,
-            output_keys(previous),
-            preview,
-            _stored_at(state, ref.path) if previous else None,
-            previous.get("revision"),
-            lease.check,
-        )
-        if lease.lost:  # another run took the item over: its record, not ours, is stored
-            raise ItemBusyError(f"{ref.path}: another run took the item over while it was written")
-        _store_record(state, record, previous, started, retries)
-        if touched and record["status"] != "ok":
-            lease.abandon()
+        if claimed is None:
+            holder = _LeaseHolder(state, ref.path)
         else:
-            lease.release()
-        return record
-    except Exception as exc:  # noqa: BLE001 - the state store failed (lease, record I/O)
-        if lease is not None:
-            with contextlib.suppress(Exception):
-                lease.abandon()
-        return _state_failed(ref, exc, started, retries, preview)
-
-
-def _process_claimed(
-    ref: ItemRef,
-    source: Source,
-    destination: Destination,
-    options: MaskOptions,
-    label_map: Mapping[str, int],
-    colours: Mapping[str, tuple[int, int, int]] | None,
-    preview: bool,
-    retries: int,
-    claimed: ClaimedItem,
-) -> dict[str, Any]:
-    """:func:`process_item` of an item its batch's claim holds."""
-    started = time.perf_counter()
-    state = destination.state
-    claim = ClaimCheck(state, claimed.claim_key, claimed.claim_owner)
-    previous = claimed.previous or {}
-    trusted = not (getattr(options, "verify", False) or claimed.stale_lease)
-    try:
+            holder = _ClaimHolder(state, ref.path, claimed, getattr(options, "verify", False))
+        previous = holder.previous
         record, touched = _burn(
             ref,
             source,
@@ -162,20 +114,88 @@ def _process_claimed(
             preview,
             _stored_at(state, ref.path) if previous else None,
             previous.get("revision"),
-            claim.check,
-            previous if trusted else None,
+            holder.check,
+            previous if holder.trusted else None,
         )
-        claim.check()  # another run took the batch over: its records, not ours, are stored
+        holder.check_still_held()
         _store_record(state, record, previous, started, retries)
-        if touched and record["status"] != "ok":
-            abandon_claimed_item(state, ref.path, claimed.stale_lease)
-        elif claimed.stale_lease:
-            finish_claimed_item(state, ref.path, claimed.stale_lease)
+        holder.done(unfinished=touched and record["status"] != "ok")
         return record
-    except Exception as exc:  # noqa: BLE001 - the state store failed (claim, record I/O)
-        with contextlib.suppress(Exception):
-            abandon_claimed_item(state, ref.path, claimed.stale_lease)
+    except Exception as exc:  # noqa: BLE001 - the state store failed (lease, claim, record I/O)
+        if holder is not None:
+            holder.failed()
         return _state_failed(ref, exc, started, retries, preview)
+
+
+class _Holder:
+    """How a writer holds an item while it writes it, and what it knows of it then."""
+
+    previous: dict[str, Any]
+    """The item's stored record ({} when it has none)."""
+    trusted: bool
+    """Whether that record may be trusted for what is stored (else each output is compared)."""
+
+    def check(self) -> None:
+        """Raise when another run took the item over (called after each frame of a video)."""
+
+    def check_still_held(self) -> None:
+        """Raise before the record is stored if another run took the item over."""
+
+    def done(self, unfinished: bool) -> None:
+        """The record is stored; ``unfinished``: the outputs changed and then the item failed."""
+
+    def failed(self) -> None:
+        """The state store failed half-way: leave the item unfinished, if the store allows."""
+
+
+class _LeaseHolder(_Holder):
+    """A writer of one item: its own lease, taken here, and its record read under it."""
+
+    def __init__(self, state, path: str) -> None:
+        self.lease = ItemLease(state, path)
+        self.lease.acquire()
+        self.previous = read_record(state, path) or {}
+        self.trusted = False
+        self.check = self.lease.check
+
+    def check_still_held(self) -> None:
+        if self.lease.lost:  # another run took the item over: its record, not ours, is stored
+            raise ItemBusyError(
+                f"{self.lease.path}: another run took the item over while it was written"
+            )
+
+    def done(self, unfinished: bool) -> None:
+        if unfinished:
+            self.lease.abandon()
+        else:
+            self.lease.release()
+
+    def failed(self) -> None:
+        with contextlib.suppress(Exception):
+            self.lease.abandon()
+
+
+class _ClaimHolder(_Holder):
+    """An item its batch's claim holds (:class:`ClaimedItem`), its record read with the batch's."""
+
+    def __init__(self, state, path: str, claimed: ClaimedItem, verify: bool) -> None:
+        self.state, self.path, self.claimed = state, path, claimed
+        self.previous = claimed.previous or {}
+        self.trusted = not (verify or claimed.stale_lease)
+        self.check = ClaimCheck(state, claimed.claim_key, claimed.claim_owner).check
+
+    def check_still_held(self) -> None:
+        self.check()  # another run took the batch over: its records, not ours, are stored
+
+    def done(self, unfinished: bool) -> None:
+        if unfinished:
+            abandon_claimed_item(self.state, self.path, self.claimed.stale_lease)
+        elif self.claimed.stale_lease:
+            finish_claimed_item(self.state, self.path, self.claimed.stale_lease)
+
+    def failed(self) -> None:
+        with contextlib.suppress(Exception):
+            abandon_claimed_item(self.state, self.path, self.claimed.stale_lease)
 
 
 def _store_record(

@@ -157,6 +157,24 @@ def semantic_values(objects: dict[str, bytes], path: str) -> set[int]:
 
 
 # ------------------------------------------------------------------ the state store itself
+def check_one_version(destination: LocalDestination, path: str, problems: list[str]) -> None:
+    """Under the item's lease: its outputs are whole, one version's, and match its record."""
+    from polyburn.state import read_record
+
+    with item_lease(destination.state, path):
+        record = read_record(destination.state, path)
+        if record is None:
+            return
+        objects = {o["key"]: (destination.root / o["key"]).read_bytes() for o in record["outputs"]}
+        try:
+            check_records_match_bytes([record], objects)
+        except AssertionError as exc:
+            problems.append(f"record and bytes differ: {exc}")
+        ids = semantic_values(objects, path) - {0}
+        if len(ids) != 1:
+            problems.append(f"a mix of versions: {ids}")
+
+
 def test_conditional_writes_refuse_what_changed_since_it_was_read(dest_uri):
     store = open_destination(dest_uri).state
     tag = store.create("x/lease.json", b"one")
@@ -305,7 +323,6 @@ def test_batch_and_item_writers_of_one_item_never_mix_their_outputs(tmp_path):
     version's, whole, and match its record."""
     from polyburn.parallel import process_items
     from polyburn.pipeline import process_item
-    from polyburn.state import read_record
 
     path = "batch000/img_000000"
     versions = []
@@ -334,20 +351,7 @@ def test_batch_and_item_writers_of_one_item_never_mix_their_outputs(tmp_path):
 
     def check() -> None:
         while time.monotonic() < stop:
-            with item_lease(destination.state, path):
-                record = read_record(destination.state, path)
-                if record is None:
-                    continue
-                objects = {
-                    o["key"]: (tmp_path / "dest" / o["key"]).read_bytes() for o in record["outputs"]
-                }
-                try:
-                    check_records_match_bytes([record], objects)
-                except AssertionError as exc:
-                    problems.append(f"record and bytes differ: {exc}")
-                ids = semantic_values(objects, path) - {0}
-                if len(ids) != 1:
-                    problems.append(f"a mix of versions: {ids}")
+            check_one_version(destination, path, problems)
 
     threads = [threading.Thread(target=f) for f in (by_batch, by_item, check)]
     for thread in threads:
@@ -456,7 +460,6 @@ def test_two_writers_of_one_item_never_mix_their_outputs(tmp_path):
     at every moment no one holds the lease, the stored outputs are one version's, whole."""
     from polyburn.pipeline import process_item
     from polyburn.sources import open_source
-    from polyburn.state import read_record
 
     versions = []
     for k in range(2):
@@ -479,20 +482,7 @@ def test_two_writers_of_one_item_never_mix_their_outputs(tmp_path):
 
     def check() -> None:
         while time.monotonic() < stop:
-            with item_lease(destination.state, "batch000/img_000000"):
-                record = read_record(destination.state, "batch000/img_000000")
-                if record is None:
-                    continue
-                objects = {
-                    o["key"]: (tmp_path / "dest" / o["key"]).read_bytes() for o in record["outputs"]
-                }
-                try:
-                    check_records_match_bytes([record], objects)
-                except AssertionError as exc:
-                    problems.append(f"record and bytes differ: {exc}")
-                ids = semantic_values(objects, "batch000/img_000000") - {0}
-                if len(ids) != 1:
-                    problems.append(f"a mix of versions: {ids}")
+            check_one_version(destination, "batch000/img_000000", problems)
 
     threads = [
         threading.Thread(target=write, args=(versions[0], ref0)),
