@@ -370,19 +370,12 @@ class BatchClaim:
         return self.key, self.owner
 
 
-@contextlib.contextmanager
-def batch_claim(store: FileDestination, paths: Iterable[str]) -> Iterator[BatchClaim]:
+def batch_claim(
+    store: FileDestination, paths: Iterable[str]
+) -> contextlib.AbstractContextManager[BatchClaim]:
     """Hold a claim on ``paths`` for the block (see :class:`BatchClaim`): released when the
     block ends, abandoned (every held item stays unfinished) when it raises."""
-    claim = BatchClaim(store, paths)
-    claim.acquire()
-    try:
-        yield claim
-    except BaseException:
-        with contextlib.suppress(Exception):
-            claim.abandon()
-        raise
-    claim.release()
+    return _holding(BatchClaim(store, paths))
 
 
 class ClaimCheck:
@@ -569,19 +562,24 @@ def lease_is_stale(data: bytes, now: float | None = None) -> bool:
         return True
 
 
-@contextlib.contextmanager
-def item_lease(store: FileDestination, path: str) -> Iterator[ItemLease]:
+def item_lease(store: FileDestination, path: str) -> contextlib.AbstractContextManager[ItemLease]:
     """Hold the item's lease for the block: released when the block ends, abandoned (the item
     stays unfinished) when it raises."""
-    lease = ItemLease(store, path)
-    lease.acquire()
+    return _holding(ItemLease(store, path))
+
+
+@contextlib.contextmanager
+def _holding(holder):
+    """Acquire ``holder`` (a lease or a claim) for the block; release it when the block ends,
+    abandon it when the block raises."""
+    holder.acquire()
     try:
-        yield lease
+        yield holder
     except BaseException:
         with contextlib.suppress(Exception):
-            lease.abandon()
+            holder.abandon()
         raise
-    lease.release()
+    holder.release()
 
 
 def unfinished_items(store: FileDestination) -> set[str]:
