@@ -22,7 +22,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -173,21 +173,21 @@ def _preload(refs: Sequence[ItemRef], source: Source) -> list[ItemRef]:
 
 
 def _worker_source(uri: str) -> Source:
-    with _opening:
-        source = _worker_sources.get(uri)
-        if source is None:
-            source = _worker_sources[uri] = open_source(uri)
-    return source
+    return _opened(_worker_sources, uri, open_source)
 
 
 def _worker_destination(uri: str) -> Destination:
     """The process's one destination for ``uri``: its threads share its client, connection pool
-    and in-flight window (opened once, under a lock: the item threads start together)."""
+    and in-flight window."""
+    return _opened(_worker_destinations, uri, open_destination)
+
+
+def _opened(cache: dict[str, Any], uri: str, open_uri: Callable[[str], Any]) -> Any:
+    """``cache[uri]``, opened once per process under a lock (the item threads start together)."""
     with _opening:
-        destination = _worker_destinations.get(uri)
-        if destination is None:
-            destination = _worker_destinations[uri] = open_destination(uri)
-    return destination
+        if uri not in cache:
+            cache[uri] = open_uri(uri)
+        return cache[uri]
 
 
 def _run_jobs(

@@ -462,7 +462,7 @@ def survey_claims(
         held = paths.intersection(_claim_paths(body))
         if not held:
             continue
-        if lease_is_stale(json.dumps(body).encode()):
+        if _holder_is_gone(body):
             _split(store, entry, body)
             stale |= held
         else:
@@ -552,7 +552,14 @@ def lease_is_stale(data: bytes, now: float | None = None) -> bool:
     """Whether a stored lease no longer protects anything: abandoned, expired, held by a
     process of this host that is gone, or unreadable."""
     try:
-        lease = json.loads(data)
+        return _holder_is_gone(json.loads(data), now)
+    except ValueError:
+        return True
+
+
+def _holder_is_gone(lease: Any, now: float | None = None) -> bool:
+    """:func:`lease_is_stale` of a lease or claim body already parsed."""
+    try:
         if lease.get("abandoned"):
             return True
         if lease.get("host") == host_name() and not pid_alive(int(lease["pid"])):
@@ -596,7 +603,7 @@ def unfinished_items(store: FileDestination) -> set[str]:
         except (ValueError, KeyError, TypeError):
             continue
     for _, body in _claims(store):
-        if lease_is_stale(json.dumps(body).encode()):
+        if _holder_is_gone(body):
             stale.update(_claim_paths(body))
     return stale
 
