@@ -157,6 +157,20 @@ def semantic_values(objects: dict[str, bytes], path: str) -> set[int]:
 
 
 # ------------------------------------------------------------------ the state store itself
+def die_holding(dest_uri: str, kind: str, what: str) -> None:
+    """A process that takes ``kind(store, what)`` (an ItemLease or a BatchClaim) at the
+    destination and is SIGKILLed while holding it."""
+    code = (
+        "import os, signal\n"
+        "from polyburn.destinations import open_destination\n"
+        f"from polyburn.state import {kind}\n"
+        f"{kind}(open_destination({dest_uri!r}).state, {what}).acquire()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+
+
 def check_one_version(destination: LocalDestination, path: str, problems: list[str]) -> None:
     """Under the item's lease: its outputs are whole, one version's, and match its record."""
     from polyburn.state import read_record
@@ -241,15 +255,7 @@ def test_an_item_lease_is_exclusive_and_a_dead_holders_lease_is_taken_over(dest_
 
     # A holder killed while writing: its lease stays, marks the item unfinished, and the next
     # writer takes it over at once (its process is gone), not after the lease expires.
-    code = (
-        "import os, signal, sys\n"
-        "from polyburn.destinations import open_destination\n"
-        "from polyburn.state import ItemLease\n"
-        f"ItemLease(open_destination({dest_uri!r}).state, 'a/b').acquire()\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n"
-    )
-    killed = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120)
-    assert killed.returncode == -signal.SIGKILL
+    die_holding(dest_uri, "ItemLease", "'a/b'")
     assert unfinished_items(store) == {"a/b"}
     with item_lease(store, "a/b") as lease:
         assert lease.taken_over
@@ -292,15 +298,7 @@ def test_a_killed_claim_holder_leaves_its_items_unfinished_until_each_is_written
     that takes some of them over leaves the others an abandoned lease each (still unfinished)
     and deletes the claim; each item stops being unfinished once it is written again."""
     store = open_destination(dest_uri).state
-    code = (
-        "import os, signal\n"
-        "from polyburn.destinations import open_destination\n"
-        "from polyburn.state import BatchClaim\n"
-        f"BatchClaim(open_destination({dest_uri!r}).state, ['k/1', 'k/2', 'k/3']).acquire()\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n"
-    )
-    killed = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120)
-    assert killed.returncode == -signal.SIGKILL
+    die_holding(dest_uri, "BatchClaim", "['k/1', 'k/2', 'k/3']")
     assert unfinished_items(store) == {"k/1", "k/2", "k/3"}
 
     claim = BatchClaim(store, ["k/1"])
