@@ -418,14 +418,15 @@ _TAKERS = _Registry()
 class _Taken:
     """What the flow keeps of each finished batch: its records go to the spool (with the outputs
     of a cached batch marked not written), plus retries, cached batches, failed items of cached
-    batches and the previews."""
+    batches, the outputs of ok items that this run did not write (to check they are still
+    stored) and the previews."""
 
     def __init__(self, spool: RecordSpool) -> None:
         self.spool = spool
         self.retries = 0
         self.cached = 0
         self.cached_failures: list[str] = []
-        self.cached_outputs: dict[str, list[str]] = {}
+        self.unwritten_outputs: dict[str, list[str]] = {}
         self.previews: dict[str, tuple[str, dict[str, Any], str | None]] = {}
 
     def __call__(self, result: dict[str, Any], cached: bool) -> None:
@@ -439,7 +440,7 @@ class _Taken:
                     self.cached_failures.append(record["path"])
             kept = [o["key"] for o in record.get("outputs", []) if not o.get("written")]
             if record["status"] == "ok" and kept:  # its record vouched for them: still there?
-                self.cached_outputs[record["path"]] = kept
+                self.unwritten_outputs[record["path"]] = kept
             if "preview" in record:  # the item's latest record says what it looks like
                 self.previews[record["path"]] = _preview_entry(record, record.pop("preview"))
             self.spool.add(record)
@@ -463,9 +464,9 @@ def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, t
     this run did not write (served from the cache, or trusted from the item's record) is no
     longer at the destination (deleted by hand since). Their fresh records replace the others."""
     wanted = set(taken.cached_failures)
-    if taken.cached_outputs:
-        gone = destination.missing([k for keys in taken.cached_outputs.values() for k in keys])
-        lost = {path for path, keys in taken.cached_outputs.items() if gone.intersection(keys)}
+    if taken.unwritten_outputs:
+        gone = destination.missing([k for keys in taken.unwritten_outputs.values() for k in keys])
+        lost = {path for path, keys in taken.unwritten_outputs.items() if gone.intersection(keys)}
         if lost:
             get_run_logger().warning(
                 "%d item(s) lost outputs at the destination since they were written; burning "
