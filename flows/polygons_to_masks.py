@@ -8,6 +8,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from polyburn.destinations.base import MANIFEST_KEY
 from polyburn.manifest import RecordSpool, output_keys, unpack_records
 from polyburn.model import ItemRef
 from polyburn.params import RunParameters
+from polyburn.records import BatchResult
 from polyburn.report import failures_markdown, previews_markdown, summary_table
 from polyburn.state import (
     create_record,
@@ -45,7 +47,7 @@ from polyburn.state import (
 )
 from tasks.common import destination_for, source_for
 from tasks.items import collect_labels, list_items
-from tasks.masks import burn_batch, burn_task
+from tasks.masks import burn_task
 from tasks.publish import migrate_state, publish_label_map, publish_manifest
 
 PREVIEW_ITEMS = 4
@@ -103,20 +105,23 @@ def submit_batches(
     colours: dict[str, tuple[int, int, int]] | None,
     token: str,
     unfinished: list[str],
-    taker: str,
-) -> None:
-    """Submit one ``burn-batch`` task per batch on the current flow's task runner and hand each
-    result (``{"records" (packed), "items", "attempts"}``) to ``_TAKERS[taker](result, cached)``
-    as it finishes, updating a progress artifact. The records go to the spool; what Prefect
-    keeps of each batch is its small packed result. (``taker`` is a key, not the callable: a
-    subflow's parameters travel with the tasks a Dask runner pickles.)"""
-    take = _TAKERS[taker]
+    workers: int,
+    take: Callable[[BatchResult, bool], None] | None = None,
+    fresh: bool = False,
+) -> list[tuple[BatchResult, bool]]:
+    """Submit one ``burn-batch`` task per batch on the current flow's task runner, each burning
+    with ``workers`` processes, and hand each :class:`~polyburn.records.BatchResult` (with
+    whether Prefect's cache served it) to ``take`` as it finishes, updating a progress artifact;
+    without ``take`` (a subflow, whose parameters must serialize) the results are returned.
+    ``fresh`` runs every batch (no cache). The records go to the run's spool; what Prefect keeps
+    of each batch is its small packed result."""
     total = sum(len(b) for b in batches)
-    workers = workers_for(params, total)
     artifact_id = create_progress_artifact(
         progress=0.0, key="polyburn-progress", description=f"{total} items"
     )
     burn = burn_task()
+    if fresh:
+        burn = burn.with_options(refresh_cache=True)
     previews = previews_per_batch(batches)
     futures = [
         burn.submit(
@@ -133,14 +138,19 @@ def submit_batches(
         )
         for k, batch in enumerate(batches)
     ]
-    done = 0
+    done, kept = 0, []
     progress.report(0, total)
     for future in as_completed(futures):
         result = future.result()
-        take(result, future.state.name == "Cached")
-        done += result["items"]
+        cached = future.state.name == "Cached"
+        if take is None:
+            kept.append((result, cached))
+        else:
+            take(result, cached)
+        done += result.items
         progress.report(done, total)
         update_progress_artifact(artifact_id, 100.0 * done / max(total, 1))
+    return kept
 
 
 burn_batches = flow(name="burn-batches", log_prints=False)(submit_batches)
@@ -198,20 +208,25 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="polyburn-run-") as folder,
         RecordSpool(folder) as spool,
     ):
-        taken = _Taken(spool)
+        tally = RunTally(spool)
         if params.shards > 1 and refs:
             summary_extra = {"shards": _run_sharded(params, refs, label_map, destination, spool)}
         else:
             summary_extra = {}
-            _burn_all(params, batches, label_map, colours, destination, taken)
+            _burn_all(params, batches, label_map, colours, destination, tally)
         summary = spool.counts.as_dict(time.perf_counter() - started)
         if params.shard_of is None:  # every rejection, for the CLI's --json
             progress.report_records(spool.records())
         summary.update(_dataset_state(params, destination, refs, clock, spool, Path(folder)))
     summary.update(summary_extra)
-    summary.update(label_map=label_map, retries=taken.retries, cached_batches=taken.cached)
+    summary.update(
+        label_map=label_map,
+        retries=tally.retries,
+        cached_batches=tally.cached,
+        unchanged_items=tally.unchanged,
+    )
     summary["polyburn_version"] = version()
-    _report(summary, params, taken, logger)
+    _report(summary, params, tally, logger)
     if params.incremental and not summary["failed"] and params.shard_of is None:
         Variable.set(
             watermark_name(params.source, params.destination),
@@ -298,9 +313,10 @@ def _label_map(params: RunParameters, refs: list[ItemRef], source):
     return label_map, colours
 
 
-def _burn_all(params, batches, label_map, colours, destination, taken: _Taken) -> None:
-    """Burn and publish every batch (threads in this flow, or a Dask subflow), then redo the
-    items of cached batches that need it."""
+def _burn_all(params, batches, label_map, colours, destination, tally: RunTally) -> None:
+    """Burn and publish every batch (threads in this flow, or a Dask subflow), then burn again,
+    the same way, the items whose outputs this run did not write and are gone, and the failed
+    items of batches Prefect's cache served."""
     if not batches:
         return
     token = _destination_token(destination)
@@ -311,17 +327,26 @@ def _burn_all(params, batches, label_map, colours, destination, taken: _Taken) -
             "they are burned again",
             len(unfinished),
         )
-    # Threads run in this flow; another runner needs a subflow (a task runner is per flow).
-    run_batches = submit_batches
-    if params.task_runner != "threads":
-        run_batches = burn_batches.with_options(task_runner=_task_runner(params))
-    taker = _TAKERS.add(taken)
-    try:
-        run_batches(params, batches, label_map, colours, token, sorted(unfinished), taker)
-    finally:
-        _TAKERS.pop(taker)
     refs = [ref for batch in batches for ref in batch]
-    _redo_cached(params, taken, destination, refs, label_map, colours, token)
+    workers = workers_for(params, len(refs))
+    _submit(params, tally, batches, label_map, colours, token, sorted(unfinished), workers)
+    again = _burn_again(params, tally, destination, refs)
+    if again:  # their records are wrong or their outputs gone: compare every output
+        verify = params.options.model_copy(update={"verify": True})
+        batches = batches_of(again, params.batch_size)
+        redo = params.model_copy(update={"options": verify})
+        _submit(redo, tally, batches, label_map, colours, token, [], workers, fresh=True)
+
+
+def _submit(params: RunParameters, tally: RunTally, *batches_args, fresh: bool = False) -> None:
+    """:func:`submit_batches` on this flow's threads, each result taken as it finishes, or in a
+    subflow on another task runner (a task runner is per flow), its results taken at its end."""
+    if params.task_runner == "threads":
+        submit_batches(params, *batches_args, take=tally.take, fresh=fresh)
+        return
+    subflow = burn_batches.with_options(task_runner=_task_runner(params))
+    for result, cached in subflow(params, *batches_args, fresh=fresh):
+        tally.take(result, cached)
 
 
 def _run_sharded(params, refs, label_map, destination, spool: RecordSpool) -> list[dict]:
@@ -371,8 +396,8 @@ def _remove_vanished(destination, params: RunParameters, refs: list[ItemRef]) ->
     return sorted(gone)
 
 
-def _report(summary: dict, params: RunParameters, taken: _Taken, logger) -> None:
-    _publish_artifacts(summary, params, [taken.previews[p] for p in sorted(taken.previews)])
+def _report(summary: dict, params: RunParameters, tally: RunTally, logger) -> None:
+    _publish_artifacts(summary, params, [tally.previews[p] for p in sorted(tally.previews)])
     logger.info(
         "%d items: %d ok, %d failed; %d annotations, %d repairs, %d rejected; %d batches cached",
         summary["items"],
@@ -381,7 +406,7 @@ def _report(summary: dict, params: RunParameters, taken: _Taken, logger) -> None
         summary["annotations"],
         summary["repairs"],
         summary["rejected"],
-        taken.cached,
+        tally.cached,
     )
     for failure in summary["failures"][:20]:
         logger.warning("failed: %s", failure["error"])
@@ -405,34 +430,26 @@ def _shard_progress(items: int, shards: int):
     return report
 
 
-class _Registry(dict):
-    def add(self, value: Any) -> str:
-        key = uuid.uuid4().hex
-        self[key] = value
-        return key
-
-
-_TAKERS = _Registry()
-
-
-class _Taken:
+class RunTally:
     """What the flow keeps of each finished batch: its records go to the spool (with the outputs
-    of a cached batch marked not written), plus retries, cached batches, failed items of cached
-    batches, the outputs of ok items that this run did not write (to check they are still
-    stored) and the previews."""
+    of a cached batch marked not written), plus retries, cached batches, items taken unchanged,
+    failed items of cached batches, the outputs of ok items that this run did not write (to
+    check they are still stored) and the previews."""
 
     def __init__(self, spool: RecordSpool) -> None:
         self.spool = spool
         self.retries = 0
         self.cached = 0
+        self.unchanged = 0
         self.cached_failures: list[str] = []
         self.unwritten_outputs: dict[str, list[str]] = {}
         self.previews: dict[str, tuple[str, dict[str, Any], str | None]] = {}
 
-    def __call__(self, result: dict[str, Any], cached: bool) -> None:
-        self.retries += result["attempts"] - 1
+    def take(self, result: BatchResult, cached: bool) -> None:
+        self.retries += result.attempts - 1
         self.cached += cached
-        for record in unpack_records(result["records"]):
+        self.unchanged += result.unchanged
+        for record in unpack_records(result.records):
             if cached:
                 for output in record.get("outputs", []):
                     output["written"] = False
@@ -441,6 +458,8 @@ class _Taken:
             kept = [o["key"] for o in record.get("outputs", []) if not o.get("written")]
             if record["status"] == "ok" and kept:  # its record vouched for them: still there?
                 self.unwritten_outputs[record["path"]] = kept
+            else:
+                self.unwritten_outputs.pop(record["path"], None)
             if "preview" in record:  # the item's latest record says what it looks like
                 self.previews[record["path"]] = _preview_entry(record, record.pop("preview"))
             self.spool.add(record)
@@ -455,18 +474,22 @@ def _preview_entry(
         why = "Failed: no masks (see the polyburn-failures artifact)."
     elif record.get("skipped_empty"):
         why = "Nothing to burn: no masks written."
+    elif not preview and not any(o.get("written") for o in record.get("outputs", [])):
+        why = "Unchanged since it was last burned: not burned again, no picture."
     return record["path"], preview, why
 
 
-def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, token):
-    """Items of batches served from the cache are processed again when they failed (the
-    failure may have been transient); items of any batch are processed again when an output
-    this run did not write (served from the cache, or trusted from the item's record) is no
-    longer at the destination (deleted by hand since). Their fresh records replace the others."""
-    wanted = set(taken.cached_failures)
-    if taken.unwritten_outputs:
-        gone = destination.missing([k for keys in taken.unwritten_outputs.values() for k in keys])
-        lost = {path for path, keys in taken.unwritten_outputs.items() if gone.intersection(keys)}
+def _burn_again(
+    params: RunParameters, tally: RunTally, destination, refs: list[ItemRef]
+) -> list[ItemRef]:
+    """The items to burn once more after the batches: the failed items of batches Prefect's
+    cache served (the failure may have been transient), and items of any batch with an output
+    this run did not write (served from the cache, or trusted from the item's record) that is
+    no longer at the destination (deleted by hand since). Previews first: they are made again."""
+    wanted = set(tally.cached_failures)
+    if tally.unwritten_outputs:
+        gone = destination.missing([k for keys in tally.unwritten_outputs.values() for k in keys])
+        lost = {path for path, keys in tally.unwritten_outputs.items() if gone.intersection(keys)}
         if lost:
             get_run_logger().warning(
                 "%d item(s) lost outputs at the destination since they were written; burning "
@@ -474,21 +497,10 @@ def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, t
                 len(lost),
             )
         wanted |= lost
-    if not wanted:
-        return
+    tally.cached_failures.clear()
     again = [ref for ref in refs if ref.path in wanted]
-    again.sort(key=lambda ref: ref.path not in taken.previews)  # previews first: made again
-    fresh = burn_batch.with_options(refresh_cache=True, cache_key_fn=None)(
-        params.source,
-        params.destination,
-        again,
-        params.options.model_copy(update={"verify": True}),  # their records are wrong now
-        label_map,
-        colours,
-        len(wanted & taken.previews.keys()),
-        token,
-    )
-    taken(fresh, cached=False)
+    again.sort(key=lambda ref: ref.path not in tally.previews)
+    return again
 
 
 def _publish_artifacts(summary: dict, params: RunParameters, previews) -> None:

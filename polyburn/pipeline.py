@@ -18,6 +18,7 @@ from polyburn.labels import dump_label_map, load_label_map, palette, semantic_dt
 from polyburn.manifest import output_keys
 from polyburn.masks import ItemMasks, build_masks
 from polyburn.model import Item, ItemRef
+from polyburn.recipe import item_recipe
 from polyburn.sources import Source
 from polyburn.state import (
     ClaimCheck,
@@ -118,6 +119,7 @@ def process_item(
             previous if holder.trusted else None,
         )
         holder.check_still_held()
+        _add_recipe(record, ref, options, label_map, colours)
         _store_record(state, record, previous, started, retries)
         holder.done(unfinished=touched and record["status"] != "ok")
         return record
@@ -225,6 +227,22 @@ def _lasting(record: Mapping[str, Any]) -> dict[str, Any]:
             for o in outputs
         ]
     return lasting
+
+
+def _add_recipe(
+    record: dict[str, Any],
+    ref: ItemRef,
+    options: MaskOptions,
+    label_map: Mapping[str, int],
+    colours: Mapping[str, tuple[int, int, int]] | None,
+) -> None:
+    """Give an ``ok`` record its recipe digest (:mod:`polyburn.recipe`): a later run with the
+    same digest for the item skips it. A failed item gets none: it is always tried again."""
+    run = getattr(options, "recipe", None)
+    if record["status"] == "ok" and run:
+        digest = item_recipe(run, ref.revision, record.get("labels", ()), label_map, colours)
+        if digest:
+            record["recipe"] = digest
 
 
 def _state_failed(
@@ -416,7 +434,16 @@ def _describe(item: Item) -> dict[str, Any]:
         "skipped": item.skipped,
         "problems": [p.as_dict() for p in item.problems],
         "subset": item.subset,
+        "labels": sorted(_labels_of(item)),
     }
+
+
+def _labels_of(item: Item) -> set[str]:
+    """The labels of the item's pixel annotations (every frame's, for a video)."""
+    labels = {a.label for a in item.annotations}
+    if item.video is not None:
+        labels.update(item.video.labels())
+    return labels
 
 
 def scan_labels(refs: Iterable[ItemRef], source: Source, max_pixels: int) -> set[str]:
@@ -428,9 +455,7 @@ def scan_labels(refs: Iterable[ItemRef], source: Source, max_pixels: int) -> set
             item = source.load(ref, max_pixels)
         except PolyburnError:
             continue
-        labels.update(a.label for a in item.annotations)
-        if item.video is not None:
-            labels.update(item.video.labels())
+        labels |= _labels_of(item)
     return labels
 
 
