@@ -37,8 +37,10 @@ from polyburn.params import RunParameters
 from polyburn.records import BatchResult
 from polyburn.report import failures_markdown, previews_markdown, summary_table
 from polyburn.state import (
+    clear_failed_marks,
     create_record,
     destination_clock,
+    failed_marks,
     find_records,
     forget_items,
     read_records,
@@ -184,7 +186,9 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     (:mod:`polyburn.state`). A failed item is reported in its record, the summary and the
     artifacts; the run fails only in ``strict`` mode. With ``incremental``, only items changed
     since the last fully successful incremental run are processed, and the watermark (a Prefect
-    Variable) advances only when no item failed.
+    Variable) advances past failed items: they are marked failed at the destination and every
+    later incremental run tries them again until they succeed (it stays put for a failed item
+    whose record or mark could not be stored).
     """
     params = params or RunParameters()
     # "dataloop://" alone = the source's dataset; tasks then get the full URI
@@ -200,6 +204,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     clock = destination_clock(destination.state) if _is_full_run(params) else None
 
     refs = list_items(params.source, item_filter, since, _local_item_ids(params))
+    refs = _with_failed_earlier(params, destination, refs)
     batches = batches_of(refs, params.batch_size)
     logger.info("%d items from %s in %d batches", len(refs), params.source, len(batches))
     label_map, colours = _label_map(params, refs, source_for(params.source, item_filter, since))
@@ -218,6 +223,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         if params.shard_of is None:  # every rejection, for the CLI's --json
             progress.report_records(spool.records())
         summary.update(_dataset_state(params, destination, refs, clock, spool, Path(folder)))
+        unmarked = _settle_failure_marks(params, destination, spool)
     summary.update(summary_extra)
     summary.update(
         label_map=label_map,
@@ -227,7 +233,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     )
     summary["polyburn_version"] = version()
     _report(summary, params, tally, logger)
-    if params.incremental and not summary["failed"] and params.shard_of is None:
+    if params.incremental and not unmarked and params.shard_of is None:
         Variable.set(
             watermark_name(params.source, params.destination),
             run_started_at.isoformat(),
@@ -255,6 +261,43 @@ def _dataset_state(params, destination, refs, clock, spool: RecordSpool, folder:
     if params.refresh_dataset_files and refs and params.shard_of is None:
         publish_manifest(params.destination, [], written)
     return extra
+
+
+def _with_failed_earlier(params: RunParameters, destination, refs: list[ItemRef]) -> list[ItemRef]:
+    """An incremental run's items: the changed ones, plus the items an earlier run left failed
+    (marked at the destination, :func:`~polyburn.state.mark_failed`) that the source still has,
+    so that a failure never depends on the watermark to be tried again."""
+    if not params.incremental or params.shard_of is not None:
+        return refs
+    marks = failed_marks(destination.state)
+    listed = {ref.path for ref in refs}
+    wanted = [p for p in marks if p not in listed]
+    if not wanted:
+        return refs
+    if params.source.startswith("dataloop://"):
+        ids = sorted({marks[p] for p in wanted if marks[p]})
+        by_id = params.model_copy(update={"item_ids": ids, "incremental": False})
+        found = list_items(params.source, _item_filter(by_id), None, None) if ids else []
+    else:
+        found = list_items(params.source, params.item_filter, None, sorted(wanted))
+    get_run_logger().info("%d item(s) failed in earlier runs: tried again", len(found))
+    return sorted([*refs, *(r for r in found if r.path not in listed)], key=lambda r: r.path)
+
+
+def _settle_failure_marks(params: RunParameters, destination, spool: RecordSpool) -> list[str]:
+    """After the run: the failure marks of items that are ``ok`` now are removed; returns the
+    failed items that have no mark (their record could not be stored, or their shard never
+    ran): an incremental run's watermark stays put for them."""
+    if params.shard_of is not None:
+        return []
+    marks = failed_marks(destination.state)
+    ok = [path for path in marks if path in spool and spool.get(path)["status"] == "ok"]
+    if ok:
+        clear_failed_marks(destination.state, ok)
+    if not spool.counts.totals["failed"]:
+        return []
+    failed = (r["path"] for r in spool.records() if r["status"] != "ok")
+    return [path for path in failed if path not in marks]
 
 
 def _since(params: RunParameters) -> datetime | None:

@@ -26,6 +26,7 @@ from polyburn.state import (
     ItemLease,
     abandon_claimed_item,
     finish_claimed_item,
+    mark_failed,
     read_record,
     record_key,
     settle_label_map,
@@ -209,6 +210,8 @@ def _store_record(
     if record["status"] != "ok":
         _keep_previous_outputs(record, previous)
     stored = _stored(_finish(record, started, retries))
+    if stored["status"] != "ok":
+        mark_failed(state, stored)
     if not previous or _lasting(stored) != _lasting(previous):
         write_record(state, stored)
 

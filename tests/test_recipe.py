@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 
 import pytest
+from prefect.variables import Variable
 
-from flows.polygons_to_masks import polygons_to_masks
+from flows.polygons_to_masks import polygons_to_masks, watermark_name
 from polyburn import parallel, pipeline
 from polyburn.destinations.local import LocalDestination
 from polyburn.params import MaskOptions, RunParameters
@@ -172,3 +174,32 @@ def test_items_burned_again_after_the_batches_use_the_runs_workers(export, tmp_p
     assert (destination / "semantic" / "street" / "scene_004.png").exists()
     redone = [entry for entry in seen if entry[2]]
     assert redone == [(["street/scene_004"], 2, True)]
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_the_watermark_moves_past_a_failed_item_which_every_later_run_tries_again(export, tmp_path):
+    destination = tmp_path / "masks"
+    state = LocalDestination(destination).state
+    params = RunParameters(source=str(export), destination=str(destination), incremental=True)
+    name = watermark_name(str(export), str(destination))
+    item = export / "json" / "street" / "scene_003.json"
+    good = item.read_text()
+    item.write_text(good.replace('"annotations"', '"annotations" ::'))  # JSON no parser takes
+
+    first = polygons_to_masks(params)
+    assert (first["items"], first["failed"]) == (13, 1)
+    assert read_record(state, "street/scene_003")["status"] == "failed"
+    mark = Variable.get(name)
+    assert mark is not None  # moved on although an item failed
+
+    time.sleep(0.05)
+    second = polygons_to_masks(params)  # nothing changed: the failed item alone, again
+    assert (second["items"], second["failed"]) == (1, 1)
+    assert second["failures"][0]["path"] == "street/scene_003"
+    assert Variable.get(name) > mark
+
+    item.write_text(good)
+    third = polygons_to_masks(params)
+    assert (third["items"], third["failed"]) == (1, 0)
+    assert read_record(state, "street/scene_003")["status"] == "ok"
+    assert polygons_to_masks(params)["items"] == 0  # its mark is gone with the failure
