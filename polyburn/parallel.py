@@ -31,7 +31,7 @@ from polyburn.destinations import Destination, open_destination
 from polyburn.errors import TransientError
 from polyburn.labels import semantic_dtype
 from polyburn.model import ItemRef
-from polyburn.pipeline import ClaimedItem, process_item, scan_labels
+from polyburn.pipeline import ClaimedItem, process_item, scan_labels, store_failed_record
 from polyburn.recipe import item_recipe, run_recipe
 from polyburn.sources import Source, open_source
 from polyburn.state import BatchClaim, batch_claim, records_of
@@ -266,8 +266,20 @@ def _run_jobs(
         size = max(1, len(jobs) // (4 * workers), min(threads, len(jobs) // workers))
         groups = [(jobs[k : k + size], threads) for k in range(0, len(jobs), size)]
         records = [r for group in _pool_map(_work_group, groups, workers) for r in group]
-    destination.finish_batch(records)
+    _finish_batch(destination, records)
     return records
+
+
+def _finish_batch(destination: Destination, records: list[dict[str, Any]]) -> None:
+    """``destination.finish_batch`` on the batch's records (their items still held); an item it
+    failed (Dataloop: the masks its new ones replaced were not all deleted) gets that failed
+    record stored over its ``ok`` one: a record never says ``ok`` for an item the run reports
+    failed."""
+    was_ok = [record["status"] == "ok" for record in records]
+    destination.finish_batch(records)
+    for ok, record in zip(was_ok, records, strict=True):
+        if ok and record["status"] != "ok":
+            store_failed_record(destination.state, record)
 
 
 def _work_group(job: tuple) -> list[dict[str, Any]]:

@@ -216,6 +216,14 @@ def _store_record(
         write_record(state, stored)
 
 
+def store_failed_record(state, record: Mapping[str, Any]) -> None:
+    """Store ``record``, failed after its ``ok`` record was stored (a batch's last step failed
+    for it), with its failure mark first (:func:`~polyburn.state.mark_failed`)."""
+    stored = _stored(record)
+    mark_failed(state, stored)
+    write_record(state, stored)
+
+
 _PER_RUN = ("seconds", "retries", "io_retries")
 
 
