@@ -3,7 +3,8 @@
 A page holding :data:`CLI_MARKER` gets the reference of every ``polyburn`` subcommand, built from
 the argparse parser of ``polyburn/cli.py``; a page holding :data:`PARAMETERS_MARKER` gets the
 fields of ``polyburn.params.RunParameters`` (and its nested ``MaskOptions``) with their types,
-defaults and descriptions, the same text the Prefect UI form shows.
+defaults and descriptions, the same text the Prefect UI form shows; a page holding
+:data:`FORMATS_MARKER` gets the table of output formats from ``polyburn.formats``' registry.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic_core import PydanticUndefined
 
 CLI_MARKER = "<!-- generated: cli-reference -->"
 PARAMETERS_MARKER = "<!-- generated: run-parameters -->"
+FORMATS_MARKER = "<!-- generated: output-formats -->"
 USAGE_WIDTH = 100
 
 
@@ -32,6 +34,10 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         from polyburn.params import RunParameters
 
         markdown = markdown.replace(PARAMETERS_MARKER, parameters_reference(RunParameters))
+    if FORMATS_MARKER in markdown:
+        from polyburn.formats import reference_table
+
+        markdown = markdown.replace(FORMATS_MARKER, reference_table())
     return markdown
 
 
