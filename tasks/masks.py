@@ -71,8 +71,9 @@ def burn_batch(
     Each item's record is stored at the destination as the item is done
     (:func:`~polyburn.pipeline.process_item`). Returns a
     :class:`~polyburn.records.BatchResult` for the run's summary. The first ``previews`` items
-    also get a small preview PNG in their record. ``workers`` > 1 spreads the items over that many processes. ``unfinished`` (the batch's
-    items that the destination marks unfinished) only enters the cache key.
+    also get a small preview PNG in their record. ``workers`` > 1 spreads the items over that
+    many processes. ``unfinished`` (the batch's items that the destination marks unfinished)
+    only enters the cache key.
     """
     records = process_items(
         refs,
