@@ -49,6 +49,7 @@ SPLITS = ("train", "val", "test")
 
 _EMPTY = shapely.Polygon()
 _NUMBER = f" %.{DECIMALS}f"
+_ALL_PAIRS = 32  # up to this many parts, the spanning tree considers every pair
 
 
 # ------------------------------------------------------------------------------ regions
@@ -114,9 +115,9 @@ def visible_regions(
             starts = np.flatnonzero(np.r_[True, shape_index[1:] != shape_index[:-1]])
             for first, group in zip(starts, np.split(later, starts[1:]), strict=True):
                 occluders[shape_index[first]] = shapely.union_all(geometries[group])
-    hidden = shapely.is_missing(occluders)
+    occluded = ~shapely.is_missing(occluders)
     pieces = geometries.copy()
-    pieces[~hidden] = shapely.difference(geometries[~hidden], occluders[~hidden])
+    pieces[occluded] = shapely.difference(geometries[occluded], occluders[occluded])
 
     by_instance: dict[int, list[int]] = {}
     for k, value in enumerate(instance_ids):
@@ -149,9 +150,11 @@ def single_ring(geometry: shapely.Geometry) -> np.ndarray:
     the ring they hang on, to a vertex of theirs, around them, and back to the same vertex. Each
     bridge is walked once each way, so it adds no crossing and no winding: a point not on a
     bridge is inside the ring iff it is inside ``geometry``. A hole hangs on its polygon's
-    exterior, a part on another part (a minimum spanning tree over the parts' distances); the
-    pair of vertices is the closest pair that is not horizontal, since GDAL (and polyburn's
-    kernel) paints a horizontal edge lying exactly on a row of pixel centres.
+    exterior, a part on another part (a minimum spanning tree over the parts' distances), so
+    bridges stay short (renderers that draw outlines, as OpenCV's fillPoly does, draw them);
+    the pair of vertices is the closest pair whose bridge is not level on a non-whole y, since
+    GDAL (and polyburn's kernel) paints a horizontal edge lying exactly on a row of pixel
+    centres (y = r + 0.5).
 
     No vertex is added or moved, so the pixel rule applied to the ring gives the region's pixels
     except at centres exactly on a bridge, and, for GDAL's horizontal-edge rule: a hole's
@@ -182,8 +185,7 @@ def single_ring(geometry: shapely.Geometry) -> np.ndarray:
             i, j = _closest_vertices(rings[exterior], rings[hole])
             hangs.append((exterior, i, hole, j))
     if len(polygons) > 1:
-        exteriors = shapely.get_exterior_ring(polygons)
-        for a, b in _spanning_tree(shapely.distance(exteriors[:, None], exteriors[None, :])):
+        for a, b in _spanning_tree(polygons):
             i, j = _closest_vertices(rings[exterior_of[a]], rings[exterior_of[b]])
             hangs.append((exterior_of[a], i, exterior_of[b], j))
     if not hangs:
@@ -197,42 +199,79 @@ def _open(ring: shapely.LinearRing) -> np.ndarray:
 
 
 def _closest_vertices(parent: np.ndarray, child: np.ndarray) -> tuple[int, int]:
-    """Indices (in parent, in child) of the closest pair of vertices whose bridge is not
-    horizontal (the closest pair of all when every candidate is horizontal)."""
+    """Indices (in parent, in child) of the closest pair of vertices, leaving out bridges level
+    on a y that is not a whole number (a row of pixel centres is at y = r + 0.5; pixel-edge
+    outlines of bitmaps are level on whole numbers, harmlessly). O((n + m) log n)."""
+    if len(parent) * len(child) <= _ALL_PAIRS**2:  # small rings: every pair, no tree
+        y = parent[:, None, 1]
+        d2 = ((parent[:, None, :] - child[None, :, :]) ** 2).sum(axis=2)
+        level = (y == child[None, :, 1]) & (y != np.floor(y))
+        if not level.all():
+            d2[level] = np.inf
+        i, j = np.unravel_index(np.argmin(d2), d2.shape)
+        return int(i), int(j)
     tree = shapely.STRtree(shapely.points(parent))
     (child_index, parent_index), distance = tree.query_nearest(
         shapely.points(child), return_distance=True, all_matches=True
     )
     order = np.lexsort((parent_index, child_index, distance))
-    sloped = parent[parent_index[order], 1] != child[child_index[order], 1]
-    best = order[np.argmax(sloped)] if sloped.any() else order[0]
-    if not sloped.any():
-        # every nearest pair is horizontal: take the closest sloped pair among all (rare)
-        dx = parent[:, None, :] - child[None, :, :]
-        d2 = np.where(dx[..., 1] != 0, (dx**2).sum(-1), np.inf)
-        if np.isfinite(d2).any():
-            i, j = np.unravel_index(np.argmin(d2), d2.shape)
-            return int(i), int(j)
-    return int(parent_index[best]), int(child_index[best])
+    parent_index, child_index = parent_index[order], child_index[order]
+    y = parent[parent_index, 1]
+    allowed = (y != child[child_index, 1]) | (y == np.floor(y))
+    if allowed.any():
+        best = int(np.argmax(allowed))
+        return int(parent_index[best]), int(child_index[best])
+    # every nearest pair is level off the whole numbers: from the closest parent vertex, the
+    # closest child vertex off its level (a ring with an area has one)
+    i = int(parent_index[0])
+    d2 = ((child - parent[i]) ** 2).sum(axis=1)
+    d2[child[:, 1] == parent[i, 1]] = np.inf
+    return i, int(np.argmin(d2))
 
 
-def _spanning_tree(distance: np.ndarray) -> list[tuple[int, int]]:
-    """Edges (attached, new) of a minimum spanning tree of a distance matrix, rooted at 0
-    (Prim's algorithm, O(n²))."""
-    n = len(distance)
-    attached = np.zeros(n, dtype=bool)
-    attached[0] = True
-    best = distance[0].astype(float).copy()
-    via = np.zeros(n, dtype=np.int64)
-    edges = []
-    for _ in range(n - 1):
-        candidates = np.where(attached, np.inf, best)
-        new = int(np.argmin(candidates))
-        edges.append((int(via[new]), new))
-        attached[new] = True
-        closer = distance[new] < best
-        best[closer] = distance[new][closer]
-        via[closer] = new
+def _spanning_tree(parts: np.ndarray) -> list[tuple[int, int]]:
+    """Edges (attached part, new part), root first, of a spanning tree of the parts that is a
+    minimum one over the distances between their exteriors among candidate pairs: every pair
+    for a few parts, else the Delaunay edges of their centroids plus a chain through them
+    sorted by position (O(n log n) pairs; the chain keeps the graph connected when centroids
+    coincide or are collinear)."""
+    n = len(parts)
+    if n <= _ALL_PAIRS:
+        first, second = np.triu_indices(n, k=1)
+    else:
+        centroids = shapely.get_coordinates(shapely.centroid(parts))
+        index = {tuple(c): k for k, c in reversed(list(enumerate(centroids.tolist())))}
+        triangulation = shapely.delaunay_triangles(shapely.multipoints(centroids), only_edges=True)
+        ends = shapely.get_coordinates(shapely.get_parts(triangulation)).reshape(-1, 2, 2)
+        pairs = [(index[tuple(a)], index[tuple(b)]) for a, b in ends.tolist()]
+        chain = np.lexsort((centroids[:, 1], centroids[:, 0]))
+        pairs.extend(zip(chain[:-1].tolist(), chain[1:].tolist(), strict=True))
+        first, second = np.array(pairs, dtype=np.int64).reshape(-1, 2).T
+    exteriors = shapely.get_exterior_ring(parts)
+    weights = shapely.distance(exteriors[first], exteriors[second])
+    root = list(range(n))
+
+    def find(k: int) -> int:
+        while root[k] != k:
+            root[k] = root[root[k]]
+            k = root[k]
+        return k
+
+    neighbours: dict[int, list[int]] = {}
+    for e in np.argsort(weights, kind="stable").tolist():
+        a, b = int(first[e]), int(second[e])
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            root[ra] = rb
+            neighbours.setdefault(a, []).append(b)
+            neighbours.setdefault(b, []).append(a)
+    edges, seen, queue = [], {0}, [0]
+    for a in queue:  # breadth first from part 0: each edge from the attached side
+        for b in neighbours.get(a, []):
+            if b not in seen:
+                seen.add(b)
+                queue.append(b)
+                edges.append((a, b))
     return edges
 
 
