@@ -145,13 +145,14 @@ def single_ring(geometry: shapely.Geometry) -> np.ndarray:
     is ``geometry``'s, for a non-empty valid Polygon or MultiPolygon.
 
     Orientation: every exterior has positive signed (shoelace) area and every hole negative
-    (``shapely.orient_polygons``), so the ring fills the region under the even-odd *and* the
-    nonzero rule. Holes and further parts are attached by zero-width bridges: from a vertex of
-    the ring they hang on, to a vertex of theirs, around them, and back to the same vertex. Each
-    bridge is walked once each way, so it adds no crossing and no winding: a point not on a
-    bridge is inside the ring iff it is inside ``geometry``. A hole hangs on its polygon's
-    exterior, a part on another part (a minimum spanning tree over the parts' distances), so
-    bridges stay short (renderers that draw outlines, as OpenCV's fillPoly does, draw them);
+    (``shapely.orient_polygons``; with y pointing down, exteriors run clockwise on screen), so
+    the ring fills the region under the even-odd *and* the nonzero rule. Holes and further parts
+    are attached by zero-width bridges: from a vertex of the ring they hang on, to a vertex of
+    theirs, around them, and back to the same vertex. Each bridge is walked once each way, so it
+    adds no crossing and no winding: a point not on a bridge is inside the ring iff it is inside
+    ``geometry``. A hole hangs on its polygon's exterior, a part on another part (a spanning
+    tree of the parts, minimum over the distances of candidate pairs: :func:`_spanning_tree`),
+    so bridges stay short (renderers that draw outlines, as OpenCV's fillPoly does, draw them);
     the pair of vertices is the closest pair whose bridge is not level on a non-whole y, since
     GDAL (and polyburn's kernel) paints a horizontal edge lying exactly on a row of pixel
     centres (y = r + 0.5).
@@ -167,7 +168,7 @@ def single_ring(geometry: shapely.Geometry) -> np.ndarray:
     polygons = polygons[shapely.get_type_id(polygons) == shapely.GeometryType.POLYGON]
     polygons = polygons[~shapely.is_empty(polygons)]
     if len(polygons) == 0:
-        raise ValueError(f"no polygon to make a ring of: {shapely.get_type_id(geometry)}")
+        raise ValueError(f"no polygon to make a ring of: {geometry.geom_type}")
     polygons = shapely.orient_polygons(polygons, exterior_cw=False)
     # the largest part first: it is the root the others hang on
     polygons = polygons[np.argsort(-shapely.area(polygons), kind="stable")]
@@ -284,7 +285,7 @@ def _walk(rings: list[np.ndarray], hangs: list[tuple[int, int, int, int]]) -> np
         children.setdefault(parent, {}).setdefault(i, []).append((child, j))
 
     def enter(ring: int, start: int) -> dict:
-        coords = np.roll(rings[ring], -start, axis=0)
+        coords = np.concatenate((rings[ring][start:], rings[ring][:start]))
         at = children.get(ring, {})
         steps = sorted(((v - start) % len(coords), list(kids)) for v, kids in at.items())
         return {"coords": coords, "steps": steps, "done": 0}
@@ -357,8 +358,9 @@ def label_lines(
                 continue
         # clip: only against rounding past 0 or 1
         points = np.round(np.clip(single_ring(region) / scale, 0.0, 1.0), DECIMALS) + 0.0
-        repeat = np.r_[False, (points[1:] == points[:-1]).all(axis=1)]
-        points = points[~repeat]
+        keep = np.ones(len(points), dtype=bool)
+        keep[1:] = (points[1:] != points[:-1]).any(axis=1)
+        points = points[keep]
         while len(points) > 1 and (points[-1] == points[0]).all():
             points = points[:-1]
         if len(points) < 3 or _shoelace(points) == 0:
@@ -370,7 +372,7 @@ def label_lines(
 def _shoelace(points: np.ndarray) -> float:
     """Twice the signed area of a ring (the region's area for a :func:`single_ring`)."""
     x, y = points[:, 0], points[:, 1]
-    return float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    return float(x[:-1] @ y[1:] - y[:-1] @ x[1:] + x[-1] * y[0] - y[-1] * x[0])
 
 
 def data_yaml(names: Sequence[str], splits: Mapping[str, Sequence[str]]) -> str:
