@@ -13,6 +13,7 @@ from polyburn import version
 from polyburn.destinations import Destination
 from polyburn.destinations.base import LABEL_MAP_KEY
 from polyburn.errors import ConfigError, ItemError, PolyburnError, TransientError
+from polyburn.coco import file_name
 from polyburn.geometry import repair_item
 from polyburn.labels import dump_label_map, load_label_map, palette, semantic_dtype
 from polyburn.manifest import output_keys
@@ -446,6 +447,7 @@ def _describe(item: Item) -> dict[str, Any]:
         "problems": [p.as_dict() for p in item.problems],
         "subset": item.subset,
         "labels": sorted(_labels_of(item)),
+        "file_name": file_name(item),
     }
 
 

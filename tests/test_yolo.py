@@ -3,8 +3,10 @@ instance mask ``build_masks`` burns for the same item (pure; no Prefect)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -425,3 +427,79 @@ def test_data_yaml_quotes_any_text(names, paths):
     data = yaml.safe_load(data_yaml(names, {"train": paths, "val": paths}))
     assert data["names"] == dict(enumerate(names))
     assert data["train"] == data["val"] == paths
+
+
+# ------------------------------------------------------------------------ the format, end to end
+@pytest.mark.usefixtures("prefect_api")
+def test_a_yolo_run_writes_label_files_that_burn_back_to_its_instance_masks(tmp_path):
+    """``--mode instance,yolo`` on the example export: a label file per image item and per
+    written frame of the video, each line burning back (polyburn's rule) onto its object's
+    pixels of the instance mask written in the same run, and data.yaml with the class names
+    and the ML subsets' image lists."""
+    from flows.polygons_to_masks import polygons_to_masks
+    from polyburn.encode import decode_mask
+    from polyburn.params import MaskOptions, RunParameters
+    from tests.support.oracle import EXAMPLES
+
+    dest = tmp_path / "masks"
+    options = MaskOptions(modes=["instance", "yolo"])
+    summary = polygons_to_masks(
+        RunParameters(source=str(EXAMPLES / "export"), destination=str(dest), options=options)
+    )
+    assert summary["failed"] == 0
+    label_map = json.loads((dest / "label_map.json").read_text())
+    names = class_names(label_map)
+    manifest = (dest / "manifest.jsonl").read_text().splitlines()
+    records = {r["path"]: r for r in map(json.loads, manifest)}
+    burned = 0
+    for path, record in records.items():
+        labels = sorted(o["key"] for o in record["outputs"] if o["key"].startswith("yolo/labels/"))
+        masks = sorted(o["key"] for o in record["outputs"] if o["key"].startswith("instance/"))
+        if record.get("video"):
+            first, last = record["video"]["frames"]
+            assert len(labels) == last - first + 1  # one per frame written
+        else:
+            assert labels == [f"yolo/labels/{path}.txt"]
+        for label_key in labels:
+            stem = label_key[len("yolo/labels/") : -len(".txt")]
+            instance = decode_mask((dest / f"instance/{stem}.png").read_bytes(), "png")
+            assert f"instance/{stem}.png" in masks
+            table = json.loads((dest / f"instance/{stem}.json").read_text())["instances"]
+            label_of = {row["id"]: row["label"] for row in table}
+            lines = parse((dest / label_key).read_text(), instance.shape[1], instance.shape[0])
+            present = [k for k in np.unique(instance) if k]
+            assert len(lines) == len(present)  # an object with no visible pixel has no line
+            for (class_index, ring), k in zip(lines, sorted(present), strict=True):
+                assert names[class_index] == label_of[k]
+                drawn = burn_ring(ring, *instance.shape, "kernel")
+                pixels = instance == k
+                boundary = shapely.Polygon(ring).boundary
+                wrong = [  # centres on the ring (ties, the example's half-pixel edges) aside
+                    (r, c)
+                    for r, c in zip(*np.nonzero(drawn != pixels), strict=True)
+                    if boundary.distance(shapely.Point(c + 0.5, r + 0.5)) > TIE
+                ]
+                missed = sum(1 for r, c in wrong if pixels[r, c])
+                assert missed <= 0.001 * pixels.sum(), (stem, k)
+                assert len(wrong) - missed <= 0.001 * pixels.sum(), (stem, k)
+                burned += 1
+    assert burned > 20
+
+    data = yaml.safe_load((dest / "yolo/data.yaml").read_text())
+    assert data["names"] == dict(enumerate(names))
+    assert data["train"] == ["train.txt"] and data["val"] == ["val.txt"]
+    for split, subset in (("train", "train"), ("val", "validation"), ("test", "test")):
+        listed = (dest / f"yolo/{split}.txt").read_text().splitlines()
+        wanted = []
+        for path, record in sorted(records.items()):
+            if record.get("subset") != subset:
+                continue
+            if record.get("video"):
+                first, last = record["video"]["frames"]
+                wanted += [f"./images/{path}/{f:06d}.jpg" for f in range(first, last + 1)]
+            else:
+                wanted.append(f"./images/{path}{Path(record['file_name']).suffix}")
+        assert listed == wanted
+    splits = ("train", "val", "test")
+    assert sum(len((dest / f"yolo/{s}.txt").read_text().splitlines()) for s in splits) > 0
+    assert summary["outputs_written"] > 0

@@ -23,14 +23,24 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import shapely
 
-from polyburn.model import Shape
+from polyburn.formats import OutputFile, OutputFormat
+from polyburn.masks import ItemMasks
+from polyburn.model import Item, Shape
+
+if TYPE_CHECKING:
+    from polyburn.destinations.base import FileDestination
+    from polyburn.manifest import RecordSpool
 
 __all__ = [
     "DECIMALS",
+    "FORMAT",
     "MIN_PART_AREA",
     "SPLITS",
     "class_names",
@@ -422,3 +432,84 @@ def _yaml_char(c: str) -> str:
     if printable and code not in (0x2028, 0x2029, 0xFEFF, 0x85):
         return c
     return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+# ------------------------------------------------------------------------------ the format
+LABELS = "yolo/labels/"
+DATA_YAML = "yolo/data.yaml"
+_SPLIT_OF = {"train": "train", "validation": "val", "test": "test"}  # polyburn's → YOLO's
+
+
+class Yolo(OutputFormat):
+    """Ultralytics YOLO segmentation labels (module docstring) and ``yolo/data.yaml``."""
+
+    name = "yolo"
+    summary = (
+        "YOLO segmentation labels: a line per object, its class index (0-based, label-map "
+        "order) and its visible region as one polygon normalised to [0, 1], with data.yaml"
+    )
+    order = 50
+    layers = frozenset({"instance"})
+    writes = "`yolo/labels/<path>.txt` per item (per frame of a video); `yolo/data.yaml`"
+
+    def prepare(self, masks: ItemMasks, item: Item, label_map: Mapping[str, int]) -> None:
+        regions = visible_regions(masks.shapes, masks.instance_values)
+        text = label_lines(regions, masks.instance_table, label_map, item.width, item.height)
+        masks.extras[self.name] = text
+
+    def files(
+        self, masks: ItemMasks, item: Item, fmt: str, palette: Sequence[int] | None, path: str
+    ) -> list[OutputFile]:
+        text = masks.extras[self.name].encode("utf-8")
+        return [OutputFile(f"{LABELS}{path}.txt", text, "text/plain")]
+
+    def dataset_files(
+        self, store: FileDestination, spool: RecordSpool, scratch: Path
+    ) -> dict[str, int]:
+        """``yolo/data.yaml`` with the class names, and ``yolo/train.txt``, ``val.txt`` and
+        ``test.txt`` listing the images of each ML subset (unassigned items are in none) where
+        Ultralytics looks for them: ``yolo/images/<path><ext>``, beside ``yolo/labels/``. Written
+        when some ``ok`` record lists a label file; otherwise earlier ones are removed."""
+        from polyburn.dataset import subset_of
+        from polyburn.destinations.base import LABEL_MAP_KEY
+        from polyburn.labels import parse_label_map
+
+        counts = dict.fromkeys(_SPLIT_OF.values(), 0)
+        any_labels = False
+        with ExitStack() as stack:
+            lists = {
+                s: stack.enter_context(open(scratch / f"yolo-{s}.txt", "w", encoding="utf-8"))
+                for s in counts
+            }
+            for record in spool.records():
+                images = _images(record) if record.get("status") == "ok" else []
+                any_labels = any_labels or bool(images)
+                split = _SPLIT_OF.get(subset_of(record))
+                if split:
+                    lists[split].writelines(f"./images/{image}\n" for image in images)
+                    counts[split] += len(images)
+        keys = [f"yolo/{s}.txt" for s in counts]
+        if not any_labels:
+            stale = [e.key for e in store.entries("yolo/") if e.key in {DATA_YAML, *keys}]
+            if stale:
+                store.remove(stale)
+            return {}
+        for split, key in zip(counts, keys, strict=True):
+            store.write_file(key, scratch / f"yolo-{split}.txt")
+        label_map = parse_label_map(store.read_text(LABEL_MAP_KEY) or "{}", LABEL_MAP_KEY)
+        lists_of = {split: [f"{split}.txt"] for split in counts}
+        store.write_text(DATA_YAML, data_yaml(class_names(label_map), lists_of))
+        return {f"yolo/{split}.txt": n for split, n in counts.items()}
+
+
+def _images(record: Mapping[str, Any]) -> list[str]:
+    """The image paths (under ``yolo/images/``) of the label files a record lists: the item's
+    file's extension for an image item, ``.jpg`` for a video's frames (``ffmpeg`` names them
+    ``<frame:06d>.jpg``, :func:`polyburn.coco.frame_image`)."""
+    keys = [o["key"] for o in record.get("outputs", []) if str(o.get("key", "")).startswith(LABELS)]
+    suffix = PurePosixPath(str(record.get("file_name") or "")).suffix or ".jpg"
+    frames = record.get("video") is not None
+    return [key[len(LABELS) : -len(".txt")] + (".jpg" if frames else suffix) for key in keys]
+
+
+FORMAT = Yolo()
