@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from polyburn import version
+from polyburn.coco import file_name
 from polyburn.destinations import Destination
 from polyburn.destinations.base import LABEL_MAP_KEY
 from polyburn.errors import ConfigError, ItemError, PolyburnError, TransientError
-from polyburn.coco import file_name
 from polyburn.geometry import repair_item
 from polyburn.labels import dump_label_map, load_label_map, palette, semantic_dtype
 from polyburn.manifest import output_keys
