@@ -39,6 +39,7 @@ from polyburn.params import RunParameters
 from polyburn.records import BatchResult
 from polyburn.report import failures_markdown, previews_markdown, summary_table
 from polyburn.state import (
+    attach_snapshot,
     clear_failed_marks,
     create_record,
     destination_clock,
@@ -199,7 +200,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     refs = list_run_items(params, run)
     labels = settle_labels(params, refs, run)
     with _run_spool() as (spool, scratch):
-        burned = burn_and_publish(params, run, refs, labels, spool)
+        burned = burn_and_publish(params, run, refs, labels, spool, scratch)
         dataset = write_dataset_state(params, run, refs, spool, scratch)
         summary = summarize(params, run, spool, labels, burned, dataset)
     _report(summary, params, burned.tally, get_run_logger())
@@ -284,16 +285,23 @@ def _run_spool() -> Iterator[tuple[RecordSpool, Path]]:
 
 
 def burn_and_publish(
-    params: RunParameters, run: RunStart, refs: list[ItemRef], labels: RunLabels, spool
+    params: RunParameters,
+    run: RunStart,
+    refs: list[ItemRef],
+    labels: RunLabels,
+    spool: RecordSpool,
+    scratch: Path,
 ) -> Burned:
     """Every item burned and published, in batches on this machine, or by shard runs; each
-    item's record goes into ``spool``."""
+    item's record goes into ``spool``. The batches read the records the last snapshot holds
+    from a copy of it, not one by one (:func:`~polyburn.state.attach_snapshot`)."""
     tally = RunTally(spool)
     if params.shards > 1 and refs:
         shards = _run_sharded(params, refs, labels.label_map, run.destination, spool)
         return Burned(tally, shards)
     batches = batches_of(refs, params.batch_size)
-    _burn_all(params, batches, labels.label_map, labels.colours, run.destination, tally)
+    with attach_snapshot(run.destination.state, scratch, len(refs)):
+        _burn_all(params, batches, labels.label_map, labels.colours, run.destination, tally)
     return Burned(tally)
 
 
