@@ -36,7 +36,7 @@ from polyburn.destinations.base import MANIFEST_KEY
 from polyburn.manifest import RecordSpool, output_keys, unpack_records
 from polyburn.model import ItemRef
 from polyburn.params import RunParameters
-from polyburn.records import BatchResult
+from polyburn.records import BatchResult, RunSummary
 from polyburn.report import failures_markdown, previews_markdown, summary_table
 from polyburn.state import (
     attach_snapshot,
@@ -205,9 +205,15 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
         summary = summarize(params, run, spool, labels, burned, dataset)
     _report(summary, params, burned.tally, get_run_logger())
     advance_watermark(params, run, dataset)
-    if summary["failed"] and params.strict:
-        return Failed(message=f"{summary['failed']} item(s) failed", data=summary)
-    return Completed(message=f"{summary['ok']} ok, {summary['failed']} failed", data=summary)
+    return _final_state(summary, params)
+
+
+def _final_state(summary: RunSummary, params: RunParameters):
+    """Completed, or Failed when an item failed in ``strict`` mode; the summary as its data."""
+    data = summary.as_dict()
+    if summary.failed and params.strict:
+        return Failed(message=f"{summary.failed} item(s) failed", data=data)
+    return Completed(message=f"{summary.ok} ok, {summary.failed} failed", data=data)
 
 
 @dataclass(frozen=True)
@@ -322,23 +328,18 @@ def summarize(
     labels: RunLabels,
     burned: Burned,
     dataset: DatasetState,
-) -> dict[str, Any]:
+) -> RunSummary:
     """The run summary: the records' counts, plus the label map, retries, cached batches,
     unchanged items, shards, removed items and the polyburn version."""
-    summary = spool.counts.as_dict(time.perf_counter() - run.started)
     if params.shard_of is None:  # every rejection, for the CLI's --json
         progress.report_records(spool.records())
-    if dataset.removed_items is not None:
-        summary["removed_items"] = dataset.removed_items
-    if burned.shards is not None:
-        summary["shards"] = burned.shards
-    summary.update(
-        label_map=labels.label_map,
-        retries=burned.tally.retries,
-        cached_batches=burned.tally.cached,
-        unchanged_items=burned.tally.unchanged,
-        polyburn_version=version(),
-    )
+    summary = spool.counts.summary(time.perf_counter() - run.started)
+    summary.label_map = labels.label_map
+    summary.retries = burned.tally.retries
+    summary.cached_batches = burned.tally.cached
+    summary.unchanged_items = burned.tally.unchanged
+    summary.polyburn_version = version()
+    summary.shards, summary.removed_items = burned.shards, dataset.removed_items
     return summary
 
 
@@ -545,19 +546,23 @@ def _remove_vanished(destination, params: RunParameters, refs: list[ItemRef]) ->
     return sorted(gone)
 
 
-def _report(summary: dict, params: RunParameters, tally: RunTally, logger) -> None:
-    _publish_artifacts(summary, params, [tally.previews[p] for p in sorted(tally.previews)])
+def _report(summary: RunSummary, params: RunParameters, tally: RunTally, logger) -> None:
+    """The run's artifacts (summary table, failures, previews) and log lines."""
+    previews = [tally.previews[p] for p in sorted(tally.previews)]
+    _publish_artifacts(summary.as_dict(), params, previews)
     logger.info(
-        "%d items: %d ok, %d failed; %d annotations, %d repairs, %d rejected; %d batches cached",
-        summary["items"],
-        summary["ok"],
-        summary["failed"],
-        summary["annotations"],
-        summary["repairs"],
-        summary["rejected"],
+        "%d items: %d ok, %d failed; %d annotations, %d repairs, %d rejected; %d batches "
+        "cached, %d items unchanged",
+        summary.items,
+        summary.ok,
+        summary.failed,
+        summary.annotations,
+        summary.repairs,
+        summary.rejected,
         tally.cached,
+        tally.unchanged,
     )
-    for failure in summary["failures"][:20]:
+    for failure in summary.failures[:20]:
         logger.warning("failed: %s", failure["error"])
 
 
