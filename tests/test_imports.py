@@ -19,10 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("polyburn", "flows", "tasks", "deployments")
 
-#: Cycles that exist through a lazy (function-level) import and are yet to be broken. This set
-#: may only shrink: dataloop_json.parse_item imports polyburn.video inside the function, and
-#: video builds on dataloop_json's annotation helpers.
-KNOWN_LAZY_CYCLES = {frozenset({"polyburn.dataloop_json", "polyburn.video"})}
+#: Cycles through lazy (function-level) imports that are yet to be broken: none. This set may
+#: only shrink.
+KNOWN_LAZY_CYCLES: set[frozenset[str]] = set()
 
 
 def _modules() -> dict[str, Path]:
