@@ -1,4 +1,5 @@
-"""What the deployments read from the environment, checked once, before anything is registered.
+"""What the deployments read from the environment (:mod:`polyburn.settings`), checked once, before
+anything is registered.
 
 =============================  ===================  ============================================
 variable                       default              meaning
@@ -21,7 +22,6 @@ Relative local paths are relative to the working directory of the process that r
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,25 +49,17 @@ class DeploymentSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> DeploymentSettings:
         """Settings from ``POLYBURN_*`` variables (``os.environ`` by default); unset or empty
         variables keep the defaults. Raises ConfigError naming the variable that is wrong."""
-        env = os.environ if env is None else env
-        defaults = cls()
+        from polyburn import settings as config
 
-        def get(name: str, default: str) -> str:
-            value = env.get(name, "").strip()
-            return value or default
-
+        current = config.settings() if env is None else config.Settings.from_env(env)
         settings = cls(
-            source=get("POLYBURN_SOURCE", defaults.source),
-            destination=get("POLYBURN_DESTINATION", defaults.destination),
-            modes=tuple(
-                m.strip()
-                for m in get("POLYBURN_MODES", ",".join(defaults.modes)).split(",")
-                if m.strip()
-            ),
-            nightly_cron=get("POLYBURN_NIGHTLY_CRON", defaults.nightly_cron),
-            timezone=get("POLYBURN_TIMEZONE", defaults.timezone),
-            debounce_seconds=_integer(env, "POLYBURN_DEBOUNCE_SECONDS", defaults.debounce_seconds),
-            serve_limit=_integer(env, "POLYBURN_SERVE_LIMIT", defaults.serve_limit or 0) or None,
+            source=current.source,
+            destination=current.destination,
+            modes=current.modes,
+            nightly_cron=current.nightly_cron,
+            timezone=current.timezone,
+            debounce_seconds=current.debounce_seconds,
+            serve_limit=current.serve_limit or None,
         )
         settings.check()
         return settings
@@ -125,13 +117,3 @@ class DeploymentSettings:
             "destination": self.destination,
             "options": {"modes": list(self.modes)},
         }
-
-
-def _integer(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer (got {raw!r})") from None

@@ -17,7 +17,6 @@ shard run and its state: nothing is dropped silently.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,14 +27,12 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled
 
+from polyburn import settings as config
 from polyburn.errors import ConfigError
 from polyburn.model import ItemRef
 from polyburn.params import RunParameters, ShardOf
 
 SHARD_ATTEMPTS = 2
-POLL_SECONDS = float(os.environ.get("POLYBURN_SHARD_POLL_SECONDS", "5"))
-START_TIMEOUT = float(os.environ.get("POLYBURN_SHARD_START_TIMEOUT", "900"))
-"""Seconds a shard run may wait for a worker; then it is cancelled and counted as failed."""
 
 
 def split_evenly(refs: list[ItemRef], count: int) -> list[list[ItemRef]]:
@@ -82,8 +79,8 @@ def run_shards(
     "attempts", "ran_here", "refs", "completed"}`` per shard.
 
     A shard run that ends without completing is started once more. A shard no worker starts
-    within ``START_TIMEOUT`` is cancelled and, when ``run_here`` is given, run by calling
-    ``run_here(shard_params)`` (the parent's process, as a subflow) instead.
+    within ``POLYBURN_SHARD_START_TIMEOUT`` is cancelled and, when ``run_here`` is given, run
+    by calling ``run_here(shard_params)`` (the parent's process, as a subflow) instead.
     """
     check_shard_deployment(params.shard_deployment)
     slices = split_evenly(refs, params.shards)
@@ -144,7 +141,7 @@ def run_shards(
                 "no worker started shard %d of %d within %.0f s; running it in this process",
                 k + 1,
                 count,
-                START_TIMEOUT,
+                config.settings().shard_start_timeout,
             )
         state = run_here(shard_params(k))
         outcome[k].update(
@@ -190,11 +187,14 @@ def _wait_for_runs(
 ) -> tuple[dict[int, Any], set[int]]:
     """Poll the flow runs until each is final; ``on_done(k)`` as shard ``k`` finishes.
 
-    A run no worker has started within ``START_TIMEOUT`` seconds is cancelled (its state
-    message says why) instead of hanging the parent; returns the final runs and those shards.
+    A run no worker has started within ``POLYBURN_SHARD_START_TIMEOUT`` seconds is cancelled
+    (its state message says why) instead of hanging the parent; returns the final runs and
+    those shards.
     """
     final: dict[int, Any] = {}
     timed_out: set[int] = set()
+    start_timeout = config.settings().shard_start_timeout
+    poll_seconds = config.settings().shard_poll_seconds
     since = time.monotonic()
     with get_client(sync_client=True) as client:
         while len(final) < len(runs):
@@ -203,11 +203,11 @@ def _wait_for_runs(
                     continue
                 current = client.read_flow_run(run.id)
                 state = current.state
-                if state and state.is_scheduled() and time.monotonic() - since > START_TIMEOUT:
+                if state and state.is_scheduled() and time.monotonic() - since > start_timeout:
                     client.set_flow_run_state(
                         run.id,
                         Cancelled(
-                            message=f"no worker started it within {START_TIMEOUT:.0f} s; is "
+                            message=f"no worker started it within {start_timeout:.0f} s; is "
                             "`polyburn serve --deployment shard` or a worker running?"
                         ),
                         force=True,
@@ -219,5 +219,5 @@ def _wait_for_runs(
                     final[k] = current
                     on_done(k)
             if len(final) < len(runs):
-                time.sleep(POLL_SECONDS)
+                time.sleep(poll_seconds)
     return final, timed_out

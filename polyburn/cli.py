@@ -260,8 +260,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.dataloop_concurrency is not None:
         if args.dataloop_concurrency < 1:
             raise ConfigError("--dataloop-concurrency must be at least 1")
-        # the environment reaches the burn workers this run starts
-        os.environ["POLYBURN_DATALOOP_CONCURRENCY"] = str(args.dataloop_concurrency)
+        from polyburn import settings as config
+
+        # the burn workers this run starts are handed these settings (polyburn.parallel)
+        config.override(dataloop_concurrency=args.dataloop_concurrency)
     _check_before_prefect(params)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

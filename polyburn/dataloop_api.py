@@ -16,7 +16,8 @@ call). The contract:
     the CLI stay clean.
 
 * **Credentials**: the API key comes from the Prefect ``Secret`` block named by
-  ``DATALOOP_API_KEY_BLOCK`` when set, else from ``DATALOOP_API_KEY``; never from code. Dataloop API
+  ``DATALOOP_API_KEY_BLOCK`` when set, else from ``DATALOOP_API_KEY`` (resolved by
+  :func:`polyburn.settings.credential`, like every credential); never from code. Dataloop API
   keys are JWTs; ``ApiClient.login_api_key`` sets the key as the bearer token and checks it with
   ``GET /users/me``. The key and the token are redacted from every message polyburn produces.
 
@@ -104,6 +105,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from polyburn import settings as config
 from polyburn.errors import ConfigError, PolyburnError, TransientError
 
 log = logging.getLogger("polyburn.dataloop")
@@ -114,17 +116,6 @@ T = TypeVar("T")
 ENV_API_KEY = "DATALOOP_API_KEY"
 ENV_API_KEY_BLOCK = "DATALOOP_API_KEY_BLOCK"
 ENV_GATE_URL = "DATALOOP_GATE_URL"
-ENV_ATTEMPTS = "POLYBURN_DATALOOP_ATTEMPTS"
-ENV_BACKOFF_BASE = "POLYBURN_DATALOOP_BACKOFF_BASE"
-ENV_BACKOFF_MAX = "POLYBURN_DATALOOP_BACKOFF_MAX"
-ENV_MAX_RETRY_AFTER = "POLYBURN_DATALOOP_MAX_RETRY_AFTER"
-ENV_TIMEOUT = "POLYBURN_DATALOOP_TIMEOUT"
-ENV_LIMIT = "POLYBURN_DATALOOP_LIMIT"
-ENV_LIMIT_TTL = "POLYBURN_DATALOOP_LIMIT_TTL"
-ENV_LIMIT_BATCH = "POLYBURN_DATALOOP_LIMIT_BATCH"
-ENV_CONCURRENCY = "POLYBURN_DATALOOP_CONCURRENCY"
-DEFAULT_CONCURRENCY = 8
-DEFAULT_LIMIT = "dataloop-api"
 CONNECT_TIMEOUT = 10.0
 PAGE_SIZE_MAX = 1000
 
@@ -218,15 +209,20 @@ def _quiet_sdk_logger() -> None:
         logger.addHandler(_ForwardHandler(logging.DEBUG))
 
 
+_home: str | None = None
+
+
 def _private_home() -> str:
-    """``DATALOOP_PATH``: the operator's value, else a fresh 0700 temp folder removed at exit."""
-    current = os.environ.get("DATALOOP_PATH")
+    """``DATALOOP_PATH``: the operator's value, else a fresh 0700 temp folder removed at exit
+    (exported, since dtlpy reads the variable itself when it is imported)."""
+    global _home
+    current = config.settings().dataloop_path or _home
     if current:
         return current
-    path = tempfile.mkdtemp(prefix="polyburn-dtlpy-")
-    os.environ["DATALOOP_PATH"] = path
-    atexit.register(shutil.rmtree, path, True)
-    return path
+    _home = tempfile.mkdtemp(prefix="polyburn-dtlpy-")
+    os.environ["DATALOOP_PATH"] = _home
+    atexit.register(shutil.rmtree, _home, True)
+    return _home
 
 
 def dtlpy() -> ModuleType:
@@ -248,7 +244,7 @@ def dtlpy() -> ModuleType:
 # ------------------------------------------------------------------------------------ policy
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard :func:`call` tries; read from the environment at each call (cheap)."""
+    """How hard :func:`call` tries: the ``POLYBURN_DATALOOP_*`` settings."""
 
     attempts: int = 6
     backoff_base: float = 0.5
@@ -258,12 +254,13 @@ class RetryPolicy:
 
     @classmethod
     def from_env(cls) -> RetryPolicy:
+        current = config.settings()
         return cls(
-            attempts=max(1, int(env_float(ENV_ATTEMPTS, cls.attempts))),
-            backoff_base=max(0.0, env_float(ENV_BACKOFF_BASE, cls.backoff_base)),
-            backoff_max=max(0.0, env_float(ENV_BACKOFF_MAX, cls.backoff_max)),
-            max_retry_after=max(0.0, env_float(ENV_MAX_RETRY_AFTER, cls.max_retry_after)),
-            timeout=max(0.001, env_float(ENV_TIMEOUT, cls.timeout)),
+            attempts=current.dataloop_attempts,
+            backoff_base=current.dataloop_backoff_base,
+            backoff_max=current.dataloop_backoff_max,
+            max_retry_after=current.dataloop_max_retry_after,
+            timeout=current.dataloop_timeout,
         )
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
@@ -273,17 +270,6 @@ class RetryPolicy:
         if retry_after is not None:
             return max(min(retry_after, self.max_retry_after), backoff)
         return backoff
-
-
-def env_float(name: str, default: float) -> float:
-    """A float setting from the environment (``default`` when unset); ConfigError otherwise."""
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return float(default)
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
 
 
 # ------------------------------------------------------------------------------------ session
@@ -329,32 +315,21 @@ def reset_session() -> None:
 
 
 def _fingerprint() -> tuple[str, str, str]:
-    block = os.environ.get(ENV_API_KEY_BLOCK, "").strip()
-    gate = os.environ.get(ENV_GATE_URL, "").strip()
+    current = config.settings()
+    block = current.dataloop_api_key_block or ""
+    gate = current.dataloop_gate_url or ""
     if block:
         return ("block", block, gate)
-    key = os.environ.get(ENV_API_KEY, "").strip()
+    secret = current.dataloop_api_key
+    key = secret.get_secret_value().strip() if secret is not None else ""
     digest = hashlib.sha256(key.encode()).hexdigest() if key else ""
     return ("env", digest, gate)
 
 
 def _api_key(fingerprint: tuple[str, str, str]) -> str:
-    kind, name, _ = fingerprint
-    if kind == "block":
-        try:
-            from prefect.blocks.system import Secret
-
-            value = Secret.load(name).get()
-        except Exception as exc:  # noqa: BLE001 - any failure to read the block is a config error
-            raise ConfigError(
-                f"cannot read the Dataloop API key from Prefect Secret block {name!r} "
-                f"({ENV_API_KEY_BLOCK}): {type(exc).__name__}"
-            ) from None
-        key = str(value or "").strip()
-        origin = f"Prefect Secret block {name!r}"
-    else:
-        key = os.environ.get(ENV_API_KEY, "").strip()
-        origin = ENV_API_KEY
+    resolved = config.credential("dataloop_api_key")
+    key = resolved.secret.get_secret_value().strip() if resolved.secret is not None else ""
+    origin = resolved.origin or ENV_API_KEY
     if not key:
         raise ConfigError(
             f"no Dataloop API key: set {ENV_API_KEY} or name a Prefect Secret block in "
@@ -739,7 +714,7 @@ _flight: tuple[int, threading.BoundedSemaphore] | None = None
 def concurrency() -> int:
     """Dataloop requests one process keeps in flight: ``POLYBURN_DATALOOP_CONCURRENCY``
     (default 8, at least 1)."""
-    return max(1, int(env_float(ENV_CONCURRENCY, DEFAULT_CONCURRENCY)))
+    return config.settings().dataloop_concurrency
 
 
 @contextlib.contextmanager
@@ -816,15 +791,13 @@ _reserves: dict[str, _Reserve] = {}
 
 def limit_name() -> str:
     """The Prefect global concurrency limit Dataloop calls take slots from ('' disables)."""
-    return os.environ.get(ENV_LIMIT, DEFAULT_LIMIT).strip()
+    return config.settings().dataloop_limit
 
 
 def slots_per_acquire(info: LimitInfo) -> int:
     """How many rate-limit slots one Prefect round trip takes: ``POLYBURN_DATALOOP_LIMIT_BATCH``,
     else a quarter of the limit (at most 10), never more than the limit."""
-    wanted = env_float(ENV_LIMIT_BATCH, 0.0)
-    if wanted < 1:
-        wanted = min(10, info.limit // 4)
+    wanted = config.settings().dataloop_limit_batch or min(10, info.limit // 4)
     return max(1, min(int(wanted), info.limit))
 
 
@@ -901,7 +874,7 @@ def _in_prefect_run() -> bool:
 def limit_info(name: str) -> LimitInfo | None:
     """The limit named ``name`` (None when missing or inactive), looked up at most once per
     ``POLYBURN_DATALOOP_LIMIT_TTL`` seconds per process."""
-    ttl = env_float(ENV_LIMIT_TTL, 60.0)
+    ttl = config.settings().dataloop_limit_ttl
     now = time.monotonic()
     with _limit_lock:
         cached = _limit_infos.get(name)

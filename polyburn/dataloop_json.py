@@ -26,30 +26,37 @@ down.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import io
 import json
 import math
 from collections import Counter
 from collections.abc import Mapping
 from itertools import chain
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
+from polyburn.dataloop_annotation import (
+    _XY,
+    BINARY,
+    PIXEL_TYPES,
+    POLYBURN_MARKER,
+    POLYGON,
+    AnnotationRejected,
+    _mapping,
+    _PerPoint,
+    _ring_lists,
+    _text,
+    annotation_head,
+    object_id,
+    set_coordinates,
+)
 from polyburn.errors import ItemError
 from polyburn.model import Annotation, Item, Problem
+from polyburn.video import is_video, parse_video
 
-POLYGON = "segment"
-BINARY = "binary"
-PIXEL_TYPES = (POLYGON, BINARY)
-POLYBURN_MARKER = "polyburn"
 ML_SUBSETS = ("train", "validation", "test")
 DEFAULT_MAX_PIXELS = 100_000_000
-_PNG_URI_PREFIX = "data:image/png;base64,"
 
 try:  # several times faster than the json module; used where it decodes to the same values
     import orjson as _orjson
@@ -60,7 +67,6 @@ _BOM = b"\xef\xbb\xbf"
 # with a run of 19 or more digits go to the json module (digits become "1", the rest "0").
 _DIGITS = bytes(49 if 48 <= b <= 57 else 48 for b in range(256))
 _LONG_NUMBER = b"1" * 19
-_XY = itemgetter("x", "y")
 
 
 def decode_json(raw: bytes, item: str) -> Any:
@@ -134,8 +140,6 @@ def parse_item(
         revision = annotations_revision(raw_annotations)
     subsets = ml_subsets(system.get("tags"))
 
-    from polyburn.video import is_video, parse_video  # it builds on this module
-
     video = None
     if is_video(_mapping(data.get("metadata")), raw_annotations):  # tracks, burned per frame
         video, problems, skipped = parse_video(raw_annotations, _mapping(data.get("metadata")))
@@ -188,40 +192,6 @@ def annotations_revision(raw_annotations: Any) -> str:
     """A stable sha256 of the annotations' JSON (key order does not matter)."""
     canonical = json.dumps(raw_annotations, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def object_id(value: Any) -> int | None:
-    """``metadata.system.objectId`` as an int, or None when missing or not a whole number."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    return None
-
-
-def _json_text(value: Any) -> str:
-    """A JSON value as short text for a report (at most 40 characters)."""
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=str)
-    except (ValueError, RecursionError):
-        text = repr(value)
-    return text if len(text) <= 40 else text[:39] + "…"
-
-
-class AnnotationRejected(Exception):
-    """An annotation that cannot be read; ``problem`` says why."""
-
-    def __init__(self, problem: Problem) -> None:
-        super().__init__(problem.reason)
-        self.problem = problem
-
-
-class _PerPoint(Exception):
-    """The item's rings cannot all be converted in one go: parse it ring by ring."""
 
 
 def _parse_annotations(
@@ -297,159 +267,6 @@ def _parse_annotation(
     return annotation
 
 
-def annotation_head(raw: Any, index: int) -> Annotation | str:
-    """An annotation's id, type, label and objectId, without its coordinates; the type name
-    (for ``Item.skipped``) when it is not a pixel type or was written by polyburn.
-
-    Raises AnnotationRejected (its ``problem``) for an annotation that is not an object or has
-    no string type, or a pixel annotation without a label.
-    """
-    if not isinstance(raw, Mapping):
-        raise AnnotationRejected(
-            Problem(f"annotation must be an object, not {type(raw).__name__}", f"#{index}")
-        )
-    annotation_id = _text(raw.get("id")) or _text(raw.get("_id")) or f"#{index}"
-    kind = raw.get("type")
-    if not isinstance(kind, str):
-        raise AnnotationRejected(Problem("missing or non-string 'type'", annotation_id, "type"))
-    metadata = _mapping(raw.get("metadata"))
-    if POLYBURN_MARKER in _mapping(metadata.get("user")):
-        return f"{kind} (written by polyburn)"
-    if kind not in PIXEL_TYPES:
-        return kind
-    label = raw.get("label")
-    if not isinstance(label, str) or not label:
-        raise AnnotationRejected(Problem("missing or empty 'label'", annotation_id, "label"))
-    raw_object_id = _mapping(metadata.get("system")).get("objectId")
-    annotation = Annotation(
-        annotation_id=annotation_id,
-        label=label,
-        type=kind,
-        index=index,
-        object_id=object_id(raw_object_id),
-    )
-    if annotation.object_id is None and raw_object_id is not None:
-        annotation.bad_object_id = _json_text(raw_object_id)
-    return annotation
-
-
-def set_coordinates(annotation: Annotation, coordinates: Any, width: int, height: int) -> None:
-    """Parse ``coordinates`` (polygon rings or a binary mask, by ``annotation.type``) into
-    ``annotation``; raises AnnotationRejected when they cannot be read."""
-    if annotation.type == POLYGON:
-        annotation.rings = _parse_rings(coordinates, annotation.annotation_id)
-    else:
-        annotation.mask = _decode_binary(coordinates, annotation.annotation_id, width, height)
-
-
-def _ring_lists(coordinates: Any) -> list[list]:
-    """The rings of well-formed polygon coordinates, for the batched conversion; anything
-    :func:`_parse_rings` would reject raises _PerPoint (so it is reported exactly as before)."""
-    if not isinstance(coordinates, list) or not coordinates:
-        raise _PerPoint
-    if isinstance(coordinates[0], Mapping):  # legacy flat list of points: a single ring
-        return [coordinates]
-    for ring in coordinates:
-        if not isinstance(ring, list):
-            raise _PerPoint
-    return coordinates
-
-
-def _parse_rings(coordinates: Any, annotation_id: str) -> list[np.ndarray]:
-    if not isinstance(coordinates, list) or not coordinates:
-        raise AnnotationRejected(
-            Problem("polygon has no coordinates", annotation_id, "coordinates")
-        )
-    if isinstance(coordinates[0], Mapping):  # legacy flat list of points: a single ring
-        coordinates = [coordinates]
-    rings = []
-    for r, ring in enumerate(coordinates):
-        if not isinstance(ring, list):
-            raise AnnotationRejected(
-                Problem(f"ring {r} is not a list of points", annotation_id, f"coordinates[{r}]")
-            )
-        rings.append(_ring_array(ring, annotation_id, r))
-    return rings
-
-
-def _ring_array(ring: list, annotation_id: str, r: int) -> np.ndarray:
-    """(N, 2) float64 of x, y; a point whose x or y is not a number becomes NaN (repaired later)."""
-    try:
-        return np.array([(p["x"], p["y"]) for p in ring], dtype=np.float64).reshape(-1, 2)
-    except (TypeError, KeyError, ValueError, OverflowError):
-        pass
-    out = np.empty((len(ring), 2), dtype=np.float64)
-    for i, point in enumerate(ring):
-        if isinstance(point, Mapping):
-            out[i] = (_number(point.get("x")), _number(point.get("y")))
-        elif isinstance(point, list | tuple) and len(point) >= 2:
-            out[i] = (_number(point[0]), _number(point[1]))
-        else:
-            raise AnnotationRejected(
-                Problem(
-                    f"point {i} of ring {r} is not an {{x, y}} object",
-                    annotation_id,
-                    f"coordinates[{r}][{i}]",
-                )
-            )
-    return out
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool):
-        return math.nan
-    if isinstance(value, int | float):
-        try:
-            return float(value)
-        except OverflowError:
-            return math.nan
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return math.nan
-    return math.nan
-
-
-def _decode_binary(coordinates: Any, annotation_id: str, width: int, height: int) -> np.ndarray:
-    if isinstance(coordinates, Mapping):
-        coordinates = coordinates.get("data")
-    if not isinstance(coordinates, str) or not coordinates.startswith(_PNG_URI_PREFIX):
-        raise AnnotationRejected(
-            Problem("binary mask is not a PNG data URI", annotation_id, "coordinates")
-        )
-    from PIL import Image  # only items with binary masks need it
-
-    try:
-        png = base64.b64decode(coordinates[len(_PNG_URI_PREFIX) :], validate=False)
-        with Image.open(io.BytesIO(png)) as image:
-            if image.format != "PNG":
-                raise ValueError("not a PNG")
-            if image.width * image.height > width * height:
-                raise ValueError(f"{image.width}x{image.height} is larger than the item")
-            image.load()
-            mask = _alpha_mask(image)
-    except (OSError, ValueError, binascii.Error, Image.DecompressionBombError) as exc:
-        raise AnnotationRejected(
-            Problem(f"binary mask cannot be decoded: {exc}", annotation_id, "coordinates")
-        ) from None
-    if mask.shape != (height, width):
-        raise AnnotationRejected(
-            Problem(
-                f"binary mask is {mask.shape[1]}x{mask.shape[0]}, item is {width}x{height}",
-                annotation_id,
-                "coordinates",
-            )
-        )
-    return mask
-
-
-def _alpha_mask(image) -> np.ndarray:
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        return np.asarray(image.convert("RGBA"))[:, :, 3] > 127
-    return np.asarray(image.convert("L")) > 0
-
-
 def _dimension(system: Mapping, name: str, path: str) -> int:
     value = system.get(name)
     field = f"metadata.system.{name}"
@@ -466,13 +283,20 @@ def _dimension(system: Mapping, name: str, path: str) -> int:
     return int(number)
 
 
-def _mapping(value: Any) -> Mapping:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return ""
+__all__ = [  # the annotation-level names are defined in polyburn.dataloop_annotation
+    "BINARY",
+    "DEFAULT_MAX_PIXELS",
+    "ML_SUBSETS",
+    "PIXEL_TYPES",
+    "POLYBURN_MARKER",
+    "POLYGON",
+    "AnnotationRejected",
+    "annotation_head",
+    "annotations_revision",
+    "decode_json",
+    "ml_subsets",
+    "object_id",
+    "parse_item",
+    "set_coordinates",
+    "subset_problem",
+]

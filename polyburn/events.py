@@ -35,7 +35,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -176,29 +175,17 @@ def single(values: list[str] | None) -> str | None:
     return values[0] if values and len(values) == 1 else None
 
 
-def load_verifier(env: Mapping[str, str] | None = None) -> Verifier:
-    """A Verifier with the secret and token from the environment, or from the Prefect Secret
-    blocks the ``*_BLOCK`` variables name (loaded once, now). ConfigError when neither is set."""
-    env = os.environ if env is None else env
+def load_verifier() -> Verifier:
+    """A Verifier with the webhook secret and token resolved by
+    :func:`polyburn.settings.credential` (a Prefect Secret block named by a ``*_BLOCK`` setting,
+    else the value; loaded once, now). ConfigError when neither is set."""
+    from polyburn.settings import credential
 
-    def credential(name: str) -> str | None:
-        value = env.get(name, "")
-        if value:
-            return value
-        block = env.get(f"{name}_BLOCK", "").strip()
-        if not block:
-            return None
-        from prefect.blocks.system import Secret
-
-        try:
-            return str(Secret.load(block).get())
-        except ValueError as exc:
-            raise ConfigError(f"{name}_BLOCK: cannot load Secret block {block!r}: {exc}") from None
-
-    secret = credential("POLYBURN_WEBHOOK_SECRET")
+    secret = credential("webhook_secret").secret
+    token = credential("webhook_token").secret
     return Verifier(
-        secret=secret.encode() if secret else None,
-        token=credential("POLYBURN_WEBHOOK_TOKEN"),
+        secret=secret.get_secret_value().encode() if secret else None,
+        token=token.get_secret_value() if token else None,
     )
 
 

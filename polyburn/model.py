@@ -6,13 +6,10 @@ source --ItemRef--> loader --Item--> repair --RepairedAnnotation--> burn --ItemM
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import numpy as np
 import shapely
-
-if TYPE_CHECKING:
-    from polyburn.video import Video
 
 
 @dataclass(frozen=True)
@@ -130,8 +127,8 @@ class Item:
     """When the source read the item's annotations ahead of processing it (a bulk read, seconds
     since the epoch), or None when it read them just now."""
     video: Video | None = field(default=None, repr=False)
-    """A video item's tracks (:mod:`polyburn.video`); ``annotations`` is then empty and its
-    masks are burned frame by frame. None for images."""
+    """A video item's tracks (:class:`Video`, parsed by :mod:`polyburn.video`); ``annotations``
+    is then empty and its masks are burned frame by frame. None for images."""
     subset: str | None = None
     """The item's Dataloop ML subset (``train``, ``validation`` or ``test``, from
     ``metadata.system.tags``), None when it has none or more than one (then reported in
@@ -161,3 +158,73 @@ def _with_frame(entry: dict[str, Any], frame: int | None) -> dict[str, Any]:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(float(value), 4)
+
+
+# ---------------------------------------------------------------------------- video tracks
+# The records of a video item (parsed by polyburn.video, burned by polyburn.video_burn).
+Frames = Literal["span", "all"]
+
+
+@dataclass(frozen=True)
+class Rings:
+    """Polygon rings parsed ahead of the burn: float64 (N, 2) arrays, ring 0 the exterior."""
+
+    arrays: tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True)
+class State:
+    """An object's state from ``frame`` on: its label, whether it is visible, and its
+    coordinates: :class:`Rings` for readable polygon coordinates (so the decoded item JSON need
+    not be kept while the frames are burned), else as in the JSON (a binary mask's data URI, or
+    coordinates that are rejected when their first frame is burned); None when hidden."""
+
+    frame: int
+    label: str
+    visible: bool
+    data: Any = field(repr=False)
+
+
+@dataclass
+class Track:
+    """One annotation of a video item: ``head`` (id, type, first label, file position,
+    objectId, and the instance id it burns), its states sorted by frame (one per frame, the
+    first at the object's first frame), and its last frame (inclusive)."""
+
+    head: Annotation
+    states: list[State]
+    end: int
+
+    @property
+    def first(self) -> int:
+        return self.states[0].frame
+
+    def labels(self) -> set[str]:
+        return {state.label for state in self.states}
+
+
+@dataclass
+class Video:
+    """The tracks of a video item, in file order, and its frame count (None when unknown) with
+    where that came from; ``repairs`` holds what was changed in the tracks' frame ranges."""
+
+    tracks: list[Track]
+    frame_count: int | None = None
+    count_source: str | None = None
+    repairs: list[Repair] = field(default_factory=list)
+
+    def labels(self) -> set[str]:
+        return set().union(*(track.labels() for track in self.tracks))
+
+    def frames(self, which: Frames = "span") -> range:
+        """The frames to write. ``span``: from the first frame of any track to the last frame of
+        any track (empty without tracks); ``all``: 0 to frame count - 1, or to the span's end
+        when the frame count is unknown (also when it is smaller, which bounds cannot allow)."""
+        if which not in ("span", "all"):
+            raise ValueError(f"frames must be 'span' or 'all', not {which!r}")
+        end = max((track.end for track in self.tracks), default=-1) + 1
+        if which == "all":
+            return range(0, max(end, self.frame_count or 0))
+        if not self.tracks:
+            return range(0)
+        return range(min(track.first for track in self.tracks), end)

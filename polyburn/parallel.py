@@ -8,8 +8,9 @@ is retried by Prefect) and the next call starts a new pool.
 
 Workers stay lean: they do not re-import the parent's ``__main__`` (for the ``polyburn`` command
 that is the CLI, hence Prefect; jobs hold nothing defined there), and the modules they import
-defer rasterio, PIL and pydantic to the code paths that use them. They also keep glibc's large
-blocks on the heap (see :func:`_steady_malloc`).
+defer rasterio and PIL to the code paths that use them (pydantic comes with the parent's
+:mod:`polyburn.settings`, handed to each worker as it starts, so a worker sees the parent's
+values). They also keep glibc's large blocks on the heap (see :func:`_steady_malloc`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from polyburn import settings as config
 from polyburn.destinations import Destination, open_destination
 from polyburn.errors import TransientError
 from polyburn.labels import semantic_dtype
@@ -40,7 +42,6 @@ if TYPE_CHECKING:
     from polyburn.params import MaskOptions
 
 ITEM_RETRIES = 3
-ITEM_RETRY_DELAY = float(os.environ.get("POLYBURN_ITEM_RETRY_DELAY", "1.0"))  # seconds
 PARENT_CHECK_SECONDS = 0.5
 _pool: ProcessPoolExecutor | None = None
 _pool_size = 0
@@ -122,7 +123,8 @@ def process_items(
             again = [k for k, record in enumerate(records) if record.get("transient")]
             if not again:
                 break
-            time.sleep(ITEM_RETRY_DELAY * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+            delay = config.settings().item_retry_delay
+            time.sleep(delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
             redo = [_again(jobs[k], attempt) for k in again]
             redone = _run_jobs(redo, source, destination, workers)
             for k, record in zip(again, redone, strict=True):
@@ -334,8 +336,10 @@ def _work(
     )
 
 
-def _init_worker(parent: int) -> None:
-    """Worker initializer."""
+def _init_worker(parent: int, settings: config.Settings) -> None:
+    """Worker initializer: the parent's settings (not those of the environment it inherited,
+    which :func:`polyburn.settings.override` may have changed since)."""
+    config.use(settings)
     _die_with_parent(parent)
     _steady_malloc()
 
@@ -388,7 +392,7 @@ def _shared_pool(workers: int) -> ProcessPoolExecutor:
                 workers,
                 mp_context=_WorkerContext(),
                 initializer=_init_worker,
-                initargs=(os.getpid(),),
+                initargs=(os.getpid(), config.settings()),
             )
             _pool_size = workers
         return _pool

@@ -15,7 +15,6 @@ does not reproduce GDAL on (``kernel.needs_reference``). ``POLYBURN_ENGINE=raste
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -23,12 +22,12 @@ from typing import Literal
 import numpy as np
 import shapely
 
+from polyburn import settings as config
 from polyburn.model import Shape
 
 DrawOrder = Literal["file", "area"]
 
 ENGINES = ("kernel", "rasterio")
-ENGINE = os.environ.get("POLYBURN_ENGINE", "kernel")
 
 
 def order_shapes(shapes: Sequence[Shape], order: DrawOrder = "file") -> list[Shape]:
@@ -84,7 +83,7 @@ def burn_geometries(
     out: np.ndarray, pairs: Sequence[tuple[shapely.Geometry, int]], engine: str | None = None
 ) -> np.ndarray:
     """Paint (geometry, value) pairs into ``out`` in order; one call for all of them."""
-    engine = engine or ENGINE
+    engine = engine or config.settings().engine
     if engine == "kernel":
         from polyburn import kernel as _kernel
 

@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from polyburn import settings as config
 from polyburn.destinations.base import (
     LABEL_MAP_KEY,
     MANIFEST_KEY,
@@ -68,12 +69,19 @@ CLAIMS = ".polyburn/claims/"
 FAILED = ".polyburn/failed/"
 LAYOUT_KEY = ".polyburn/layout"
 LAYOUT = "records-1"
-LEASE_SECONDS = float(os.environ.get("POLYBURN_LEASE_SECONDS", "300"))
-"""How long a lease of a holder on another host counts as held. A lease of this host is freed
-as soon as its process is gone."""
-LEASE_WAIT_SECONDS = float(os.environ.get("POLYBURN_LEASE_WAIT_SECONDS", "600"))
-"""How long a run waits for an item another run is writing before reporting it busy."""
 CAS_ATTEMPTS = 50
+
+
+def lease_seconds() -> float:
+    """How long a lease of a holder on another host counts as held (``POLYBURN_LEASE_SECONDS``).
+    A lease of this host is freed as soon as its process is gone."""
+    return config.settings().lease_seconds
+
+
+def lease_wait_seconds() -> float:
+    """How long a run waits for an item another run is writing before reporting it busy
+    (``POLYBURN_LEASE_WAIT_SECONDS``)."""
+    return config.settings().lease_wait_seconds
 
 
 def record_key(path: str) -> str:
@@ -193,7 +201,7 @@ def _parse_record(data: bytes | None) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------------------- leases
 class ItemBusyError(TransientError):
-    """Another run kept the item's lease for longer than ``LEASE_WAIT_SECONDS``."""
+    """Another run kept the item's lease for longer than ``POLYBURN_LEASE_WAIT_SECONDS``."""
 
 
 class ItemLease:
@@ -221,14 +229,15 @@ class ItemLease:
                 "owner": self.owner,
                 "host": host_name(),
                 "pid": os.getpid(),
-                "expires": time.time() + LEASE_SECONDS,
+                "expires": time.time() + lease_seconds(),
                 "abandoned": abandoned,
             }
         ).encode("utf-8")
 
-    def acquire(self, wait: float = LEASE_WAIT_SECONDS) -> None:
+    def acquire(self, wait: float | None = None) -> None:
         """Take the lease, waiting while a live holder (a lease or a batch claim) has the item;
-        raises ItemBusyError after ``wait`` seconds."""
+        raises ItemBusyError after ``wait`` seconds (default :func:`lease_wait_seconds`)."""
+        wait = lease_wait_seconds() if wait is None else wait
         deadline = time.monotonic() + wait
         delay = 0.005
         while True:
@@ -266,9 +275,9 @@ class ItemLease:
         self.taken_over = False
 
     def renew(self) -> None:
-        """Push the lease's expiry ``LEASE_SECONDS`` ahead again (compare-and-swap); done every
-        ``LEASE_SECONDS / 3`` while it is held, so an item that takes longer than
-        ``LEASE_SECONDS`` to write keeps its lease. A lease another run took over meanwhile
+        """Push the lease's expiry :func:`lease_seconds` ahead again (compare-and-swap); done
+        every third of it while it is held, so an item that takes longer than that to write
+        keeps its lease. A lease another run took over meanwhile
         (this process stalled past the expiry) is marked ``lost``."""
         with self._lock:
             if self.tag is None:
@@ -355,15 +364,17 @@ class BatchClaim:
                 "owner": self.owner,
                 "host": host_name(),
                 "pid": os.getpid(),
-                "expires": time.time() + LEASE_SECONDS,
+                "expires": time.time() + lease_seconds(),
                 "abandoned": abandoned,
                 "paths": self.paths,
             }
         ).encode("utf-8")
 
-    def acquire(self, wait: float = LEASE_WAIT_SECONDS) -> None:
+    def acquire(self, wait: float | None = None) -> None:
         """Claim the items, waiting while live writers hold some of them; after ``wait``
-        seconds the items still held by others move to ``busy`` and the rest are claimed."""
+        seconds (default :func:`lease_wait_seconds`) the items still held by others move to
+        ``busy`` and the rest are claimed."""
+        wait = lease_wait_seconds() if wait is None else wait
         deadline = time.monotonic() + wait
         delay = 0.005
         while self.paths:
@@ -415,8 +426,8 @@ def batch_claim(
 
 class ClaimCheck:
     """A burn worker's view of its batch's claim, held by its parent process: :meth:`check`
-    raises when another run took the claim over. It reads the claim at most once every
-    ``LEASE_SECONDS / 3`` (as often as the holder renews it), so fast items cost nothing."""
+    raises when another run took the claim over. It reads the claim at most once every third
+    of :func:`lease_seconds` (as often as the holder renews it), so fast items cost nothing."""
 
     def __init__(self, store: FileDestination, key: str, owner: str) -> None:
         self.store, self.key, self.owner = store, key, owner
@@ -424,7 +435,7 @@ class ClaimCheck:
         self.lost = False
 
     def check(self) -> None:
-        if not self.lost and time.monotonic() - self.checked >= LEASE_SECONDS / 3:
+        if not self.lost and time.monotonic() - self.checked >= lease_seconds() / 3:
             self.checked = time.monotonic()
             body = _parse_json(self.store.get(self.key))
             self.lost = body.get("owner") != self.owner or bool(body.get("abandoned"))
@@ -567,7 +578,7 @@ class _Renewals:
 
     def _run(self) -> None:
         while True:
-            every = LEASE_SECONDS / 3
+            every = lease_seconds() / 3
             time.sleep(min(every / 4, 1.0))
             with self._lock:
                 due = [le for le in self._held if time.monotonic() - le.renewed >= every]

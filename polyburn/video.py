@@ -33,18 +33,19 @@ import copy
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
-
-from polyburn.dataloop_json import POLYGON, AnnotationRejected, annotation_head, set_coordinates
+from polyburn.dataloop_annotation import (
+    POLYGON,
+    AnnotationRejected,
+    annotation_head,
+    set_coordinates,
+)
 from polyburn.instances import MAX_INSTANCE_ID, usable_object_id
-from polyburn.model import Annotation, Problem, Repair
+from polyburn.model import Annotation, Problem, Repair, Rings, State, Track, Video
 
 MAX_FRAME = 10_000_000
 """Largest frame number accepted (about 46 hours at 60 fps)."""
-Frames = Literal["span", "all"]
 FRAME_COUNT_SOURCES = (
     "metadata.system.nb_frames",
     "metadata.system.ffmpeg.nb_read_frames",
@@ -53,80 +54,16 @@ FRAME_COUNT_SOURCES = (
 )
 
 
-@dataclass(frozen=True)
-class Rings:
-    """Polygon rings parsed ahead of the burn: float64 (N, 2) arrays, ring 0 the exterior."""
-
-    arrays: tuple[np.ndarray, ...]
-
-
-@dataclass(frozen=True)
-class State:
-    """An object's state from ``frame`` on: its label, whether it is visible, and its
-    coordinates: :class:`Rings` for readable polygon coordinates (so the decoded item JSON need
-    not be kept while the frames are burned), else as in the JSON (a binary mask's data URI, or
-    coordinates that are rejected when their first frame is burned); None when hidden."""
-
-    frame: int
-    label: str
-    visible: bool
-    data: Any = field(repr=False)
-
-    def annotation(self, head: Annotation, width: int, height: int) -> Annotation:
-        """The annotation this state draws: ``head`` (id, type, objectId, instance id) with this
-        state's label and coordinates. Raises AnnotationRejected when they cannot be read."""
-        annotation = copy.copy(head)
-        annotation.label = self.label
-        if isinstance(self.data, Rings):
-            annotation.rings = list(self.data.arrays)
-        else:
-            set_coordinates(annotation, self.data, width, height)
-        return annotation
-
-
-@dataclass
-class Track:
-    """One annotation of a video item: ``head`` (id, type, first label, file position,
-    objectId, and the instance id it burns), its states sorted by frame (one per frame, the
-    first at the object's first frame), and its last frame (inclusive)."""
-
-    head: Annotation
-    states: list[State]
-    end: int
-
-    @property
-    def first(self) -> int:
-        return self.states[0].frame
-
-    def labels(self) -> set[str]:
-        return {state.label for state in self.states}
-
-
-@dataclass
-class Video:
-    """The tracks of a video item, in file order, and its frame count (None when unknown) with
-    where that came from; ``repairs`` holds what was changed in the tracks' frame ranges."""
-
-    tracks: list[Track]
-    frame_count: int | None = None
-    count_source: str | None = None
-    repairs: list[Repair] = field(default_factory=list)
-
-    def labels(self) -> set[str]:
-        return set().union(*(track.labels() for track in self.tracks))
-
-    def frames(self, which: Frames = "span") -> range:
-        """The frames to write. ``span``: from the first frame of any track to the last frame of
-        any track (empty without tracks); ``all``: 0 to frame count - 1, or to the span's end
-        when the frame count is unknown (also when it is smaller, which bounds cannot allow)."""
-        if which not in ("span", "all"):
-            raise ValueError(f"frames must be 'span' or 'all', not {which!r}")
-        end = max((track.end for track in self.tracks), default=-1) + 1
-        if which == "all":
-            return range(0, max(end, self.frame_count or 0))
-        if not self.tracks:
-            return range(0)
-        return range(min(track.first for track in self.tracks), end)
+def state_annotation(state: State, head: Annotation, width: int, height: int) -> Annotation:
+    """The annotation ``state`` draws: ``head`` (id, type, objectId, instance id) with the
+    state's label and coordinates. Raises AnnotationRejected when they cannot be read."""
+    annotation = copy.copy(head)
+    annotation.label = state.label
+    if isinstance(state.data, Rings):
+        annotation.rings = list(state.data.arrays)
+    else:
+        set_coordinates(annotation, state.data, width, height)
+    return annotation
 
 
 def is_video(metadata: Mapping[str, Any], raw_annotations: list) -> bool:

@@ -20,7 +20,7 @@ from polyburn.geometry import repair_item
 from polyburn.labels import palette, semantic_dtype
 from polyburn.masks import ItemMasks, build_masks
 from polyburn.model import Annotation, Item, Shape
-from polyburn.video import Track, active_states, number_tracks
+from polyburn.video import Track, active_states, number_tracks, state_annotation
 
 if TYPE_CHECKING:
     from polyburn.destinations import Destination
@@ -178,7 +178,7 @@ class VideoBurn:
             if not state.visible:
                 continue
             try:
-                annotation = state.annotation(track.head, item.width, item.height)
+                annotation = state_annotation(state, track.head, item.width, item.height)
             except AnnotationRejected as rejected:
                 rejected.problem.frame = state.frame
                 rejected.problem.label = state.label

@@ -17,6 +17,15 @@ import pytest  # noqa: E402
 from tests.support.gate_fixtures import *  # noqa: E402,F403
 from tests.support.oracle import EXAMPLES  # noqa: E402
 from tests.support.s3_fixtures import *  # noqa: E402,F403
+from tests.support.settings import SettingsMonkeyPatch  # noqa: E402
+
+
+@pytest.fixture
+def monkeypatch():
+    """pytest's ``monkeypatch``, with the settings forgotten whenever the environment changes."""
+    patch = SettingsMonkeyPatch()
+    yield patch
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,7 @@ from polyburn.pipeline import process_item, write_label_map
 from polyburn.sources.dataloop import DataloopSource, parse_colour
 from tests.support.fake_gate import FakeGate, make_fake_jwt
 from tests.support.oracle import rasterio_oracle, raw_rings
+from tests.support.settings import SettingsMonkeyPatch
 
 QUERY = r"/datasets/[0-9a-f]{24}/query$"
 ONTOLOGY = [
@@ -53,7 +54,7 @@ ALL_MODES = ["semantic", "instance", "binary"]
 @pytest.fixture(scope="module", autouse=True)
 def dataloop_env(fake_gate: FakeGate, fake_gate_token: str, tmp_path_factory):
     """Point polyburn at the fake gate with the session's token; tiny backoff; private state."""
-    mp = pytest.MonkeyPatch()
+    mp = SettingsMonkeyPatch()
     mp.setenv("DATALOOP_GATE_URL", fake_gate.api_url)
     mp.setenv("DATALOOP_API_KEY", fake_gate_token)
     mp.delenv("DATALOOP_API_KEY_BLOCK", raising=False)

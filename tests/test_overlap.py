@@ -368,7 +368,7 @@ def test_a_lease_held_longer_than_its_expiry_is_renewed_and_a_taken_over_one_is_
     """A writer busy for several lease lifetimes (a long video) keeps its lease: its stored
     expiry moves ahead, so another host never takes it over. A lease taken over while held
     (this process stalled past the expiry) is marked lost, not silently overwritten."""
-    monkeypatch.setattr(state, "LEASE_SECONDS", 0.6)
+    monkeypatch.setenv("POLYBURN_LEASE_SECONDS", "0.6")
     store = open_destination(dest_uri).state
     with item_lease(store, "long/video") as lease:
         time.sleep(2.0)  # over three lease lifetimes
@@ -396,7 +396,7 @@ def test_a_writer_whose_lease_was_taken_over_stores_no_record(tmp_path, monkeypa
     from polyburn.pipeline import process_item, scan_labels
     from polyburn.sources import open_source
 
-    monkeypatch.setattr(state, "LEASE_SECONDS", 0.3)
+    monkeypatch.setenv("POLYBURN_LEASE_SECONDS", "0.3")
     source = open_source(str(make_export(tmp_path / "export")))
     destination = LocalDestination(tmp_path / "dest")
     (ref,) = source.find(["batch000/img_000000"])

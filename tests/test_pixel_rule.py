@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from polyburn import raster
 from polyburn.geometry import repair_item
 from polyburn.masks import build_masks
 from polyburn.model import Annotation, Item
@@ -300,7 +299,7 @@ def test_shared_and_missing_object_ids_match_a_per_object_rasterio_oracle(
             k = fresh
         members.setdefault(k, []).append(a.annotation_id)
         expected[rasterio_oracle(a.rings, h, w)] = k
-    monkeypatch.setattr(raster, "ENGINE", engine)
+    monkeypatch.setenv("POLYBURN_ENGINE", engine)
     masks = build_masks(item, shapes, ["instance"], {"a": 1, "b": 2}, np.dtype(np.uint8))
     assert (masks.instance == expected).all()
     assert {row["id"]: row["annotations"] for row in masks.instance_table} == members

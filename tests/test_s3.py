@@ -713,7 +713,7 @@ def test_settings_from_the_environment(s3_env, s3_bucket, monkeypatch):
     assert config.s3 == {"addressing_style": "path"}  # a custom endpoint
     assert destination.max_attempts == 7 and destination.uri == f"s3://{s3_bucket}"
     monkeypatch.setenv("POLYBURN_S3_MAX_ATTEMPTS", "0")
-    with pytest.raises(ConfigError, match="POLYBURN_S3_MAX_ATTEMPTS must be >= 1"):
+    with pytest.raises(ConfigError, match="POLYBURN_S3_MAX_ATTEMPTS must be at least 1"):
         S3Destination.from_uri(f"s3://{s3_bucket}")
 
 

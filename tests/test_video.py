@@ -440,7 +440,6 @@ def test_the_frames_choice_reaches_the_burn_jobs_the_cache_key_and_the_cli(tmp_p
 def test_a_video_stops_when_another_run_took_its_lease_over(tmp_path, monkeypatch):
     """Leases are renewed while held (tests/test_overlap.py); a video checks after each frame
     that its lease is still its own and stops with a transient error when it is not."""
-    from polyburn import state
     from polyburn.errors import TransientError
     from polyburn.state import ItemLease, lease_key
 
@@ -448,7 +447,7 @@ def test_a_video_stops_when_another_run_took_its_lease_over(tmp_path, monkeypatc
     assert record["status"] == "ok" and frames_written(tmp_path / "masks") == list(range(6))
     assert not (tmp_path / "masks" / lease_key("clips/v")).exists()  # released at the end
 
-    monkeypatch.setattr(state, "LEASE_SECONDS", 0.3)
+    monkeypatch.setenv("POLYBURN_LEASE_SECONDS", "0.3")
     store = LocalDestination(tmp_path / "state")
     mine, theirs = ItemLease(store, "clips/v"), ItemLease(store, "clips/v")
     mine.acquire()

@@ -66,6 +66,7 @@ import numpy as np
 
 import polyburn
 from polyburn import dataloop_api as api
+from polyburn import settings as config
 from polyburn.destinations.base import LABEL_MAP_KEY, Destination, OutputRecord
 from polyburn.destinations.local import LocalDestination
 from polyburn.errors import ConfigError, ItemError, PolyburnError, TransientError
@@ -82,7 +83,6 @@ TOOL = "polyburn"
 UPLOAD_BATCH = 100
 DELETE_BATCH = 1000  # ids in one bulk delete
 CLEANUP = "cleanup"  # the record field carrying replaced annotation ids to finish_batch
-ENV_STATE_DIR = "POLYBURN_STATE_DIR"
 
 
 @dataclass
@@ -105,13 +105,7 @@ class _Planned:
 
 def state_dir(dataset_id: str) -> Path:
     """Where the label map and manifest of a Dataloop destination are kept."""
-    root = os.environ.get(ENV_STATE_DIR, "").strip()
-    if not root:
-        cache = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(
-            os.path.expanduser("~"), ".cache"
-        )
-        root = os.path.join(cache, "polyburn")
-    return Path(root) / "dataloop" / dataset_id
+    return config.settings().dataloop_state_root / "dataloop" / dataset_id
 
 
 class DataloopDestination(Destination):

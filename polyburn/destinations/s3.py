@@ -79,6 +79,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from polyburn import settings as config
 from polyburn.destinations.base import (
     JSON_CONTENT_TYPE,
     FileDestination,
@@ -94,16 +95,8 @@ log = logging.getLogger("polyburn.s3")
 T = TypeVar("T")
 
 ENV_BLOCK = "POLYBURN_AWS_CREDENTIALS_BLOCK"
-ENV_MAX_ATTEMPTS = "POLYBURN_S3_MAX_ATTEMPTS"
-ENV_CONNECT_TIMEOUT = "POLYBURN_S3_CONNECT_TIMEOUT"
-ENV_READ_TIMEOUT = "POLYBURN_S3_READ_TIMEOUT"
-ENV_MAX_POOL = "POLYBURN_S3_MAX_POOL"
-ENV_ADDRESSING_STYLE = "POLYBURN_S3_ADDRESSING_STYLE"
-ENV_CONCURRENCY = "POLYBURN_S3_CONCURRENCY"
 
 DEFAULT_MAX_ATTEMPTS = 5
-DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_MAX_POOL = 32
 DEFAULT_CONCURRENCY = DEFAULT_MAX_POOL  # requests in flight per process: one per pooled connection
 SMALL_BODY = 1 << 20  # uploads up to this size skip Expect: 100-continue
@@ -250,9 +243,9 @@ class S3Destination(FileDestination):
             The endpoint could not be reached within the retry budget (with ``check``).
         """
         bucket, prefix = parse_s3_uri(uri)
-        max_attempts = _env_int(ENV_MAX_ATTEMPTS, DEFAULT_MAX_ATTEMPTS, minimum=1)
-        pool = _env_int(ENV_MAX_POOL, DEFAULT_MAX_POOL, minimum=1)
-        concurrency = _env_int(ENV_CONCURRENCY, pool, minimum=1)
+        current = config.settings()
+        max_attempts = current.s3_max_attempts
+        concurrency = current.s3_concurrency or current.s3_max_pool
         source = "client given"
         if client is None:
             client, source = _make_client(bucket, max_attempts)
@@ -812,74 +805,53 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 def _make_client(bucket: str, max_attempts: int) -> tuple[Any, str]:
     """(S3 client, where its credentials come from) per the module docstring."""
-    config = Config(
+    current = config.settings()
+    botocore_config = Config(
         retries={"mode": "standard", "total_max_attempts": max_attempts},
-        connect_timeout=_env_float(ENV_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT),
-        read_timeout=_env_float(ENV_READ_TIMEOUT, DEFAULT_READ_TIMEOUT),
-        max_pool_connections=_env_int(ENV_MAX_POOL, DEFAULT_MAX_POOL, minimum=1),
+        connect_timeout=current.s3_connect_timeout,
+        read_timeout=current.s3_read_timeout,
+        max_pool_connections=current.s3_max_pool,
     )
-    style = os.environ.get(ENV_ADDRESSING_STYLE, "").strip().lower()
-    if style and style not in ("auto", "path", "virtual"):
-        raise ConfigError(f"{ENV_ADDRESSING_STYLE} must be auto, path or virtual, not {style!r}")
-    block_name = os.environ.get(ENV_BLOCK, "").strip()
-    if block_name:
-        session, params, source = _block_session(block_name)
+    style = current.s3_addressing_style or ""
+    block = config.credential("aws", current).block
+    if block is not None:
+        session, params, source = _block_session(block, current.aws_credentials_block or "")
     else:
         session, params, source = boto3.session.Session(), {}, "the boto3 default chain"
     block_config = params.pop("config", None)
     if block_config is not None:
-        config = config.merge(block_config)  # the block's explicit options win
+        botocore_config = botocore_config.merge(block_config)  # the block's explicit options win
     explicit_style = style or (getattr(block_config, "s3", None) or {}).get("addressing_style")
     if explicit_style:
-        config = config.merge(Config(s3={"addressing_style": explicit_style}))
+        botocore_config = botocore_config.merge(Config(s3={"addressing_style": explicit_style}))
     try:
-        client = session.client("s3", config=config, **params)
+        client = session.client("s3", config=botocore_config, **params)
         if not explicit_style and _is_custom_endpoint(client.meta.endpoint_url):
             # S3-compatible stores (MinIO, SeaweedFS, Ceph) expect path-style addressing
             client = session.client(
-                "s3", config=config.merge(Config(s3={"addressing_style": "path"})), **params
+                "s3",
+                config=botocore_config.merge(Config(s3={"addressing_style": "path"})),
+                **params,
             )
     except BotoCoreError as exc:
         raise ConfigError(
             f"cannot create an S3 client for bucket '{bucket}': {type(exc).__name__}: {exc}"
         ) from None
-    if not block_name:
+    if block is None:
         credentials = session.get_credentials()
         if credentials is not None and credentials.method:
             source = f"the boto3 default chain ({credentials.method})"
     return client, source
 
 
-def _block_session(name: str) -> tuple[Any, dict[str, Any], str]:
-    """(boto3 session, client parameters, label) from a Prefect AWS credentials block.
-
-    ``name`` is an ``AwsCredentials`` block name, or ``<block-type-slug>/<name>`` for another
-    credentials block with ``get_boto3_session()`` (e.g. ``minio-credentials/x``).
-    """
-    try:
-        from prefect_aws import AwsCredentials
-    except ImportError:
-        raise ConfigError(
-            f"{ENV_BLOCK}={name} needs the prefect-aws package (pip install prefect-aws), "
-            "or unset it to use boto3's default credential chain"
-        ) from None
-    try:
-        if "/" in name:
-            from prefect.blocks.core import Block
-
-            block = Block.load(name)
-        else:
-            block = AwsCredentials.load(name)
-    except Exception as exc:  # noqa: BLE001 - prefect raises ValueError or HTTP errors
-        raise ConfigError(
-            f"cannot load the AWS credentials block {name!r}: {type(exc).__name__}"
-        ) from None
-    get_session = getattr(block, "get_boto3_session", None)
-    if get_session is None:
-        raise ConfigError(f"block {name!r} is not an AWS credentials block")
+def _block_session(block: Any, name: str) -> tuple[Any, dict[str, Any], str]:
+    """(boto3 session, client parameters, label) from a Prefect AWS credentials block, loaded by
+    :func:`polyburn.settings.credential` from ``name``: an ``AwsCredentials`` block name, or
+    ``<block-type-slug>/<name>`` for another credentials block with ``get_boto3_session()``
+    (e.g. ``minio-credentials/x``)."""
     parameters = getattr(block, "aws_client_parameters", None)
     params = dict(parameters.get_params_override()) if parameters is not None else {}
-    return get_session(), params, f"the Prefect block {name!r}"
+    return block.get_boto3_session(), params, f"the Prefect block {name!r}"
 
 
 def _why_different(
@@ -955,32 +927,6 @@ def _public_endpoint(url: str) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}"
-
-
-def _env_int(name: str, default: int, minimum: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, not {value}")
-    return value
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, not {raw!r}") from None
-    if not value > 0:
-        raise ConfigError(f"{name} must be > 0, not {raw}")
-    return value
 
 
 __all__ = ["S3Destination", "UnsafeKeyError", "parse_s3_uri"]

@@ -33,6 +33,7 @@ from typing import Any
 
 from polyburn import dataloop_api as api
 from polyburn import dataloop_bulk as bulk
+from polyburn import settings as config
 from polyburn.dataloop_json import BINARY, DEFAULT_MAX_PIXELS, POLYBURN_MARKER, POLYGON, parse_item
 from polyburn.errors import ConfigError, ItemError
 from polyburn.keys import item_path_from_filename
@@ -119,7 +120,7 @@ class DataloopSource:
         assert dataset_id is not None
         parsed_filter = parse_filter(item_filter)
         if page_size is None:
-            page_size = int(api.env_float("POLYBURN_DATALOOP_PAGE_SIZE", api.PAGE_SIZE_MAX))
+            page_size = config.settings().dataloop_page_size
         return cls(get_dataset(dataset_id), parsed_filter, updated_since, page_size)
 
     # -------------------------------------------------------------------------------- listing
