@@ -30,6 +30,13 @@ import shapely
 
 from polyburn.model import Item, Shape
 
+COCO_FRAGMENTS = "coco/items/"
+
+
+def coco_fragment_key(path: str) -> str:
+    """The key of an item's COCO fragment (``path`` already made safe for keys)."""
+    return f"{COCO_FRAGMENTS}{path}.json"
+
 
 def file_name(item: Item) -> str:
     """The item's path as in Dataloop (``street/scene_001.jpg``): its ``filename`` without the

@@ -26,10 +26,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from polyburn.coco import COCO_FRAGMENTS
 from polyburn.dataloop_json import ML_SUBSETS
 from polyburn.destinations.base import LABEL_MAP_KEY, FileDestination
 from polyburn.formats import registry
-from polyburn.formats.coco import COCO_FRAGMENTS
 from polyburn.labels import parse_label_map
 from polyburn.manifest import RecordSpool, output_keys
 

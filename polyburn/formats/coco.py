@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from polyburn.coco import frame_image, instance_regions, item_fragment
+from polyburn.coco import coco_fragment_key, frame_image, instance_regions, item_fragment
 from polyburn.encode import JSON_CONTENT_TYPE
 from polyburn.formats import OutputFile, OutputFormat
 from polyburn.masks import ItemMasks
@@ -16,13 +16,6 @@ from polyburn.model import Item
 if TYPE_CHECKING:
     from polyburn.destinations.base import FileDestination
     from polyburn.manifest import RecordSpool
-
-COCO_FRAGMENTS = "coco/items/"
-
-
-def coco_fragment_key(path: str) -> str:
-    """The key of an item's COCO fragment (``path`` already made safe)."""
-    return f"{COCO_FRAGMENTS}{path}.json"
 
 
 class Coco(OutputFormat):
