@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from polyburn import parallel
 from polyburn.destinations.s3 import DEFAULT_MAX_POOL, S3Destination
 from polyburn.inflight import InFlightWindow
 from polyburn.manifest import manifest_line
@@ -234,6 +235,8 @@ def test_each_burn_process_opens_the_destination_once_for_all_its_threads(
     in-flight window shared by its threads), so one up-front check per process, not per
     thread."""
     s3_env(fault_proxy.endpoint_url)
+    if parallel._pool is not None:  # workers an earlier test started lack this environment
+        parallel._discard_pool(parallel._pool)
     source, refs, destination, label_map = open_batch(export, s3_bucket)
     fault_proxy.clear()
     records = process_items(refs, source, destination, OPTIONS, label_map, workers=2)
