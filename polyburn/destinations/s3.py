@@ -23,6 +23,11 @@ Contracts
   (:meth:`S3Destination.get_many`). The bound is an :class:`~polyburn.inflight.InFlightWindow`:
   a throttled (``503 SlowDown``, 429), failed (5xx) or reset request halves it, and requests
   that go through grow it back, so a store that pushes back gets fewer requests, not more.
+* **Small uploads** (up to ``SMALL_BODY`` bytes in memory: masks, records, claims) go through
+  :class:`~polyburn.destinations.s3_put.LeanPut` once botocore has sent one for this
+  destination: botocore's signer, credentials, connection pool, standard retry rules and error
+  parser without its per-call machinery (half the client CPU per request; see that module).
+  Everything else goes through the client's methods.
 * **Up-front check** (:meth:`S3Destination.from_uri` with ``check=True``): one
   ``ListObjectsV2`` under the prefix (bucket exists, credentials valid, ``s3:ListBucket``) and one
   empty conditional ``PutObject`` (``If-None-Match: *``) of ``prefix/.polyburn/write-check``
