@@ -17,12 +17,14 @@ call, against a loopback SeaweedFS (:class:`tests.support.weed.WeedServer`):
 
 Each is run by the destination as the code under test builds it (``from_uri``: the client from
 boto3's default chain through the environment, polyburn's config, hooks and in-flight window),
-and by the same destination module at git ``--baseline`` (default ``main``) loaded into this
-same process, so the two share the machine's load at that moment; the variants take turns,
-``--rounds`` times, and each figure is the median over rounds of the CPU per call. ``--threads``
-runs the calls on that many threads at once (32 is ``POLYBURN_S3_CONCURRENCY``'s default: GIL
-turns cost CPU too). ``--profile`` adds a cProfile breakdown of single-threaded mask PUTs per
-variant, grouped by what the time is spent on (signing, endpoint resolution, validation, ...).
+and by the same destination module at git ``--baseline`` (default: the merge base with
+``main``) loaded into this same process, so the two share the machine's load at that moment;
+the variants take turns, ``--rounds`` times, and each figure is the median over rounds of the
+CPU per call. ``--threads`` runs the calls on that many threads at once (32 is
+``POLYBURN_S3_CONCURRENCY``'s default: GIL turns cost CPU too). ``--profile`` adds a cProfile
+breakdown (CPU time, inflated by the profiler itself: read the shares, not the totals) of
+single-threaded mask PUTs per variant, grouped by where the time is spent (signing, endpoint
+resolution, validation, ...).
 
 Results: ``bench/results/<--name>.json``.
 """
@@ -187,11 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=400, help="calls per variant and round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", default="1,32", help="comma-separated thread counts")
-    parser.add_argument("--baseline", default="main", help="git ref of the baseline destination")
+    parser.add_argument(
+        "--baseline",
+        help="git ref of the baseline destination (default: where this branch left main)",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile breakdown of mask PUTs")
     parser.add_argument("--name", default="s3_put_cost", help="bench/results/<name>.json")
     args = parser.parse_args(argv)
     thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
+    if args.baseline is None:
+        args.baseline = subprocess.run(
+            ["git", "merge-base", "HEAD", "main"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()[:7]
     baseline = load_baseline(args.baseline)
     head = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
