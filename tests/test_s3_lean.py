@@ -225,6 +225,9 @@ def test_what_the_lean_path_will_not_repeat(weed_server, s3_bucket, s3_env):
         ("https://b.s3.amazonaws.com/p/other.png", v4, "p/a.png"),
     ]:
         assert LeanPut.learn(client, Sent(url, authorization), key) is None
+    legacy = weed_server.client(retries={"mode": "legacy", "total_max_attempts": 3})
+    sent = Sent("https://b.s3.eu-west-1.amazonaws.com/p/a%20b.png", v4)
+    assert LeanPut.learn(legacy, sent, "p/a b.png") is None  # other retry rules: botocore's
 
     destination = S3Destination.from_uri(f"s3://{s3_bucket}/{PREFIX}")
     learned(destination)

@@ -126,7 +126,7 @@ class LeanPut:
         except AttributeError:
             return None
         retries = getattr(config, "retries", None) or {}
-        if credentials is None or retries.get("mode", "standard") != "standard":
+        if credentials is None or retries.get("mode") != "standard":  # no mode: env or legacy
             return None
         if getattr(config, "signature_version", None) not in (None, "s3v4", "v4"):
             return None
