@@ -4,7 +4,7 @@ Run from the repository root::
 
     .venv/bin/python bench/s3_latency.py [--rtt-ms 0,30,100] [--items 200,1000,5000]
                                          [--quick] [--repeats 3] [--aws PATH | --no-aws]
-                                         [--name s3_latency] [--keep]
+                                         [--name s3_latency] [--keep] [--before DIR]
 
 How long: set by the slowest S3 runs. polyburn before issue #19 did about 6 items/s at 30 ms
 and 2.5 at 100 ms, so the defaults take hours; ``--rtt-ms 0,30 --items 200,1000`` about 15
@@ -37,6 +37,10 @@ process and of the largest burn worker):
   run wrote, through the same proxy, to a fresh prefix (awscli's defaults: 10 requests in
   flight, single PUTs below 8 MiB) - what a plain uploader gets from the same link; also
   ``--repeats`` times, the median kept;
+* with ``--before DIR``, per RTT and item count, ``s3 before``: the first run again, just
+  before ``s3``, to a prefix of its own, with the polyburn sources in ``DIR`` first on
+  ``PYTHONPATH`` (e.g. ``git archive main polyburn | tar -x -C DIR``): a before/after pair
+  under the same load, which a shared machine does not give two runs minutes apart;
 * at the largest count, per RTT: ``polyburn manifest s3://… -o FILE`` and
   ``polyburn dataset s3://…`` on the prefix the runs wrote.
 
@@ -84,6 +88,8 @@ BUCKET = "polyburn-bench"
 AWS_VENV = BENCH / ".awscli-venv"
 MASK_FOLDERS = ("semantic", "instance", "binary", "coco", "previews")
 S3_PHASES = ("s3", "s3 re-run", "s3 re-run nc")
+BEFORE = "s3 before"  # --before: the first run with other polyburn sources
+S3_ROWS = (*S3_PHASES, BEFORE)
 
 
 # ---------------------------------------------------------------------- set-up
@@ -226,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-aws", action="store_true", help="skip the aws s3 cp reference")
     parser.add_argument("--name", default="s3_latency", help="bench/results/<name>.json")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--before",
+        help="a folder holding other polyburn sources (git archive REF polyburn | tar -x -C "
+        "DIR): each first run is preceded by the same run with them first on PYTHONPATH, "
+        "reported as 's3 before', so before and after share the machine's load",
+    )
     args = parser.parse_args(argv)
     # a SIGTERM (or a SIGINT to a background job, which ignores it) must still stop the servers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -277,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
             with LatencyProxy("127.0.0.1", weed.s3_port, rtt / 1000).start() as proxy:
                 env = s3_env(base, weed, proxy.endpoint_url, work)
                 for n in counts:
+                    if args.before:
+                        runs.append(
+                            before_run(
+                                rtt, n, env, proxy, run, export_of(work, everything, n), args.before
+                            )
+                        )
                     runs += s3_runs(rtt, n, env, proxy, run, export_of(work, everything, n))
                     if aws:
                         masks = folders[n] / "semantic"
@@ -329,6 +347,20 @@ def s3_runs(rtt: float, n: int, env: dict, proxy: LatencyProxy, run, source: Pat
             flush=True,
         )
     return out
+
+
+def before_run(
+    rtt: float, n: int, env: dict, proxy: LatencyProxy, run, source: Path, before: str
+) -> dict:
+    """The first run with the polyburn sources in ``before`` (``--before``), to a prefix of its
+    own."""
+    prefix = f"rtt{rtt:g}-n{n}-before"
+    proxy.reset()
+    before_env = {**env, "PYTHONPATH": str(Path(before).resolve())}
+    measured = run(before_env, f"s3://{BUCKET}/{prefix}", source, prefix)
+    requests = requests_seen(proxy, prefix)
+    print(f"{BEFORE:13s} n={n:>5} rtt={rtt:g} ms {measured['wall']:7.1f} s", flush=True)
+    return row(rtt, n, BEFORE, measured, prefix=prefix, requests=requests)
 
 
 def aws_cp(
@@ -401,7 +433,7 @@ def summarise(runs: list[dict], rtts: list[float], counts: list[int]) -> dict[st
     folder = marginal(_find(runs, None, small, "folder"), _find(runs, None, large, "folder"))
     for rtt in rtts:
         entry: dict[str, Any] = {}
-        for destination in (*S3_PHASES, "aws cp"):
+        for destination in (*S3_ROWS, "aws cp"):
             a, b = _find(runs, rtt, small, destination), _find(runs, rtt, large, destination)
             if a is None or b is None:
                 continue
@@ -417,7 +449,7 @@ def summarise(runs: list[dict], rtts: list[float], counts: list[int]) -> dict[st
                     for m in sorted(methods)
                 }
         aws = entry.get("aws cp", {}).get("marginal_items_per_s")
-        for destination in S3_PHASES:
+        for destination in S3_ROWS:
             if aws and entry.get(destination, {}).get("marginal_items_per_s"):
                 entry[destination]["x_slower_than_aws_cp"] = (
                     aws / entry[destination]["marginal_items_per_s"]
@@ -450,7 +482,7 @@ def print_tables(runs: list[dict], summary: dict) -> None:
         folder = _find(runs, None, r["items"], "folder")
         aws = _find(runs, r["rtt_ms"], r["items"], "aws cp")
         nan = float("nan")
-        burns = r["destination"] in (*S3_PHASES, "aws cp")
+        burns = r["destination"] in (*S3_ROWS, "aws cp")
         x_folder = r["wall"] / folder["wall"] if folder and burns else nan
         x_aws = r["wall"] / aws["wall"] if aws and r["destination"].startswith("s3") else nan
         rss = f"{r['peak_rss_mb']:.0f}/{r.get('peak_rss_worker_mb', 0):.0f}"

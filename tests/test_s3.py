@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -130,6 +131,24 @@ def error_response(status: int, code: str):
         return AWSResponse(request.url, status, {"Content-Type": "application/xml"}, Raw(body))
 
     return handler
+
+
+def intercept(destination: S3Destination, monkeypatch, answer: Callable[[Any], Any]) -> list:
+    """Every HTTP request of ``destination``'s client, botocore's or the lean path's, goes
+    through ``answer(request)`` first: a response it returns is what the client receives;
+    None sends the request. Returns the list of (method, key, path) of every request."""
+    session = destination.client._endpoint.http_session
+    real = session.send
+    seen = []
+
+    def send(request):
+        path = unquote(urlsplit(request.url).path)
+        seen.append((request.method, path.rpartition(f"/{PREFIX}/")[2], request))
+        response = answer(request)
+        return real(request) if response is None else response
+
+    monkeypatch.setattr(session, "send", send)
+    return seen
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from polyburn.state import (
     write_snapshot,
 )
 from tests.support.generate import write_export
-from tests.test_s3 import proxied, stored
+from tests.test_s3 import intercept, proxied, stored
 
 PREFIX = "runs/r1"
 ITEMS = 40
@@ -209,22 +209,27 @@ def test_the_in_flight_window_bounds_halves_and_grows_back():
     assert window.window == 4
 
 
-def test_small_uploads_do_not_wait_for_100_continue(weed_server, s3_bucket, s3_env, tmp_path):
+def test_small_uploads_do_not_wait_for_100_continue(
+    weed_server, s3_bucket, s3_env, tmp_path, monkeypatch
+):
     """botocore sends ``Expect: 100-continue`` with every file-like upload, a round trip before
-    the body; masks and records go without it, a large streamed file (a manifest) keeps it."""
+    the body; masks and records go without it (through botocore or the lean path), a large
+    streamed file (a manifest) keeps it."""
     destination = S3Destination.from_uri(f"s3://{s3_bucket}/{PREFIX}")
-    sent: list[tuple[str, str | None]] = []
-
-    def capture(request, **_):
-        sent.append((request.url.rsplit("/", 1)[-1], request.headers.get("Expect")))
-
-    destination.client.meta.events.register("before-send.s3.PutObject", capture)
+    seen = intercept(destination, monkeypatch, lambda request: None)
     destination.put_new("semantic/a.png", b"x" * 50_000, "image/png", {"item-id": "a"})
-    destination.put_record(f"{RECORDS}a.json", b'{"path": "a"}\n')
+    destination.put_record(f"{RECORDS}a.json", b'{"path": "a"}\n')  # the lean path
+    destination.put_new("semantic/b.png", b"y" * 50_000, "image/png", {"item-id": "b"})
     big = tmp_path / "manifest.jsonl"
     big.write_bytes(b'{"path": "x"}\n' * 100_000)  # 1.4 MB
     destination.write_file("manifest.jsonl", big)
-    assert sent == [("a.png", None), ("a.json", None), ("manifest.jsonl", b"100-continue")]
+    sent = [(key.rpartition("/")[2], r.headers.get("Expect")) for m, key, r in seen if m == "PUT"]
+    assert sent == [
+        ("a.png", None),
+        ("a.json", None),
+        ("b.png", None),
+        ("manifest.jsonl", b"100-continue"),
+    ]
     assert stored(weed_server, s3_bucket)["semantic/a.png"] == b"x" * 50_000
 
 

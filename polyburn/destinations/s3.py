@@ -23,6 +23,11 @@ Contracts
   (:meth:`S3Destination.get_many`). The bound is an :class:`~polyburn.inflight.InFlightWindow`:
   a throttled (``503 SlowDown``, 429), failed (5xx) or reset request halves it, and requests
   that go through grow it back, so a store that pushes back gets fewer requests, not more.
+* **Small uploads** (up to ``SMALL_BODY`` bytes in memory: masks, records, claims) go through
+  :class:`~polyburn.destinations.s3_put.LeanPut` once botocore has sent one for this
+  destination: botocore's signer, credentials, connection pool, standard retry rules and error
+  parser without its per-call machinery (half the client CPU per request; see that module).
+  Everything else goes through the client's methods.
 * **Up-front check** (:meth:`S3Destination.from_uri` with ``check=True``): one
   ``ListObjectsV2`` under the prefix (bucket exists, credentials valid, ``s3:ListBucket``) and one
   empty conditional ``PutObject`` (``If-None-Match: *``) of ``prefix/.polyburn/write-check``
@@ -88,6 +93,7 @@ from polyburn.destinations.base import (
     StoredEntry,
     text_content_type,
 )
+from polyburn.destinations.s3_put import Learner, Unsupported
 from polyburn.errors import ConfigError, PolyburnError, TransientError
 from polyburn.inflight import InFlightWindow
 
@@ -103,6 +109,7 @@ SMALL_BODY = 1 << 20  # uploads up to this size skip Expect: 100-continue
 RANGE_SLACK = 4  # a ranged listing stops after this many times the objects wanted
 FEW_KEYS = 1000  # up to this many keys are checked by folder, more by listing the prefix
 _CONGESTION_STATUS = frozenset({429, 500, 502, 503, 504})
+_CONDITION_HEADERS = {"IfMatch": "If-Match", "IfNoneMatch": "If-None-Match"}
 WRITE_CHECK_KEY = ".polyburn/write-check"
 MAX_KEY_BYTES = 1024  # S3's limit for a whole object key
 DELETE_CHUNK = 1000  # DeleteObjects takes at most 1000 keys
@@ -204,6 +211,8 @@ class S3Destination(FileDestination):
         client.meta.events.register("after-call.s3", self._count_retries)
         client.meta.events.register("needs-retry.s3", self._watch_attempt)
         client.meta.events.register_last("before-call.s3", _no_expect_for_small_bodies)
+        self._learner = Learner(client)
+        client.meta.events.register("before-send.s3.PutObject", self._learner.before_send)
 
     def _count_retries(self, parsed: Mapping[str, Any] | None = None, **_: Any) -> None:
         """botocore hook: add the call's retry attempts to this thread's count; a call that
@@ -221,6 +230,17 @@ class S3Destination(FileDestination):
         status = response[0].status_code if response is not None else None
         if caught_exception is not None or status in _CONGESTION_STATUS:
             self.window.congested()
+
+    def _lean_attempt(self, status: int | None, caught: Exception | None) -> None:
+        """The lean path's :meth:`_watch_attempt`: a failed attempt shrinks the window."""
+        if caught is not None or status in _CONGESTION_STATUS:
+            self.window.congested()
+
+    def _lean_done(self, attempts: int) -> None:
+        """The lean path's :meth:`_count_retries`: a response after ``attempts`` attempts."""
+        self._retries.count = getattr(self._retries, "count", 0) + attempts - 1
+        if attempts == 1:
+            self.window.succeeded()
 
     def retries_in_this_thread(self) -> int:
         return getattr(self._retries, "count", 0)
@@ -365,16 +385,8 @@ class S3Destination(FileDestination):
                 body.seek(0)
             try:
                 with self.window:
-                    response = self.client.put_object(
-                        Bucket=self.bucket,
-                        Key=full,
-                        Body=body,
-                        ContentLength=size,
-                        ContentType=content_type,
-                        ChecksumAlgorithm="SHA256",
-                        ChecksumSHA256=checksum,
-                        Metadata=dict(metadata),
-                        **condition,
+                    response = self._put_object(
+                        full, body, size, digest, checksum, content_type, metadata, condition
                     )
                 return response["ETag"]
             except ClientError as exc:
@@ -388,6 +400,65 @@ class S3Destination(FileDestination):
             except BotoCoreError as exc:
                 raise self._error(exc, "write", key) from None
         raise AssertionError("unreachable")
+
+    def _put_object(
+        self,
+        full: str,
+        body: bytes | BinaryIO,
+        size: int,
+        digest: Any,
+        checksum: str,
+        content_type: str,
+        metadata: Mapping[str, str],
+        condition: Mapping[str, str],
+    ) -> dict[str, Any]:
+        """One ``PutObject`` (with botocore's retries): a small in-memory body through the lean
+        path once botocore has sent one that it can repeat (``s3_put.py``), anything else
+        through ``client.put_object``. Both raise ClientError or BotoCoreError alike."""
+        small = isinstance(body, bytes) and size <= SMALL_BODY
+        lean = self._learner.lean
+        if small and lean is not None:
+            headers = {
+                "Content-Type": content_type,
+                "x-amz-sdk-checksum-algorithm": "SHA256",
+                "x-amz-checksum-sha256": checksum,
+                **{f"x-amz-meta-{k}": v for k, v in metadata.items()},
+                **{_CONDITION_HEADERS[k]: v for k, v in condition.items()},
+            }
+            try:
+                return lean.put(
+                    full,
+                    body,
+                    headers,
+                    digest.hexdigest(),
+                    self._lean_attempt,
+                    self._lean_done,
+                )
+            except Unsupported as exc:  # a redirect: botocore's region redirector takes over
+                log.debug("%s: %s; sending through botocore from now on", self.uri, exc)
+                self._learner.off, self._learner.lean = True, None
+        watch = small and self._learner.lean is None and not self._learner.off
+        if watch:
+            self._learner.watch(full)
+        try:
+            response = self.client.put_object(
+                Bucket=self.bucket,
+                Key=full,
+                Body=body,
+                ContentLength=size,
+                ContentType=content_type,
+                ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=checksum,
+                Metadata=dict(metadata),
+                **condition,
+            )
+        except BaseException:
+            if watch:
+                self._learner.forget()
+            raise
+        if watch:
+            self._learner.sent()
+        return response
 
     def read_file(self, key: str, target: Path) -> bool:
         """:meth:`get` into a local file, streamed in 1 MiB blocks (the manifest can be large)."""
