@@ -99,14 +99,28 @@ def test_four_deployments_of_the_flow_with_schedule_and_trigger():
     assert not shard.schedules and not shard.triggers
     for d in (nightly, on_demand, on_annotation, shard):
         assert d.flow_name == FLOW
+    for d in (nightly, on_demand, on_annotation):  # the public flow: one parameter per field
         assert d.entrypoint == "flows/polygons_to_masks.py:polygons_to_masks"
+    assert shard.entrypoint == "flows/polygons_to_masks.py:polygons_to_masks_params"
     (schedule,) = nightly.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 1 * * *", "Europe/Berlin")
-    assert nightly.parameters["params"]["incremental"] is True
-    assert nightly.parameters["params"]["refresh_dataset_files"] is True
+    assert nightly.parameters["incremental"] is True
+    assert nightly.parameters["refresh_dataset_files"] is True
     assert nightly.concurrency_limit == 1
     assert not on_demand.schedules and not on_demand.triggers
-    assert on_demand.parameters == {"params": settings.base_parameters()}
+    assert on_demand.parameters == settings.base_parameters()
+    assert on_demand.parameters == {
+        "source": "examples/export",
+        "destination": "masks",
+        "modes": ["semantic"],
+    }
+    assert shard.parameters == {
+        "params": {
+            "source": "examples/export",
+            "destination": "masks",
+            "options": {"modes": ["semantic"]},
+        }
+    }
     assert not on_annotation.schedules and len(on_annotation.triggers) == 1
 
 
@@ -119,10 +133,10 @@ def test_trigger_debounces_per_item_and_templates_the_item_and_source():
     assert trigger.match.model_dump() == {"prefect.resource.id": "dataloop.item.*"}
 
     local = {"prefect.resource.id": "dataloop.item.street/scene_001"}
-    assert render_parameters(trigger.parameters, local)["params"] == {
+    assert render_parameters(trigger.parameters, local) == {
         "source": "examples/export",
         "destination": "masks",
-        "options": {"modes": ["semantic"]},
+        "modes": ["semantic"],
         "item_ids": ["street/scene_001"],
     }
     dataloop_event = {
@@ -130,10 +144,10 @@ def test_trigger_debounces_per_item_and_templates_the_item_and_source():
         "dataloop.item.id": "64f0aa",
         "dataloop.dataset.id": "ds-9",
     }
-    params = render_parameters(trigger.parameters, dataloop_event)["params"]
+    params = render_parameters(trigger.parameters, dataloop_event)
     assert (params["source"], params["item_ids"]) == ("dataloop://ds-9", ["64f0aa"])
     without_label = {"prefect.resource.id": "dataloop.item.64f0aa"}
-    assert render_parameters(trigger.parameters, without_label)["params"]["item_ids"] == ["64f0aa"]
+    assert render_parameters(trigger.parameters, without_label)["item_ids"] == ["64f0aa"]
 
     dataloop = annotation_trigger(DeploymentSettings(source="dataloop://ds-9"))
     assert dataloop.match.model_dump() == {
@@ -310,8 +324,8 @@ def test_serve_registers_four_deployments_and_the_nightly_schedule(server, serve
         (automation,) = automations_of(client, ids["on-annotation"])
     (schedule,) = nightly.schedules
     assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
-    assert nightly.parameters["params"]["incremental"] is True
-    assert nightly.parameters["params"]["refresh_dataset_files"] is True
+    assert nightly.parameters["incremental"] is True
+    assert nightly.parameters["refresh_dataset_files"] is True
     assert limit_of(nightly) == 1
     assert automation.name == "polyburn-on-annotation"
     assert automation.trigger.posture == "Proactive"
@@ -393,17 +407,13 @@ def limit_of(deployment) -> int | None:
 
 
 def test_on_demand_run_from_the_ui_writes_masks_and_manifest(server, served, tmp_path):
+    """Two fields set in the run; the source is the deployment's (POLYBURN_SOURCE)."""
     ids, _, log = served
     destination = tmp_path / "masks"
-    parameters = {
-        "params": {
-            "source": str(EXPORT),
-            "destination": str(destination),
-            "options": {"modes": ["semantic", "instance"]},
-        }
-    }
+    parameters = {"destination": str(destination), "modes": ["semantic", "instance"]}
     with api(server) as client:  # what the UI's "Run" button does
         run = client.create_flow_run_from_deployment(ids["on-demand"], parameters=parameters)
+    assert run.parameters == {"source": str(EXPORT), **parameters}
     run = final_state(server, run.id, log=log)
     assert run.state.is_completed(), run.state
     assert run.state.message == "13 ok, 0 failed"
@@ -473,11 +483,7 @@ def fired(server, served, events_receiver):
 
 
 def item_runs(server: PrefectServer, deployment_id, item: str) -> list:
-    return [
-        r
-        for r in runs_of(server, deployment_id)
-        if (r.parameters.get("params") or {}).get("item_ids") == [item]
-    ]
+    return [r for r in runs_of(server, deployment_id) if r.parameters.get("item_ids") == [item]]
 
 
 def test_a_burst_of_events_for_one_item_starts_exactly_one_run(server, served, fired):
@@ -491,8 +497,8 @@ def test_a_burst_of_events_for_one_item_starts_exactly_one_run(server, served, f
         every=1,
         log=log,
     )
-    assert run.parameters["params"]["source"] == str(EXPORT)
-    assert run.parameters["params"]["destination"] == str(destination)
+    assert run.parameters["source"] == str(EXPORT)
+    assert run.parameters["destination"] == str(destination)
     assert run.created - last_event >= timedelta(seconds=DEBOUNCE - 0.5)  # trailing edge
     run = final_state(server, run.id, log=log)
     assert run.state.is_completed(), run.state
@@ -782,9 +788,10 @@ def test_a_sharded_run_without_its_shard_deployment_fails_fast_and_says_why(serv
     }
     script = (
         "import json, sys\n"
-        "from flows.polygons_to_masks import polygons_to_masks\n"
+        "from flows.polygons_to_masks import polygons_to_masks_params\n"
         "from polyburn.params import RunParameters\n"
-        "state = polygons_to_masks(RunParameters(**json.loads(sys.argv[1])), return_state=True)\n"
+        "params = RunParameters(**json.loads(sys.argv[1]))\n"
+        "state = polygons_to_masks_params(params, return_state=True)\n"
         "print(state.type.value, state.message)\n"
     )
     done = subprocess.run(
