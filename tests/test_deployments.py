@@ -779,12 +779,29 @@ def test_a_sharded_run_into_s3_stores_what_a_folder_run_stores(
     assert manifest_records(manifest, stored.__getitem__) == manifest_of(plain)
 
 
-def test_a_sharded_run_without_its_shard_deployment_fails_fast_and_says_why(server, tmp_path):
+@pytest.mark.parametrize(
+    ("deployment", "why"),
+    [("nowhere", "does not exist"), ("flat", "does not take one 'params'")],
+    ids=["missing", "public-flow"],
+)
+def test_a_sharded_run_without_its_shard_deployment_fails_fast_and_says_why(
+    server, tmp_path, deployment, why
+):
+    """No such deployment, or one of the public flow (one parameter per field, no shard_of)."""
+    from flows.polygons_to_masks import polygons_to_masks
+
+    if deployment == "flat":
+        with api(server) as client:
+            client.create_deployment(
+                flow_id=client.create_flow_from_name(FLOW),
+                name=deployment,
+                parameter_openapi_schema=polygons_to_masks.parameters.model_dump_for_openapi(),
+            )
     params = {
         "source": str(EXPORT),
         "destination": str(tmp_path / "masks"),
         "shards": 2,
-        "shard_deployment": "polygons-to-masks/nowhere",
+        "shard_deployment": f"{FLOW}/{deployment}",
     }
     script = (
         "import json, sys\n"
@@ -804,7 +821,7 @@ def test_a_sharded_run_without_its_shard_deployment_fails_fast_and_says_why(serv
     )
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("FAILED"), done.stderr[-3000:]
-    assert "polygons-to-masks/nowhere' does not exist" in last
+    assert f"{FLOW}/{deployment}' {why}" in last
     assert not (tmp_path / "masks" / "manifest.jsonl").exists()
 
 
@@ -815,9 +832,12 @@ def test_a_shard_no_worker_starts_is_cancelled_then_run_here_or_reported(
     """A shard deployment nobody serves: each shard run waits POLYBURN_SHARD_START_TIMEOUT and
     is cancelled. Then the parent runs it itself (default), or, with --no-shard-fallback, every
     item of it becomes a failed record: none is lost either way."""
+    from flows.polygons_to_masks import polygons_to_masks_params
+
+    schema = polygons_to_masks_params.parameters.model_dump_for_openapi()
     with api(server) as client:
         flow_id = client.create_flow_from_name(FLOW)
-        client.create_deployment(flow_id=flow_id, name="unserved")
+        client.create_deployment(flow_id=flow_id, name="unserved", parameter_openapi_schema=schema)
     code, summary, err = polyburn_run(
         server,
         tmp_path / "home",
