@@ -95,13 +95,10 @@ def annotation_trigger(settings: DeploymentSettings) -> DeploymentEventTrigger:
 
 
 def annotation_parameters(settings: DeploymentSettings) -> dict[str, Any]:
-    """The templated parameters of an ``on-annotation`` run (they replace the deployment's
-    ``source`` and ``item_ids`` only: Prefect merges run parameters at the top level)."""
-    return {
-        **settings.base_parameters(),
-        "source": source_template(settings.source),
-        "item_ids": [ITEM_ID_TEMPLATE],
-    }
+    """The templated parameters of an ``on-annotation`` run: ``source`` and ``item_ids`` only.
+    Prefect merges them into the deployment's parameters, so its other values (destination,
+    modes, ... as edited in the UI) hold for event runs too."""
+    return {"source": source_template(settings.source), "item_ids": [ITEM_ID_TEMPLATE]}
 
 
 def nightly(settings: DeploymentSettings) -> RunnerDeployment:

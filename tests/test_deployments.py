@@ -133,10 +133,9 @@ def test_trigger_debounces_per_item_and_templates_the_item_and_source():
     assert trigger.match.model_dump() == {"prefect.resource.id": "dataloop.item.*"}
 
     local = {"prefect.resource.id": "dataloop.item.street/scene_001"}
+    # the rest (destination, modes...) is the deployment's: Prefect merges them
     assert render_parameters(trigger.parameters, local) == {
         "source": "examples/export",
-        "destination": "masks",
-        "modes": ["semantic"],
         "item_ids": ["street/scene_001"],
     }
     dataloop_event = {
