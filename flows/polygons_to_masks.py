@@ -8,6 +8,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,13 @@ from polyburn.params import (
     TaskRunner,
     flat_parameter_fields,
 )
+from polyburn.records import BatchResult
 from polyburn.report import failures_markdown, previews_markdown, summary_table
 from polyburn.state import (
+    clear_failed_marks,
     create_record,
     destination_clock,
+    failed_marks,
     find_records,
     forget_items,
     read_records,
@@ -55,7 +59,7 @@ from polyburn.state import (
 )
 from tasks.common import destination_for, source_for
 from tasks.items import collect_labels, list_items
-from tasks.masks import burn_batch, burn_task
+from tasks.masks import burn_task
 from tasks.publish import migrate_state, publish_label_map, publish_manifest
 
 PREVIEW_ITEMS = 4
@@ -113,20 +117,23 @@ def submit_batches(
     colours: dict[str, tuple[int, int, int]] | None,
     token: str,
     unfinished: list[str],
-    taker: str,
-) -> None:
-    """Submit one ``burn-batch`` task per batch on the current flow's task runner and hand each
-    result (``{"records" (packed), "items", "attempts"}``) to ``_TAKERS[taker](result, cached)``
-    as it finishes, updating a progress artifact. The records go to the spool; what Prefect
-    keeps of each batch is its small packed result. (``taker`` is a key, not the callable: a
-    subflow's parameters travel with the tasks a Dask runner pickles.)"""
-    take = _TAKERS[taker]
+    workers: int,
+    take: Callable[[BatchResult, bool], None] | None = None,
+    fresh: bool = False,
+) -> list[tuple[BatchResult, bool]]:
+    """Submit one ``burn-batch`` task per batch on the current flow's task runner, each burning
+    with ``workers`` processes, and hand each :class:`~polyburn.records.BatchResult` (with
+    whether Prefect's cache served it) to ``take`` as it finishes, updating a progress artifact;
+    without ``take`` (a subflow, whose parameters must serialize) the results are returned.
+    ``fresh`` runs every batch (no cache). The records go to the run's spool; what Prefect keeps
+    of each batch is its small packed result."""
     total = sum(len(b) for b in batches)
-    workers = workers_for(params, total)
     artifact_id = create_progress_artifact(
         progress=0.0, key="polyburn-progress", description=f"{total} items"
     )
     burn = burn_task()
+    if fresh:
+        burn = burn.with_options(refresh_cache=True)
     previews = previews_per_batch(batches)
     futures = [
         burn.submit(
@@ -143,14 +150,19 @@ def submit_batches(
         )
         for k, batch in enumerate(batches)
     ]
-    done = 0
+    done, kept = 0, []
     progress.report(0, total)
     for future in as_completed(futures):
         result = future.result()
-        take(result, future.state.name == "Cached")
-        done += result["items"]
+        cached = future.state.name == "Cached"
+        if take is None:
+            kept.append((result, cached))
+        else:
+            take(result, cached)
+        done += result.items
         progress.report(done, total)
         update_progress_artifact(artifact_id, 100.0 * done / max(total, 1))
+    return kept
 
 
 burn_batches = flow(name="burn-batches", log_prints=False)(submit_batches)
@@ -178,7 +190,9 @@ def run_polygons_to_masks(params: RunParameters) -> State:
     (:mod:`polyburn.state`). A failed item is reported in its record, the summary and the
     artifacts; the run fails only in ``strict`` mode. With ``incremental``, only items changed
     since the last fully successful incremental run are processed, and the watermark (a Prefect
-    Variable) advances only when no item failed.
+    Variable) advances past failed items: they are marked failed at the destination and every
+    later incremental run tries them again until they succeed (it stays put for a failed item
+    whose record or mark could not be stored).
     """
     # "dataloop://" alone = the source's dataset; tasks then get the full URI
     params = params.model_copy(
@@ -193,6 +207,7 @@ def run_polygons_to_masks(params: RunParameters) -> State:
     clock = destination_clock(destination.state) if _is_full_run(params) else None
 
     refs = list_items(params.source, item_filter, since, _local_item_ids(params))
+    refs = _with_failed_earlier(params, destination, refs)
     batches = batches_of(refs, params.batch_size)
     logger.info("%d items from %s in %d batches", len(refs), params.source, len(batches))
     label_map, colours = _label_map(params, refs, source_for(params.source, item_filter, since))
@@ -201,21 +216,27 @@ def run_polygons_to_masks(params: RunParameters) -> State:
         tempfile.TemporaryDirectory(prefix="polyburn-run-") as folder,
         RecordSpool(folder) as spool,
     ):
-        taken = _Taken(spool)
+        tally = RunTally(spool)
         if params.shards > 1 and refs:
             summary_extra = {"shards": _run_sharded(params, refs, label_map, destination, spool)}
         else:
             summary_extra = {}
-            _burn_all(params, batches, label_map, colours, destination, taken)
+            _burn_all(params, batches, label_map, colours, destination, tally)
         summary = spool.counts.as_dict(time.perf_counter() - started)
         if params.shard_of is None:  # every rejection, for the CLI's --json
             progress.report_records(spool.records())
         summary.update(_dataset_state(params, destination, refs, clock, spool, Path(folder)))
+        unmarked = _settle_failure_marks(params, destination, spool)
     summary.update(summary_extra)
-    summary.update(label_map=label_map, retries=taken.retries, cached_batches=taken.cached)
+    summary.update(
+        label_map=label_map,
+        retries=tally.retries,
+        cached_batches=tally.cached,
+        unchanged_items=tally.unchanged,
+    )
     summary["polyburn_version"] = version()
-    _report(summary, params, taken, logger)
-    if params.incremental and not summary["failed"] and params.shard_of is None:
+    _report(summary, params, tally, logger)
+    if params.incremental and not unmarked and params.shard_of is None:
         Variable.set(
             watermark_name(params.source, params.destination),
             run_started_at.isoformat(),
@@ -319,6 +340,43 @@ def _dataset_state(params, destination, refs, clock, spool: RecordSpool, folder:
     return extra
 
 
+def _with_failed_earlier(params: RunParameters, destination, refs: list[ItemRef]) -> list[ItemRef]:
+    """An incremental run's items: the changed ones, plus the items an earlier run left failed
+    (marked at the destination, :func:`~polyburn.state.mark_failed`) that the source still has,
+    so that a failure never depends on the watermark to be tried again."""
+    if not params.incremental or params.shard_of is not None:
+        return refs
+    marks = failed_marks(destination.state)
+    listed = {ref.path for ref in refs}
+    wanted = [p for p in marks if p not in listed]
+    if not wanted:
+        return refs
+    if params.source.startswith("dataloop://"):
+        ids = sorted({marks[p] for p in wanted if marks[p]})
+        by_id = params.model_copy(update={"item_ids": ids, "incremental": False})
+        found = list_items(params.source, _item_filter(by_id), None, None) if ids else []
+    else:
+        found = list_items(params.source, params.item_filter, None, sorted(wanted))
+    get_run_logger().info("%d item(s) failed in earlier runs: tried again", len(found))
+    return sorted([*refs, *(r for r in found if r.path not in listed)], key=lambda r: r.path)
+
+
+def _settle_failure_marks(params: RunParameters, destination, spool: RecordSpool) -> list[str]:
+    """After the run: the failure marks of items that are ``ok`` now are removed; returns the
+    failed items that have no mark (their record could not be stored, or their shard never
+    ran): an incremental run's watermark stays put for them."""
+    if params.shard_of is not None:
+        return []
+    marks = failed_marks(destination.state)
+    ok = [path for path in marks if path in spool and spool.get(path)["status"] == "ok"]
+    if ok:
+        clear_failed_marks(destination.state, ok)
+    if not spool.counts.totals["failed"]:
+        return []
+    failed = (r["path"] for r in spool.records() if r["status"] != "ok")
+    return [path for path in failed if path not in marks]
+
+
 def _since(params: RunParameters) -> datetime | None:
     """``updated_since``, or for an incremental run the later of it and the watermark."""
     since = params.updated_since
@@ -375,9 +433,10 @@ def _label_map(params: RunParameters, refs: list[ItemRef], source):
     return label_map, colours
 
 
-def _burn_all(params, batches, label_map, colours, destination, taken: _Taken) -> None:
-    """Burn and publish every batch (threads in this flow, or a Dask subflow), then redo the
-    items of cached batches that need it."""
+def _burn_all(params, batches, label_map, colours, destination, tally: RunTally) -> None:
+    """Burn and publish every batch (threads in this flow, or a Dask subflow), then burn again,
+    the same way, the items whose outputs this run did not write and are gone, and the failed
+    items of batches Prefect's cache served."""
     if not batches:
         return
     token = _destination_token(destination)
@@ -388,17 +447,26 @@ def _burn_all(params, batches, label_map, colours, destination, taken: _Taken) -
             "they are burned again",
             len(unfinished),
         )
-    # Threads run in this flow; another runner needs a subflow (a task runner is per flow).
-    run_batches = submit_batches
-    if params.task_runner != "threads":
-        run_batches = burn_batches.with_options(task_runner=_task_runner(params))
-    taker = _TAKERS.add(taken)
-    try:
-        run_batches(params, batches, label_map, colours, token, sorted(unfinished), taker)
-    finally:
-        _TAKERS.pop(taker)
     refs = [ref for batch in batches for ref in batch]
-    _redo_cached(params, taken, destination, refs, label_map, colours, token)
+    workers = workers_for(params, len(refs))
+    _submit(params, tally, batches, label_map, colours, token, sorted(unfinished), workers)
+    again = _burn_again(params, tally, destination, refs)
+    if again:  # their records are wrong or their outputs gone: compare every output
+        verify = params.options.model_copy(update={"verify": True})
+        batches = batches_of(again, params.batch_size)
+        redo = params.model_copy(update={"options": verify})
+        _submit(redo, tally, batches, label_map, colours, token, [], workers, fresh=True)
+
+
+def _submit(params: RunParameters, tally: RunTally, *batches_args, fresh: bool = False) -> None:
+    """:func:`submit_batches` on this flow's threads, each result taken as it finishes, or in a
+    subflow on another task runner (a task runner is per flow), its results taken at its end."""
+    if params.task_runner == "threads":
+        submit_batches(params, *batches_args, take=tally.take, fresh=fresh)
+        return
+    subflow = burn_batches.with_options(task_runner=_task_runner(params))
+    for result, cached in subflow(params, *batches_args, fresh=fresh):
+        tally.take(result, cached)
 
 
 def _run_sharded(params, refs, label_map, destination, spool: RecordSpool) -> list[dict]:
@@ -448,8 +516,8 @@ def _remove_vanished(destination, params: RunParameters, refs: list[ItemRef]) ->
     return sorted(gone)
 
 
-def _report(summary: dict, params: RunParameters, taken: _Taken, logger) -> None:
-    _publish_artifacts(summary, params, [taken.previews[p] for p in sorted(taken.previews)])
+def _report(summary: dict, params: RunParameters, tally: RunTally, logger) -> None:
+    _publish_artifacts(summary, params, [tally.previews[p] for p in sorted(tally.previews)])
     logger.info(
         "%d items: %d ok, %d failed; %d annotations, %d repairs, %d rejected; %d batches cached",
         summary["items"],
@@ -458,7 +526,7 @@ def _report(summary: dict, params: RunParameters, taken: _Taken, logger) -> None
         summary["annotations"],
         summary["repairs"],
         summary["rejected"],
-        taken.cached,
+        tally.cached,
     )
     for failure in summary["failures"][:20]:
         logger.warning("failed: %s", failure["error"])
@@ -484,34 +552,26 @@ def _shard_progress(items: int, shards: int):
     return report
 
 
-class _Registry(dict):
-    def add(self, value: Any) -> str:
-        key = uuid.uuid4().hex
-        self[key] = value
-        return key
-
-
-_TAKERS = _Registry()
-
-
-class _Taken:
+class RunTally:
     """What the flow keeps of each finished batch: its records go to the spool (with the outputs
-    of a cached batch marked not written), plus retries, cached batches, failed items of cached
-    batches, the outputs of ok items that this run did not write (to check they are still
-    stored) and the previews."""
+    of a cached batch marked not written), plus retries, cached batches, items taken unchanged,
+    failed items of cached batches, the outputs of ok items that this run did not write (to
+    check they are still stored) and the previews."""
 
     def __init__(self, spool: RecordSpool) -> None:
         self.spool = spool
         self.retries = 0
         self.cached = 0
+        self.unchanged = 0
         self.cached_failures: list[str] = []
         self.unwritten_outputs: dict[str, list[str]] = {}
         self.previews: dict[str, tuple[str, dict[str, Any], str | None]] = {}
 
-    def __call__(self, result: dict[str, Any], cached: bool) -> None:
-        self.retries += result["attempts"] - 1
+    def take(self, result: BatchResult, cached: bool) -> None:
+        self.retries += result.attempts - 1
         self.cached += cached
-        for record in unpack_records(result["records"]):
+        self.unchanged += result.unchanged
+        for record in unpack_records(result.records):
             if cached:
                 for output in record.get("outputs", []):
                     output["written"] = False
@@ -520,6 +580,8 @@ class _Taken:
             kept = [o["key"] for o in record.get("outputs", []) if not o.get("written")]
             if record["status"] == "ok" and kept:  # its record vouched for them: still there?
                 self.unwritten_outputs[record["path"]] = kept
+            else:
+                self.unwritten_outputs.pop(record["path"], None)
             if "preview" in record:  # the item's latest record says what it looks like
                 self.previews[record["path"]] = _preview_entry(record, record.pop("preview"))
             self.spool.add(record)
@@ -534,18 +596,22 @@ def _preview_entry(
         why = "Failed: no masks (see the polyburn-failures artifact)."
     elif record.get("skipped_empty"):
         why = "Nothing to burn: no masks written."
+    elif not preview and not any(o.get("written") for o in record.get("outputs", [])):
+        why = "Unchanged since it was last burned: not burned again, no picture."
     return record["path"], preview, why
 
 
-def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, token):
-    """Items of batches served from the cache are processed again when they failed (the
-    failure may have been transient); items of any batch are processed again when an output
-    this run did not write (served from the cache, or trusted from the item's record) is no
-    longer at the destination (deleted by hand since). Their fresh records replace the others."""
-    wanted = set(taken.cached_failures)
-    if taken.unwritten_outputs:
-        gone = destination.missing([k for keys in taken.unwritten_outputs.values() for k in keys])
-        lost = {path for path, keys in taken.unwritten_outputs.items() if gone.intersection(keys)}
+def _burn_again(
+    params: RunParameters, tally: RunTally, destination, refs: list[ItemRef]
+) -> list[ItemRef]:
+    """The items to burn once more after the batches: the failed items of batches Prefect's
+    cache served (the failure may have been transient), and items of any batch with an output
+    this run did not write (served from the cache, or trusted from the item's record) that is
+    no longer at the destination (deleted by hand since). Previews first: they are made again."""
+    wanted = set(tally.cached_failures)
+    if tally.unwritten_outputs:
+        gone = destination.missing([k for keys in tally.unwritten_outputs.values() for k in keys])
+        lost = {path for path, keys in tally.unwritten_outputs.items() if gone.intersection(keys)}
         if lost:
             get_run_logger().warning(
                 "%d item(s) lost outputs at the destination since they were written; burning "
@@ -553,21 +619,10 @@ def _redo_cached(params, taken: _Taken, destination, refs, label_map, colours, t
                 len(lost),
             )
         wanted |= lost
-    if not wanted:
-        return
+    tally.cached_failures.clear()
     again = [ref for ref in refs if ref.path in wanted]
-    again.sort(key=lambda ref: ref.path not in taken.previews)  # previews first: made again
-    fresh = burn_batch.with_options(refresh_cache=True, cache_key_fn=None)(
-        params.source,
-        params.destination,
-        again,
-        params.options.model_copy(update={"verify": True}),  # their records are wrong now
-        label_map,
-        colours,
-        len(wanted & taken.previews.keys()),
-        token,
-    )
-    taken(fresh, cached=False)
+    again.sort(key=lambda ref: ref.path not in tally.previews)
+    return again
 
 
 def _publish_artifacts(summary: dict, params: RunParameters, previews) -> None:

@@ -16,9 +16,9 @@ import time
 from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from polyburn import version
+from polyburn import formats, version
 from polyburn.errors import ConfigError, PolyburnError
 
 
@@ -35,6 +35,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _option(name: str):
+    """The :class:`~polyburn.params.MaskOptions` field ``name``: one declaration for the CLI,
+    the flow and the UI."""
+    from polyburn.params import MaskOptions
+
+    return MaskOptions.model_fields[name]
+
+
+def _choices(name: str) -> dict[str, Any]:
+    """``default`` and ``choices`` of a CLI option from its Literal-typed MaskOptions field."""
+    field = _option(name)
+    return {"default": field.default, "choices": list(get_args(field.annotation))}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polyburn", description="Dataloop polygon annotations to exact segmentation masks."
@@ -48,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("source", metavar="SOURCE", help="export folder or dataloop://<dataset>")
     run.add_argument("dest", metavar="DEST", help="folder, s3://bucket/prefix or dataloop://")
     run.add_argument(
-        "--mode", default="semantic", help="comma-separated: semantic,instance,binary,coco"
+        "--mode",
+        default=",".join(_option("modes").default),
+        help=f"comma-separated, one or more of: {','.join(formats.names())}",
     )
     run.add_argument("--labels", metavar="FILE", help="label map JSON {label: id}")
     run.add_argument("--filter", metavar="DQL-JSON", help="Dataloop: extra DQL item filter")
@@ -62,19 +78,17 @@ def _parser() -> argparse.ArgumentParser:
         help="only this item (repeatable): a Dataloop item id, or the item path as the manifest "
         "writes it (e.g. street/scene_001)",
     )
-    run.add_argument("--format", default="png", choices=["png", "tif", "npy"])
-    run.add_argument("--draw-order", default="file", choices=["file", "area"])
+    run.add_argument("--format", **_choices("format"))
+    run.add_argument("--draw-order", **_choices("draw_order"))
     run.add_argument(
         "--instance-id",
-        default="object",
-        choices=["object", "shape"],
+        **_choices("instance_id"),
         help="what an instance mask pixel holds: the Dataloop objectId (parts of one object "
         "share it) or the shape's number in draw order",
     )
     run.add_argument(
         "--frames",
-        default="span",
-        choices=["span", "all"],
+        **_choices("frames"),
         help="video items: masks for the frames from the first object's first frame to the last "
         "object's last frame (span), or for every frame of the video (all)",
     )

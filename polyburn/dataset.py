@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from polyburn.dataloop_json import ML_SUBSETS
-from polyburn.destinations.base import COCO_FRAGMENTS, LABEL_MAP_KEY, FileDestination
+from polyburn.destinations.base import LABEL_MAP_KEY, FileDestination
+from polyburn.formats import registry
+from polyburn.formats.coco import COCO_FRAGMENTS
 from polyburn.labels import parse_label_map
 from polyburn.manifest import RecordSpool, output_keys
 
@@ -54,11 +56,13 @@ def fragment_keys(record: Mapping[str, Any]) -> list[str]:
 def write_dataset_files(
     store: FileDestination, spool: RecordSpool, scratch: Path
 ) -> dict[str, int]:
-    """Write the splits and (when fragments exist) the COCO files of ``store`` from the records
-    in ``spool`` (the destination's current records); returns how many items each file lists
+    """Write the splits and every output format's dataset files (:mod:`polyburn.formats`: the
+    COCO files when fragments exist...) of ``store`` from the records in ``spool`` (the
+    destination's current records); returns how many items each file lists
     (``splits/train.txt``: n, ..., ``coco/instances.json``: images)."""
     counts = write_splits(store, spool, scratch)
-    counts.update(write_coco(store, spool, scratch))
+    for output_format in registry().values():
+        counts.update(output_format.dataset_files(store, spool, scratch))
     return counts
 
 

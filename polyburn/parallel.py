@@ -29,8 +29,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from polyburn.destinations import Destination, open_destination
 from polyburn.errors import TransientError
+from polyburn.labels import semantic_dtype
 from polyburn.model import ItemRef
-from polyburn.pipeline import ClaimedItem, process_item, scan_labels
+from polyburn.pipeline import ClaimedItem, process_item, scan_labels, store_failed_record
+from polyburn.recipe import item_recipe, run_recipe
 from polyburn.sources import Source, open_source
 from polyburn.state import BatchClaim, batch_claim, records_of
 
@@ -57,7 +59,7 @@ def process_items(
     colours: Mapping[str, tuple[int, int, int]] | None = None,
     previews: int = 0,
     workers: int = 1,
-) -> list[dict[str, Any]]:
+) -> BatchRecords:
     """:func:`~polyburn.pipeline.process_item` over ``refs``, in order.
 
     With ``workers`` > 1 the items go to a pool of that many processes, which open the source and
@@ -70,6 +72,12 @@ def process_items(
     records are read together before any is burned (:func:`~polyburn.state.records_of`), so the
     batch's state costs a few requests, not several per item. Items another run kept writing
     past the wait are left out of the claim and take their own lease.
+
+    An item whose stored record has the recipe digest the item has now
+    (:mod:`polyburn.recipe`) is not burned: its record is returned as is, outputs marked not
+    written (``BatchRecords.unchanged`` counts them). Never with ``options.verify``, for an item
+    a writer left unfinished, or for a failed record; such an item asked for a preview gets an
+    empty one.
     """
     # What process_item reads of the options, as a plain tuple: workers need no pydantic.
     plain = _Options(
@@ -81,10 +89,17 @@ def process_items(
         options.instance_id,
         options.frames,
         options.verify,
+        run_recipe(options.model_dump(mode="json"), semantic_dtype(label_map).name),
     )
     with batch_claim(destination.state, [ref.path for ref in refs]) as claim:
         previous = records_of(destination.state, claim.paths)
         held = set(claim.paths)
+        records: list[dict[str, Any] | None] = [
+            _unchanged(ref, previous.get(ref.path), claim, plain, label_map, colours, k < previews)
+            if ref.path in held
+            else None
+            for k, ref in enumerate(refs)
+        ]
         jobs = [
             (
                 ref,
@@ -99,7 +114,10 @@ def process_items(
             )
             for k, ref in enumerate(refs)
         ]
-        records = _run_jobs(jobs, source, destination, workers)
+        todo = [k for k, record in enumerate(records) if record is None]
+        burned = _run_jobs([jobs[k] for k in todo], source, destination, workers) if todo else []
+        for k, record in zip(todo, burned, strict=True):
+            records[k] = record
         for attempt in range(1, ITEM_RETRIES + 1):
             again = [k for k, record in enumerate(records) if record.get("transient")]
             if not again:
@@ -111,7 +129,47 @@ def process_items(
                 records[k] = record
     for record in records:
         record.pop("transient", None)
-    return records
+    return BatchRecords(records, unchanged=len(refs) - len(todo))
+
+
+class BatchRecords(list):
+    """The records of a batch, in the order of its items, and how many of them were taken
+    unchanged from the destination (their recipe digest had not changed: not burned)."""
+
+    def __init__(self, records: Sequence[dict[str, Any]] = (), unchanged: int = 0) -> None:
+        super().__init__(records)
+        self.unchanged = unchanged
+
+
+def _unchanged(
+    ref: ItemRef,
+    previous: dict[str, Any] | None,
+    claim: BatchClaim,
+    options: _Options,
+    label_map: Mapping[str, int],
+    colours: Mapping[str, tuple[int, int, int]] | None,
+    preview: bool = False,
+) -> dict[str, Any] | None:
+    """The item's stored record, as this run's, when burning the item again would change
+    nothing: an ``ok`` record with the recipe digest the item has now (:mod:`polyburn.recipe`),
+    not left unfinished by a writer, and no ``verify`` asked. None: burn it."""
+    if options.verify or not previous or previous.get("status") != "ok":
+        return None
+    if ref.path in claim.leases or not previous.get("recipe"):
+        return None
+    digest = item_recipe(
+        options.recipe, ref.revision, previous.get("labels", ()), label_map, colours
+    )
+    if digest != previous["recipe"]:
+        return None
+    unchanged = dict(
+        previous, outputs=[dict(o, written=False) for o in previous.get("outputs", [])]
+    )
+    unchanged.pop("retries", None)
+    unchanged.pop("io_retries", None)
+    if preview:  # asked for: none, nothing was burned
+        unchanged["preview"] = {}
+    return unchanged
 
 
 def _claimed(claim: BatchClaim, previous: Mapping[str, dict], path: str) -> ClaimedItem:
@@ -138,6 +196,8 @@ class _Options(NamedTuple):
     instance_id: str
     frames: str = "span"
     verify: bool = False
+    recipe: str = ""
+    """The run's part of every item's recipe digest (:func:`polyburn.recipe.run_recipe`)."""
 
 
 SCAN_CHUNK = 50  # items per job of a label scan
@@ -206,8 +266,20 @@ def _run_jobs(
         size = max(1, len(jobs) // (4 * workers), min(threads, len(jobs) // workers))
         groups = [(jobs[k : k + size], threads) for k in range(0, len(jobs), size)]
         records = [r for group in _pool_map(_work_group, groups, workers) for r in group]
-    destination.finish_batch(records)
+    _finish_batch(destination, records)
     return records
+
+
+def _finish_batch(destination: Destination, records: list[dict[str, Any]]) -> None:
+    """``destination.finish_batch`` on the batch's records (their items still held); an item it
+    failed (Dataloop: the masks its new ones replaced were not all deleted) gets that failed
+    record stored over its ``ok`` one: a record never says ``ok`` for an item the run reports
+    failed."""
+    was_ok = [record["status"] == "ok" for record in records]
+    destination.finish_batch(records)
+    for ok, record in zip(was_ok, records, strict=True):
+        if ok and record["status"] != "ok":
+            store_failed_record(destination.state, record)
 
 
 def _work_group(job: tuple) -> list[dict[str, Any]]:

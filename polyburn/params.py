@@ -15,10 +15,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from polyburn import formats
 from polyburn.dataloop_json import DEFAULT_MAX_PIXELS
 from polyburn.instances import InstanceIds
 
-Mode = Literal["semantic", "instance", "binary", "coco"]
+Mode = Literal[formats.names()]  # type: ignore[valid-type] - the registry's names
 Format = Literal["png", "tif", "npy"]
 DrawOrder = Literal["file", "area"]
 Frames = Literal["span", "all"]
@@ -33,9 +34,9 @@ class MaskOptions(BaseModel):
     modes: list[Mode] = Field(
         default=["semantic"],
         min_length=1,
-        description="Masks to write: semantic (class ids), instance (uint16 object ids), "
-        "binary (one 0/1 mask per label) and/or coco (COCO instance JSON with RLE masks, "
-        "coco/instances.json; folder and S3 destinations).",
+        description="Outputs to write, one or more of: "
+        + "; ".join(f"{f.name}: {f.summary}" for f in formats.registry().values())
+        + ".",
     )
     format: Format = Field(
         default="png",
@@ -202,12 +203,10 @@ class RunParameters(BaseModel):
                 "run, so shards on other workers cannot hand back their records; write to "
                 "s3:// or a shared folder, or set shards to 0"
             )
-        if "coco" in self.options.modes and self.destination.startswith("dataloop://"):
-            raise ValueError(
-                "options.modes: coco writes COCO JSON files (coco/instances.json), which a "
-                "dataloop:// destination cannot hold (it stores annotations); write to a folder "
-                "or s3://, or leave coco out"
-            )
+        kind = formats.destination_kind(self.destination)
+        for output_format in formats.in_order(self.options.modes):
+            if kind not in output_format.destinations:
+                raise ValueError(_not_accepted(output_format, kind))
         if self.shards > 1 and self.shard_of is not None:
             raise ValueError("shards: a shard run cannot be sharded again")
         return self
@@ -273,3 +272,14 @@ def flat_parameter_fields() -> dict[str, FieldInfo]:
                 json_schema_extra=constraints or None,
             )
     return fields
+
+
+def _not_accepted(output_format: formats.OutputFormat, kind: str) -> str:
+    names = {"folder": "a folder", "s3": "s3://", "dataloop": "a dataloop:// destination"}
+    kinds = formats.DESTINATION_KINDS
+    accepted = " or ".join(names[k] for k in kinds if k in output_format.destinations)
+    what = names[kind]
+    return (
+        f"options.modes: {output_format.name} writes {output_format.writes}, which {what} cannot "
+        f"hold; write to {accepted}, or leave {output_format.name} out"
+    )

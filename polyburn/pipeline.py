@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from polyburn import version
+from polyburn.coco import file_name
 from polyburn.destinations import Destination
 from polyburn.destinations.base import LABEL_MAP_KEY
 from polyburn.errors import ConfigError, ItemError, PolyburnError, TransientError
@@ -18,6 +19,7 @@ from polyburn.labels import dump_label_map, load_label_map, palette, semantic_dt
 from polyburn.manifest import output_keys
 from polyburn.masks import ItemMasks, build_masks
 from polyburn.model import Item, ItemRef
+from polyburn.recipe import item_recipe
 from polyburn.sources import Source
 from polyburn.state import (
     ClaimCheck,
@@ -25,6 +27,7 @@ from polyburn.state import (
     ItemLease,
     abandon_claimed_item,
     finish_claimed_item,
+    mark_failed,
     read_record,
     record_key,
     settle_label_map,
@@ -118,6 +121,7 @@ def process_item(
             previous if holder.trusted else None,
         )
         holder.check_still_held()
+        _add_recipe(record, ref, options, label_map, colours)
         _store_record(state, record, previous, started, retries)
         holder.done(unfinished=touched and record["status"] != "ok")
         return record
@@ -207,8 +211,18 @@ def _store_record(
     if record["status"] != "ok":
         _keep_previous_outputs(record, previous)
     stored = _stored(_finish(record, started, retries))
+    if stored["status"] != "ok":
+        mark_failed(state, stored)
     if not previous or _lasting(stored) != _lasting(previous):
         write_record(state, stored)
+
+
+def store_failed_record(state, record: Mapping[str, Any]) -> None:
+    """Store ``record``, failed after its ``ok`` record was stored (a batch's last step failed
+    for it), with its failure mark first (:func:`~polyburn.state.mark_failed`)."""
+    stored = _stored(record)
+    mark_failed(state, stored)
+    write_record(state, stored)
 
 
 _PER_RUN = ("seconds", "retries", "io_retries")
@@ -225,6 +239,22 @@ def _lasting(record: Mapping[str, Any]) -> dict[str, Any]:
             for o in outputs
         ]
     return lasting
+
+
+def _add_recipe(
+    record: dict[str, Any],
+    ref: ItemRef,
+    options: MaskOptions,
+    label_map: Mapping[str, int],
+    colours: Mapping[str, tuple[int, int, int]] | None,
+) -> None:
+    """Give an ``ok`` record its recipe digest (:mod:`polyburn.recipe`): a later run with the
+    same digest for the item skips it. A failed item gets none: it is always tried again."""
+    run = getattr(options, "recipe", None)
+    if record["status"] == "ok" and run:
+        digest = item_recipe(run, ref.revision, record.get("labels", ()), label_map, colours)
+        if digest:
+            record["recipe"] = digest
 
 
 def _state_failed(
@@ -416,7 +446,17 @@ def _describe(item: Item) -> dict[str, Any]:
         "skipped": item.skipped,
         "problems": [p.as_dict() for p in item.problems],
         "subset": item.subset,
+        "labels": sorted(_labels_of(item)),
+        "file_name": file_name(item),
     }
+
+
+def _labels_of(item: Item) -> set[str]:
+    """The labels of the item's pixel annotations (every frame's, for a video)."""
+    labels = {a.label for a in item.annotations}
+    if item.video is not None:
+        labels.update(item.video.labels())
+    return labels
 
 
 def scan_labels(refs: Iterable[ItemRef], source: Source, max_pixels: int) -> set[str]:
@@ -428,9 +468,7 @@ def scan_labels(refs: Iterable[ItemRef], source: Source, max_pixels: int) -> set
             item = source.load(ref, max_pixels)
         except PolyburnError:
             continue
-        labels.update(a.label for a in item.annotations)
-        if item.video is not None:
-            labels.update(item.video.labels())
+        labels |= _labels_of(item)
     return labels
 
 

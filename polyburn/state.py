@@ -65,6 +65,7 @@ log = logging.getLogger("polyburn.state")
 RECORDS = ".polyburn/records/"
 LEASES = ".polyburn/leases/"
 CLAIMS = ".polyburn/claims/"
+FAILED = ".polyburn/failed/"
 LAYOUT_KEY = ".polyburn/layout"
 LAYOUT = "records-1"
 LEASE_SECONDS = float(os.environ.get("POLYBURN_LEASE_SECONDS", "300"))
@@ -102,8 +103,42 @@ def create_record(store: FileDestination, record: Mapping[str, Any]) -> bool:
 
 
 def forget_items(store: FileDestination, paths: Iterable[str]) -> None:
-    """Delete the records of items that are gone from their source."""
-    store.remove([record_key(path) for path in paths])
+    """Delete the records (and failure marks) of items that are gone from their source."""
+    paths = list(paths)
+    store.remove([record_key(path) for path in paths] + [failed_key(path) for path in paths])
+
+
+# ---------------------------------------------------------------------------- failure marks
+def failed_key(path: str) -> str:
+    """The state key of the mark of an item whose record says it failed."""
+    return f"{FAILED}{safe_relpath(path)}.json"
+
+
+def mark_failed(store: FileDestination, record: Mapping[str, Any]) -> None:
+    """Mark the item of a failed ``record`` as failed, before its record is stored: a run that
+    only asks the source for changed items (incremental) still finds it by listing the marks,
+    and tries it again, so its watermark may move on past a failure."""
+    mark = {"item": record.get("item"), "path": record["path"]}
+    store.put_record(failed_key(record["path"]), manifest_line(mark))
+
+
+def failed_marks(store: FileDestination) -> dict[str, str | None]:
+    """The items marked failed: path → item id (None for a local export's items). One listing,
+    then a read per mark (failures are few)."""
+    keys = [e.key for e in store.entries(FAILED) if e.key.endswith(".json")]
+    marks = {}
+    for mark in _read_many(store, keys):
+        if isinstance(mark.get("path"), str):
+            marks[mark["path"]] = mark.get("item")
+    return marks
+
+
+def clear_failed_marks(store: FileDestination, paths: Iterable[str]) -> list[str]:
+    """Remove the marks of these items whose stored record is ``ok`` now (read again, so a run
+    that failed the item since keeps its mark); returns the paths cleared."""
+    cleared = [r["path"] for r in read_records(store, paths) if r.get("status") == "ok"]
+    store.remove([failed_key(path) for path in cleared])
+    return cleared
 
 
 def read_records(store: FileDestination, paths: Iterable[str]) -> Iterator[dict[str, Any]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from polyburn.coco import frame_image
 from polyburn.dataloop_json import AnnotationRejected
 from polyburn.errors import ItemError
 from polyburn.geometry import repair_item
@@ -145,9 +144,8 @@ class VideoBurn:
                 dtype,
                 options.draw_order,
                 options.instance_id,
+                frame=(item, frame),
             )
-            if masks.coco is not None:  # one COCO image per frame
-                masks.coco["image"].update(frame_image(item, frame))
             outputs += destination.publish_item(
                 frame_item, masks, options.format, self.palette, known
             )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -15,20 +14,9 @@ from polyburn.manifest import pack_records
 from polyburn.model import ItemRef
 from polyburn.parallel import process_items
 from polyburn.params import MaskOptions
+from polyburn.recipe import code_version
+from polyburn.records import BatchResult
 from tasks.common import destination_for, retry_if_transient, source_for
-
-
-def _code_version() -> str:
-    """A hash of polyburn's own code: a change of code invalidates every cached batch."""
-    digest = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]
-    for folder in ("polyburn", "tasks"):
-        for file in sorted((root / folder).rglob("*.py")):
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-CODE_VERSION = _code_version()
 
 
 def batch_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
@@ -41,7 +29,7 @@ def batch_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
     if not refs or any(not ref.revision for ref in refs):
         return None
     payload = {
-        "code": CODE_VERSION,
+        "code": code_version(),
         "source": parameters["source_uri"],
         "destination": parameters["destination_uri"],
         "token": parameters.get("destination_token"),
@@ -77,15 +65,15 @@ def burn_batch(
     destination_token: str | None = None,
     workers: int = 1,
     unfinished: list[str] | None = None,
-) -> dict[str, Any]:
+) -> BatchResult:
     """Process each item of the batch; an item's failure is in its record, not an exception.
 
     Each item's record is stored at the destination as the item is done
-    (:func:`~polyburn.pipeline.process_item`). Returns ``{"records": <packed>, "items": n,
-    "attempts": k}``, the records packed with :func:`~polyburn.manifest.pack_records`, for the
-    run's summary. The first ``previews`` items also get a small preview PNG in their record.
-    ``workers`` > 1 spreads the items over that many processes. ``unfinished`` (the batch's
-    items that the destination marks unfinished) only enters the cache key.
+    (:func:`~polyburn.pipeline.process_item`). Returns a
+    :class:`~polyburn.records.BatchResult` for the run's summary. The first ``previews`` items
+    also get a small preview PNG in their record. ``workers`` > 1 spreads the items over that
+    many processes. ``unfinished`` (the batch's items that the destination marks unfinished)
+    only enters the cache key.
     """
     records = process_items(
         refs,
@@ -97,11 +85,12 @@ def burn_batch(
         previews,
         workers,
     )
-    return {
-        "records": pack_records(records),
-        "items": len(records),
-        "attempts": task_run.run_count or 1,
-    }
+    return BatchResult(
+        records=pack_records(records),
+        items=len(records),
+        attempts=task_run.run_count or 1,
+        unchanged=records.unchanged,
+    )
 
 
 BURN_TAG = "polyburn-burn"

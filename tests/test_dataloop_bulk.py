@@ -24,6 +24,7 @@ from polyburn.parallel import process_items
 from polyburn.params import MaskOptions
 from polyburn.pipeline import process_item, write_label_map
 from polyburn.sources.dataloop import DataloopSource
+from polyburn.state import failed_marks, read_record
 from tests.support.fake_gate import FakeGate
 from tests.test_dataloop import (  # noqa: F401 - dataloop_env: this module's environment
     QUERY,
@@ -318,3 +319,27 @@ def test_an_item_read_ahead_is_read_again_when_another_run_stored_a_newer_versio
     fake_gate.clear_requests()
     again = process_item(unchanged, source, other, options, LABELS)  # its own record: same run
     assert again["status"] == "ok" and not fake_gate.requests
+
+
+def test_an_item_its_batch_fails_after_publishing_has_a_failed_record(fake_gate):
+    """The bulk delete of the masks an item's new ones replaced runs after the item's record
+    was stored; when Dataloop leaves some, the stored record says failed, as the run reports."""
+    ds, items = build_dataset(fake_gate, "late-failure", 7, seed=15)
+    source = DataloopSource.from_uri(f"dataloop://{ds}")
+    destination = DataloopDestination.from_uri("dataloop://", source_dataset=source.uri)
+    write_label_map(destination, LABELS)
+    options = MaskOptions(modes=["semantic"])
+    refs = list(source.list_items())
+    assert all(
+        r["status"] == "ok" for r in process_items(refs, source, destination, options, LABELS)
+    )
+    shift_polygons(fake_gate, ds)
+    fake_gate.short_deletes(2)  # the server deletes 2 of the replaced masks, leaves the rest
+    records = process_items(list(source.list_items()), source, destination, options, LABELS)
+    failed = [r for r in records if r["status"] == "failed"]
+    assert failed and all("did not delete the masks it replaced" in r["error"] for r in failed)
+    for record in records:
+        stored = read_record(destination.state, record["path"])
+        assert stored["status"] == record["status"]
+        assert stored.get("error") == record.get("error")
+    assert set(failed_marks(destination.state)) == {r["path"] for r in failed}

@@ -64,3 +64,17 @@ def test_the_parameters_page_lists_every_field_with_its_description():
             assert row is not None, f"{name} is not documented"
             if field.description:
                 assert " ".join(field.description.split()) in row.replace("\\|", "|")
+
+
+def test_the_outputs_page_has_a_row_for_every_output_format_of_the_registry():
+    from polyburn import formats
+
+    page = _rendered("outputs.md")
+    assert "<!-- generated" not in page
+    for output_format in formats.registry().values():
+        row = next(
+            (line for line in page.splitlines() if line.startswith(f"| `{output_format.name}` |")),
+            None,
+        )
+        assert row is not None, f"{output_format.name} is not documented"
+        assert output_format.summary in row

@@ -4,7 +4,8 @@ A page holding :data:`CLI_MARKER` gets the reference of every ``polyburn`` subco
 the argparse parser of ``polyburn/cli.py``; a page holding :data:`PARAMETERS_MARKER` gets the
 parameters of the flow ``polygons-to-masks`` (the fields of ``polyburn.params.RunParameters`` and
 ``MaskOptions``) with their types, defaults and descriptions, the same text the Prefect UI form
-shows.
+shows; a page holding :data:`FORMATS_MARKER` gets the table of output formats from
+``polyburn.formats``' registry.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic_core import PydanticUndefined
 
 CLI_MARKER = "<!-- generated: cli-reference -->"
 PARAMETERS_MARKER = "<!-- generated: run-parameters -->"
+FORMATS_MARKER = "<!-- generated: output-formats -->"
 USAGE_WIDTH = 100
 
 
@@ -31,6 +33,10 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         markdown = markdown.replace(CLI_MARKER, cli_reference(_parser()))
     if PARAMETERS_MARKER in markdown:
         markdown = markdown.replace(PARAMETERS_MARKER, parameters_reference())
+    if FORMATS_MARKER in markdown:
+        from polyburn.formats import reference_table
+
+        markdown = markdown.replace(FORMATS_MARKER, reference_table())
     return markdown
 
 

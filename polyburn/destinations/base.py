@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from polyburn.encode import (
-    BINARY_PALETTE,
-    CONTENT_TYPES,
-    EXTENSIONS,
-    JSON_CONTENT_TYPE,
-    encode_mask,
-)
-from polyburn.keys import safe_relpath, safe_segment
+from polyburn.encode import JSON_CONTENT_TYPE
+from polyburn.formats import in_order
+from polyburn.keys import safe_relpath
 from polyburn.masks import ItemMasks
 from polyburn.model import Item
 
@@ -240,39 +234,17 @@ class FileDestination(Destination):
 def mask_files(
     item: Item, masks: ItemMasks, fmt: str, palette: Sequence[int] | None
 ) -> list[tuple[str, bytes, str]]:
-    """(key, bytes, content type) of every file an item's masks make, in a fixed order.
-
-    Keys: ``semantic/<path><ext>``, ``instance/<path><ext>`` with ``instance/<path>.json`` (the id
+    """(key, bytes, content type) of every file an item's masks make: each asked format's
+    (:meth:`polyburn.formats.OutputFormat.files`), in output order, e.g.
+    ``semantic/<path><ext>``, ``instance/<path><ext>`` with ``instance/<path>.json`` (the id
     table), ``binary/<label>/<path><ext>``, ``coco/items/<path>.json`` (the COCO fragment).
     """
     path = safe_relpath(item.path)
-    ext, content_type = EXTENSIONS[fmt], CONTENT_TYPES[fmt]
-    files = []
-    if masks.semantic is not None:
-        files.append(
-            (f"semantic/{path}{ext}", encode_mask(masks.semantic, fmt, palette), content_type)
-        )
-    if masks.instance is not None:
-        files.append((f"instance/{path}{ext}", encode_mask(masks.instance, fmt), content_type))
-        table = json.dumps(
-            {"item": item.item_id, "instances": masks.instance_table}, ensure_ascii=False, indent=1
-        )
-        files.append((f"instance/{path}.json", table.encode("utf-8"), JSON_CONTENT_TYPE))
-    for label, mask in masks.binary.items():
-        key = f"binary/{safe_segment(label)}/{path}{ext}"
-        files.append((key, encode_mask(mask, fmt, BINARY_PALETTE), content_type))
-    if masks.coco is not None:
-        fragment = json.dumps(masks.coco, ensure_ascii=False, separators=(",", ":"))
-        files.append((coco_fragment_key(path), fragment.encode("utf-8"), JSON_CONTENT_TYPE))
-    return files
-
-
-COCO_FRAGMENTS = "coco/items/"
-
-
-def coco_fragment_key(path: str) -> str:
-    """The key of an item's COCO fragment (``path`` already made safe)."""
-    return f"{COCO_FRAGMENTS}{path}.json"
+    return [
+        (f.key, f.data, f.content_type)
+        for output_format in in_order(masks.modes)
+        for f in output_format.files(masks, item, fmt, palette, path)
+    ]
 
 
 def text_content_type(key: str) -> str:

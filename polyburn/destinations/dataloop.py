@@ -69,6 +69,7 @@ from polyburn import dataloop_api as api
 from polyburn.destinations.base import LABEL_MAP_KEY, Destination, OutputRecord
 from polyburn.destinations.local import LocalDestination
 from polyburn.errors import ConfigError, ItemError, PolyburnError, TransientError
+from polyburn.formats import in_order
 from polyburn.keys import safe_relpath, safe_segment
 from polyburn.labels import parse_label_map
 from polyburn.masks import ItemMasks
@@ -349,30 +350,16 @@ class DataloopDestination(Destination):
             digest = _digest(mode, label, object_id, rgb, mask)
             planned.append(_Planned(mode, name, label, mask, rgb, object_id, digest, extra))
 
-        if masks.semantic is not None:
-            if label_map is None:
+        for output_format in in_order(masks.modes):
+            try:
+                for m in output_format.annotations(masks, item, label_map):
+                    add(output_format.name, m.name, m.label, m.mask, m.object_id, **m.extra)
+            except LookupError:
                 raise ItemError(
                     item.path,
-                    f"semantic masks need the run's label map, not found in {self._state.uri}",
-                )
-            for label in sorted({a.label for a in item.annotations}):
-                label_id = label_map.get(label)
-                if label_id:
-                    add("semantic", label, label, masks.semantic == label_id, labelId=label_id)
-        if masks.instance is not None:
-            for entry in masks.instance_table:
-                k = int(entry["id"])
-                add(
-                    "instance",
-                    str(k),
-                    str(entry["label"]),
-                    masks.instance == k,
-                    object_id=k,
-                    sourceAnnotations=list(entry["annotations"]),
-                    sourceObjectId=entry.get("object_id"),
-                )
-        for label, mask in masks.binary.items():
-            add("binary", label, label, mask.astype(bool))
+                    f"{output_format.name} masks need the run's label map, not found in "
+                    f"{self._state.uri}",
+                ) from None
         return planned
 
     def _existing(self, target: str) -> list[dict[str, Any]]:
