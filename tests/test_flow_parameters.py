@@ -22,7 +22,7 @@ from prefect.utilities.callables import parameter_schema
 
 from deployments import DeploymentSettings, build_deployments, on_demand
 from flows.polygons_to_masks import polygons_to_masks, polygons_to_masks_params
-from polyburn.params import FLAT_FIELDS, INTERNAL_FIELDS, MaskOptions, RunParameters
+from polyburn.params import FLAT_FIELDS, INTERNAL_FIELDS, MaskOptions, Mode, RunParameters
 from tests.support.oracle import EXAMPLES
 
 #: Raw HTML in a description: the Prefect UI renders descriptions as markdown and drops it
@@ -83,7 +83,8 @@ def test_the_form_cannot_drop_source_or_destination_nor_show_internal_fields():
     # the fields' limits and choices are in the form too
     assert properties["batch_size"]["minimum"] == 1 and properties["batch_size"]["maximum"] > 1
     assert properties["modes"]["minItems"] == 1
-    assert properties["modes"]["items"]["enum"] == ["semantic", "instance", "binary", "coco"]
+    assert properties["modes"]["items"]["enum"] == list(typing.get_args(Mode))
+    assert {"semantic", "instance", "binary", "coco"} <= set(typing.get_args(Mode))
     assert properties["instance_id"]["enum"] == ["object", "shape"]
     assert "objectId" in properties["instance_id"]["description"]
     assert all(p.get("description") for p in properties.values())
