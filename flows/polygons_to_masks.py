@@ -8,10 +8,12 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import State, flow, get_run_logger
 from prefect.artifacts import (
@@ -44,9 +46,10 @@ from polyburn.params import (
     TaskRunner,
     flat_parameter_fields,
 )
-from polyburn.records import BatchResult
+from polyburn.records import BatchResult, RunSummary
 from polyburn.report import failures_markdown, previews_markdown, summary_table
 from polyburn.state import (
+    attach_snapshot,
     clear_failed_marks,
     create_record,
     destination_clock,
@@ -184,67 +187,172 @@ def run_polygons_to_masks(params: RunParameters) -> State:
     run (or with ``refresh_dataset_files``), the dataset files and the manifest written last.
 
     Items are processed in batches of about ``params.batch_size`` (one task run each; batch
-    boundaries follow the item paths, :mod:`polyburn.batching`; a batch whose items, options
-    and label map did not change is taken from Prefect's cache). Each item is
-    written under its own lease, so any number of runs may write one destination at once
-    (:mod:`polyburn.state`). A failed item is reported in its record, the summary and the
-    artifacts; the run fails only in ``strict`` mode. With ``incremental``, only items changed
-    since the last fully successful incremental run are processed, and the watermark (a Prefect
+    boundaries follow the item paths, :mod:`polyburn.batching`). An item whose record has the
+    recipe digest it has now is not burned again (:mod:`polyburn.recipe`); a batch whose
+    items, options and label map did not change is taken from Prefect's cache, a fast path
+    whose outputs are checked for presence after the batches. Each batch holds its items under
+    one claim, so any number of runs may write one destination at once (:mod:`polyburn.state`).
+    A failed item is reported in its record, the summary and the artifacts; the run fails only
+    in ``strict`` mode. With ``incremental``, only items changed since the last incremental run
+    are processed, and the watermark (a Prefect
     Variable) advances past failed items: they are marked failed at the destination and every
     later incremental run tries them again until they succeed (it stays put for a failed item
     whose record or mark could not be stored).
     """
-    # "dataloop://" alone = the source's dataset; tasks then get the full URI
-    params = params.model_copy(
-        update={"destination": resolve_destination_uri(params.destination, params.source)}
-    )
-    logger = get_run_logger()
-    started = time.perf_counter()
-    run_started_at = datetime.now(UTC)
-    since = _since(params)
-    item_filter = _item_filter(params)
+    params = _resolved(params)
+    run = start_run(params)
+    refs = list_run_items(params, run)
+    labels = settle_labels(params, refs, run)
+    with _run_spool() as (spool, scratch):
+        burned = burn_and_publish(params, run, refs, labels, spool, scratch)
+        dataset = write_dataset_state(params, run, refs, spool, scratch)
+        summary = summarize(params, run, spool, labels, burned, dataset)
+    _report(summary, params, burned.tally, get_run_logger())
+    advance_watermark(params, run, dataset)
+    return _final_state(summary, params)
+
+
+def _final_state(summary: RunSummary, params: RunParameters):
+    """Completed, or Failed when an item failed in ``strict`` mode; the summary as its data."""
+    data = summary.as_dict()
+    if summary.failed and params.strict:
+        return Failed(message=f"{summary.failed} item(s) failed", data=data)
+    return Completed(message=f"{summary.ok} ok, {summary.failed} failed", data=data)
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What a run settles before it lists its items."""
+
+    destination: Any
+    """The opened destination (:func:`~polyburn.destinations.open_destination`)."""
+    item_filter: str | None
+    since: datetime | None
+    clock: float | None
+    """The destination's clock at the start of a full run (None: not a full run)."""
+    started: float = field(default_factory=time.perf_counter)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class RunLabels(NamedTuple):
+    label_map: dict[str, int]
+    colours: dict[str, tuple[int, int, int]] | None
+
+
+@dataclass
+class Burned:
+    """What burning and publishing left: the run's tally, and the shards of a sharded run."""
+
+    tally: RunTally
+    shards: list[dict] | None = None
+
+
+@dataclass
+class DatasetState:
+    """What the dataset step did: ``removed_items`` (an item-id run), and the failed items
+    without a failure mark (an incremental run's watermark stays put for them)."""
+
+    removed_items: list[str] | None = None
+    unmarked_failures: list[str] = field(default_factory=list)
+
+
+def _resolved(params: RunParameters) -> RunParameters:
+    """``params`` with a bare ``dataloop://`` destination made the source's dataset."""
+    destination = resolve_destination_uri(params.destination, params.source)
+    return params.model_copy(update={"destination": destination})
+
+
+def start_run(params: RunParameters) -> RunStart:
+    """The run's destination (recovered and migrated), item filter, watermark and clock."""
     destination = _prepare_destination(params)
     clock = destination_clock(destination.state) if _is_full_run(params) else None
+    return RunStart(destination, _item_filter(params), _since(params), clock)
 
-    refs = list_items(params.source, item_filter, since, _local_item_ids(params))
-    refs = _with_failed_earlier(params, destination, refs)
-    batches = batches_of(refs, params.batch_size)
-    logger.info("%d items from %s in %d batches", len(refs), params.source, len(batches))
-    label_map, colours = _label_map(params, refs, source_for(params.source, item_filter, since))
 
+def list_run_items(params: RunParameters, run: RunStart) -> list[ItemRef]:
+    """The items the run processes: the source's (filtered, changed since), plus for an
+    incremental run the items earlier runs left failed."""
+    refs = list_items(params.source, run.item_filter, run.since, _local_item_ids(params))
+    refs = _with_failed_earlier(params, run.destination, refs)
+    get_run_logger().info("%d items from %s", len(refs), params.source)
+    return refs
+
+
+def settle_labels(params: RunParameters, refs: list[ItemRef], run: RunStart) -> RunLabels:
+    """The run's label map and colours (:func:`_label_map`)."""
+    source = source_for(params.source, run.item_filter, run.since)
+    return RunLabels(*_label_map(params, refs, source))
+
+
+@contextmanager
+def _run_spool() -> Iterator[tuple[RecordSpool, Path]]:
+    """The run's record spool, in a scratch folder that goes with it."""
     with (
         tempfile.TemporaryDirectory(prefix="polyburn-run-") as folder,
         RecordSpool(folder) as spool,
     ):
-        tally = RunTally(spool)
-        if params.shards > 1 and refs:
-            summary_extra = {"shards": _run_sharded(params, refs, label_map, destination, spool)}
-        else:
-            summary_extra = {}
-            _burn_all(params, batches, label_map, colours, destination, tally)
-        summary = spool.counts.as_dict(time.perf_counter() - started)
-        if params.shard_of is None:  # every rejection, for the CLI's --json
-            progress.report_records(spool.records())
-        summary.update(_dataset_state(params, destination, refs, clock, spool, Path(folder)))
-        unmarked = _settle_failure_marks(params, destination, spool)
-    summary.update(summary_extra)
-    summary.update(
-        label_map=label_map,
-        retries=tally.retries,
-        cached_batches=tally.cached,
-        unchanged_items=tally.unchanged,
-    )
-    summary["polyburn_version"] = version()
-    _report(summary, params, tally, logger)
-    if params.incremental and not unmarked and params.shard_of is None:
-        Variable.set(
-            watermark_name(params.source, params.destination),
-            run_started_at.isoformat(),
-            overwrite=True,
-        )
-    if summary["failed"] and params.strict:
-        return Failed(message=f"{summary['failed']} item(s) failed", data=summary)
-    return Completed(message=f"{summary['ok']} ok, {summary['failed']} failed", data=summary)
+        yield spool, Path(folder)
+
+
+def burn_and_publish(
+    params: RunParameters,
+    run: RunStart,
+    refs: list[ItemRef],
+    labels: RunLabels,
+    spool: RecordSpool,
+    scratch: Path,
+) -> Burned:
+    """Every item burned and published, in batches on this machine, or by shard runs; each
+    item's record goes into ``spool``. The batches read the records the last snapshot holds
+    from a copy of it, not one by one (:func:`~polyburn.state.attach_snapshot`)."""
+    tally = RunTally(spool)
+    if params.shards > 1 and refs:
+        shards = _run_sharded(params, refs, labels.label_map, run.destination, spool)
+        return Burned(tally, shards)
+    batches = batches_of(refs, params.batch_size)
+    with attach_snapshot(run.destination.state, scratch, len(refs)):
+        _burn_all(params, batches, labels.label_map, labels.colours, run.destination, tally)
+    return Burned(tally)
+
+
+def write_dataset_state(
+    params: RunParameters, run: RunStart, refs: list[ItemRef], spool, scratch: Path
+) -> DatasetState:
+    """The destination's dataset-level state after the items (:func:`_dataset_state`), and
+    its failure marks settled."""
+    removed = _dataset_state(params, run.destination, refs, run.clock, spool, scratch)
+    unmarked = _settle_failure_marks(params, run.destination, spool)
+    return DatasetState(removed.get("removed_items"), unmarked)
+
+
+def summarize(
+    params: RunParameters,
+    run: RunStart,
+    spool: RecordSpool,
+    labels: RunLabels,
+    burned: Burned,
+    dataset: DatasetState,
+) -> RunSummary:
+    """The run summary: the records' counts, plus the label map, retries, cached batches,
+    unchanged items, shards, removed items and the polyburn version."""
+    if params.shard_of is None:  # every rejection, for the CLI's --json
+        progress.report_records(spool.records())
+    summary = spool.counts.summary(time.perf_counter() - run.started)
+    summary.label_map = labels.label_map
+    summary.retries = burned.tally.retries
+    summary.cached_batches = burned.tally.cached
+    summary.unchanged_items = burned.tally.unchanged
+    summary.polyburn_version = version()
+    summary.shards, summary.removed_items = burned.shards, dataset.removed_items
+    return summary
+
+
+def advance_watermark(params: RunParameters, run: RunStart, dataset: DatasetState) -> None:
+    """An incremental run moves its watermark to its start, past items that failed with a
+    failure mark (later runs try them again), not past a failure without one."""
+    if params.incremental and params.shard_of is None and not dataset.unmarked_failures:
+        name = watermark_name(params.source, params.destination)
+        Variable.set(name, run.started_at.isoformat(), overwrite=True)
 
 
 FLOW_NAME = "polygons-to-masks"
@@ -516,19 +624,23 @@ def _remove_vanished(destination, params: RunParameters, refs: list[ItemRef]) ->
     return sorted(gone)
 
 
-def _report(summary: dict, params: RunParameters, tally: RunTally, logger) -> None:
-    _publish_artifacts(summary, params, [tally.previews[p] for p in sorted(tally.previews)])
+def _report(summary: RunSummary, params: RunParameters, tally: RunTally, logger) -> None:
+    """The run's artifacts (summary table, failures, previews) and log lines."""
+    previews = [tally.previews[p] for p in sorted(tally.previews)]
+    _publish_artifacts(summary.as_dict(), params, previews)
     logger.info(
-        "%d items: %d ok, %d failed; %d annotations, %d repairs, %d rejected; %d batches cached",
-        summary["items"],
-        summary["ok"],
-        summary["failed"],
-        summary["annotations"],
-        summary["repairs"],
-        summary["rejected"],
+        "%d items: %d ok, %d failed; %d annotations, %d repairs, %d rejected; %d batches "
+        "cached, %d items unchanged",
+        summary.items,
+        summary.ok,
+        summary.failed,
+        summary.annotations,
+        summary.repairs,
+        summary.rejected,
         tally.cached,
+        tally.unchanged,
     )
-    for failure in summary["failures"][:20]:
+    for failure in summary.failures[:20]:
         logger.warning("failed: %s", failure["error"])
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from polyburn.losses import MAX_LISTED_LOSSES, ListedByPath, empty_entry, is_empty, rejections_of
+from polyburn.records import RunSummary
 
 MAX_LISTED_FAILURES = 1000
 """Failures kept for the summary and the artifacts; all of them are in the manifest."""
@@ -65,7 +66,7 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[tuple[int, bytes, dict[st
 
 
 class RunCounts:
-    """Running counts over a run's item records; :meth:`as_dict` is the run summary."""
+    """Running counts over a run's item records; :meth:`summary` is the run summary."""
 
     def __init__(self) -> None:
         self.totals: Counter[str] = Counter()
@@ -107,28 +108,33 @@ class RunCounts:
         self.rejections.update(record["path"], rejections_of(record), sign)
         self.empty.update(record["path"], [empty_entry(record)] if empty else [], sign)
 
-    def as_dict(self, seconds: float) -> dict[str, Any]:
+    def summary(self, seconds: float) -> RunSummary:
+        """The run summary of the records counted, the run taking ``seconds``."""
         totals = self.totals
-        return {
-            "items": totals["items"],
-            "ok": totals["ok"],
-            "failed": totals["failed"],
-            "annotations": totals["annotations"],
-            "shapes": totals["shapes"],
-            "repairs": sum(self.repairs.values()),
-            "repairs_by_kind": {k: v for k, v in sorted(self.repairs.items()) if v},
-            "rejected": totals["rejected"],
-            "rejections": self.rejections.listed(),
-            "empty_items": totals["empty"],
-            "empty_items_skipped": totals["empty_skipped"],
-            "empty": self.empty.listed(),
-            "skipped_by_type": {k: v for k, v in sorted(self.skipped.items()) if v},
-            "item_retries": totals["item_retries"],
-            "io_retries": totals["io_retries"],
-            "outputs_written": totals["outputs_written"],
-            "seconds": round(seconds, 3),
-            "failures": [{"path": p, "error": e} for p, e in sorted(self.failures.items())],
-        }
+        return RunSummary(
+            items=totals["items"],
+            ok=totals["ok"],
+            failed=totals["failed"],
+            annotations=totals["annotations"],
+            shapes=totals["shapes"],
+            repairs=sum(self.repairs.values()),
+            repairs_by_kind={k: v for k, v in sorted(self.repairs.items()) if v},
+            rejected=totals["rejected"],
+            rejections=self.rejections.listed(),
+            empty_items=totals["empty"],
+            empty_items_skipped=totals["empty_skipped"],
+            empty=self.empty.listed(),
+            skipped_by_type={k: v for k, v in sorted(self.skipped.items()) if v},
+            item_retries=totals["item_retries"],
+            io_retries=totals["io_retries"],
+            outputs_written=totals["outputs_written"],
+            seconds=round(seconds, 3),
+            failures=[{"path": p, "error": e} for p, e in sorted(self.failures.items())],
+        )
+
+    def as_dict(self, seconds: float) -> dict[str, Any]:
+        """:meth:`summary` as JSON-ready data."""
+        return self.summary(seconds).as_dict()
 
 
 class RecordSpool:

@@ -6,7 +6,8 @@ know nothing of polyburn (:mod:`polyburn.manifest`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -22,3 +23,51 @@ class BatchResult:
     items: int
     attempts: int = 1
     unchanged: int = 0
+
+
+@dataclass
+class RunSummary:
+    """What a run reports: the counts over its items' records (:class:`~polyburn.manifest.
+    RunCounts`), then what the run itself knows. :meth:`as_dict` is the flow's result, the
+    CLI's ``--json`` and the summary artifact's source; ``shards`` and ``removed_items`` appear
+    only when the run had them."""
+
+    items: int = 0
+    ok: int = 0
+    failed: int = 0
+    annotations: int = 0
+    shapes: int = 0
+    repairs: int = 0
+    repairs_by_kind: dict[str, int] = field(default_factory=dict)
+    rejected: int = 0
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    empty_items: int = 0
+    empty_items_skipped: int = 0
+    empty: list[dict[str, Any]] = field(default_factory=list)
+    skipped_by_type: dict[str, int] = field(default_factory=dict)
+    item_retries: int = 0
+    io_retries: int = 0
+    outputs_written: int = 0
+    seconds: float = 0.0
+    failures: list[dict[str, str]] = field(default_factory=list)
+    """At most :data:`~polyburn.manifest.MAX_LISTED_FAILURES` (path, error), by path."""
+    label_map: dict[str, int] | None = None
+    retries: int | None = None
+    """Batch task retries (Prefect's)."""
+    cached_batches: int | None = None
+    unchanged_items: int | None = None
+    """Items not burned: their record had the recipe digest they have now."""
+    polyburn_version: str | None = None
+    shards: list[dict[str, Any]] | None = None
+    removed_items: list[str] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as JSON-ready data; run-level fields left unset are left out."""
+        summary = asdict(self)
+        for optional in ("label_map", "retries", "cached_batches", "unchanged_items"):
+            if summary[optional] is None:
+                del summary[optional]
+        for optional in ("polyburn_version", "shards", "removed_items"):
+            if summary[optional] is None:
+                del summary[optional]
+        return summary

@@ -691,10 +691,12 @@ def _read_many(store: FileDestination, keys: list[str]) -> Iterator[dict[str, An
 
 def records_of(store: FileDestination, paths: Iterable[str]) -> dict[str, dict[str, Any]]:
     """The stored records of these items (path → record; items without one are left out),
-    read together: what a batch reads before its items are burned."""
+    read together: what a batch reads before its items are burned. With a snapshot attached
+    (:func:`attach_snapshot`), a record the snapshot holds as stored costs no read."""
     keys = {record_key(path): path for path in paths}
     found = {}
-    for key, data in store.get_many(list(keys)).items():
+    known = _SNAPSHOTS.get(id(store))
+    for key, data in store.get_many(list(keys), known).items():
         record = _parse_record(data)
         if record is not None and record["path"] == keys[key]:
             found[keys[key]] = record
@@ -703,6 +705,83 @@ def records_of(store: FileDestination, paths: Iterable[str]) -> dict[str, dict[s
 
 def is_migrated(store: FileDestination) -> bool:
     return (store.get(LAYOUT_KEY) or b"").strip() == LAYOUT.encode()
+
+
+class SnapshotRecords:
+    """The lines of a local copy of ``manifest.jsonl``, by record key and content tag: a line
+    whose tag (:meth:`FileDestination.content_tag`) is the listed tag of the item's record *is*
+    that record, byte for byte (a record is stored as its manifest line). Call it as
+    ``known(key, tag)`` (:meth:`FileDestination.get_many`). Memory: about 200 bytes a line."""
+
+    def __init__(self, store: FileDestination, lines: Path) -> None:
+        self._file = open(lines, "rb")  # noqa: SIM115 - closed by close()
+        self._index: dict[str, tuple[str, int, int]] = {}
+        offset = 0
+        for line in self._file:
+            tag = store.content_tag(line)
+            path = _line_path(line)
+            if tag is not None and path is not None:
+                self._index[record_key(path)] = (tag, offset, len(line))
+            offset += len(line)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __call__(self, key: str, tag: str) -> bytes | None:
+        entry = self._index.get(key)
+        if entry is None or entry[0] != tag:
+            return None
+        self._file.seek(entry[1])
+        return self._file.read(entry[2])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+_SNAPSHOTS: dict[int, SnapshotRecords] = {}
+_snapshots_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def attach_snapshot(store: FileDestination, scratch: Path, items: int) -> Iterator[int]:
+    """For the ``with`` block, let :func:`records_of` on ``store`` take records from the last
+    snapshot (``manifest.jsonl``, copied under ``scratch``) instead of reading each: a run of
+    ``items`` items into a store that tags by content (S3) then reads only the records written
+    since. Skipped (yields 0) when the store does not tag by content, has no snapshot, or the
+    snapshot is much bigger than what the run would read (more than 4 KB per item)."""
+    if store.content_tag(b"") is None:
+        yield 0
+        return
+    sizes = [e.size for e in store.entries(MANIFEST_KEY) if e.key == MANIFEST_KEY]
+    copy = scratch / "snapshot-records.jsonl"
+    if not sizes or sizes[0] > SNAPSHOT_BYTES_PER_ITEM * items:
+        yield 0
+        return
+    if not store.read_file(MANIFEST_KEY, copy):
+        yield 0
+        return
+    snapshot = SnapshotRecords(store, copy)
+    with _snapshots_lock:
+        _SNAPSHOTS[id(store)] = snapshot
+    try:
+        yield len(snapshot)
+    finally:
+        with _snapshots_lock:
+            _SNAPSHOTS.pop(id(store), None)
+        snapshot.close()
+        copy.unlink(missing_ok=True)
+
+
+SNAPSHOT_BYTES_PER_ITEM = 4096
+
+
+def _line_path(line: bytes) -> str | None:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    path = record.get("path") if isinstance(record, dict) else None
+    return path if isinstance(path, str) else None
 
 
 def current_records(

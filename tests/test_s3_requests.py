@@ -23,7 +23,15 @@ from polyburn.parallel import process_items
 from polyburn.params import MaskOptions
 from polyburn.pipeline import scan_labels
 from polyburn.sources import open_source
-from polyburn.state import CLAIMS, RECORDS, current_records, settle_label_map, write_snapshot
+from polyburn.state import (
+    CLAIMS,
+    RECORDS,
+    attach_snapshot,
+    current_records,
+    settle_label_map,
+    write_record,
+    write_snapshot,
+)
 from tests.support.generate import write_export
 from tests.test_s3 import proxied, stored
 
@@ -255,3 +263,29 @@ def test_reading_keys_spread_over_a_big_prefix_lists_a_bounded_range(
     assert found == {k: k.encode() for k in wanted if k in keys}
     assert len(fault_proxy.requests(r"^GET /[^/?]+\?list-type=2")) == 1
     assert destination.missing(wanted) == {"r/01200x.json"}
+
+
+def test_a_rerun_takes_the_records_the_snapshot_holds_and_reads_only_the_others(
+    weed_server, s3_bucket, s3_env, fault_proxy, export, tmp_path
+):
+    """A re-run with nothing in Prefect's cache (another worker, a wiped result store): the
+    batch's records come from one read of the last snapshot, checked against the listing's
+    ETags; only a record stored since the snapshot is read. Nothing is burned or written."""
+    s3_env(fault_proxy.endpoint_url)
+    source, refs, destination, label_map = open_batch(export, s3_bucket)
+    first = process_items(refs, source, destination, OPTIONS, label_map)
+    write_snapshot(destination.state, tmp_path)
+    changed = dict(first[3], retries=1)  # stored again since the snapshot: other bytes
+    write_record(destination.state, changed)
+
+    fault_proxy.clear()
+    with attach_snapshot(destination.state, tmp_path, len(refs)) as lines:
+        again = process_items(refs, source, destination, OPTIONS, label_map)
+    assert lines == ITEMS and again.unchanged == ITEMS
+    counts = requests_by_kind(fault_proxy, s3_bucket)
+    assert counts.pop("GET records") == 1 and counts.pop("GET manifest.jsonl") == 1
+    assert not any(kind.startswith(("PUT semantic", "PUT records")) for kind in counts)
+    assert len(fault_proxy.seen) <= 0.2 * ITEMS, counts
+    assert [r["outputs"] for r in again] == [
+        [dict(o, written=False) for o in r["outputs"]] for r in first
+    ]

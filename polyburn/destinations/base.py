@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,9 @@ from polyburn.formats import in_order
 from polyburn.keys import safe_relpath
 from polyburn.masks import ItemMasks
 from polyburn.model import Item
+
+KnownBytes = Callable[[str, str], "bytes | None"]
+"""``known(key, tag)``: the bytes of ``key`` when they are known for that stored tag, else None."""
 
 LABEL_MAP_KEY = "label_map.json"
 MANIFEST_KEY = "manifest.jsonl"
@@ -192,9 +195,10 @@ class FileDestination(Destination):
         differs). Stores that compare cheaply may keep comparing."""
         self.put(key, data, content_type, metadata)
 
-    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+    def get_many(self, keys: Sequence[str], known: KnownBytes | None = None) -> dict[str, bytes]:
         """The bytes of those ``keys`` that are stored (absent keys are left out). Stores that
-        answer with latency read many at once."""
+        answer with latency read many at once, and may take from ``known(key, tag)`` the bytes
+        of a key whose listed tag it knows, instead of reading them."""
         found = {}
         for key in keys:
             data = self.get(key)

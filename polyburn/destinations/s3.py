@@ -82,6 +82,7 @@ from botocore.exceptions import (
 from polyburn.destinations.base import (
     JSON_CONTENT_TYPE,
     FileDestination,
+    KnownBytes,
     OutputRecord,
     StoredEntry,
     text_content_type,
@@ -467,15 +468,20 @@ class S3Destination(FileDestination):
         wanted["sha256"] = digest.hexdigest()
         self._send(key, data, len(data), digest, content_type, wanted)
 
-    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+    def get_many(self, keys: Sequence[str], known: KnownBytes | None = None) -> dict[str, bytes]:
         """The stored objects among ``keys``, read ``concurrent_items`` at a time. More than a
         few keys are first looked up in one listing of the key range they span (1,000 keys a
-        request), so absent keys cost no request of their own."""
+        request), so absent keys cost no request of their own, and a key whose listed ETag
+        ``known`` has the bytes of (:class:`~polyburn.state.SnapshotRecords`) costs none."""
         wanted = sorted(set(keys))
+        found = {}
         if len(wanted) > 2:
             present, covered = self._present(wanted)
-            wanted = [key for key in wanted if key in present or key > covered]
-        found = {}
+            for key, tag in present.items():
+                data = known(key, tag) if known is not None else None
+                if data is not None:
+                    found[key] = data
+            wanted = [k for k in wanted if (k in present and k not in found) or k > covered]
         for key, data in zip(wanted, self._reader_pool().map(self.get, wanted), strict=True):
             if data is not None:
                 found[key] = data
@@ -494,8 +500,9 @@ class S3Destination(FileDestination):
                 )
             return self._readers
 
-    def _present(self, wanted: list[str]) -> tuple[set[str], str]:
-        """(the keys of ``wanted`` (sorted) that are stored, the last key the listing covered).
+    def _present(self, wanted: list[str]) -> tuple[dict[str, str], str]:
+        """(the keys of ``wanted`` (sorted) that are stored, with their ETags; the last key the
+        listing covered).
 
         One ``ListObjectsV2`` of the range the keys span, from just before the first, stopped
         after the last, or once it has listed ``RANGE_SLACK`` times as many objects as are
@@ -503,7 +510,7 @@ class S3Destination(FileDestination):
         """
         first, last = wanted[0], wanted[-1]
         limit = RANGE_SLACK * max(len(wanted), 250)
-        present: set[str] = set()
+        present: dict[str, str] = {}
         covered, listed = first[:-1], 0
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -516,7 +523,7 @@ class S3Destination(FileDestination):
                     key = entry["Key"][len(self._key_prefix) :]
                     if key > last:
                         return present, last
-                    present.add(key)
+                    present[key] = entry.get("ETag", "")
                     covered, listed = key, listed + 1
                 if listed >= limit:
                     return present, covered
