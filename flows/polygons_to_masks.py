@@ -358,7 +358,7 @@ def advance_watermark(params: RunParameters, run: RunStart, dataset: DatasetStat
 FLOW_NAME = "polygons-to-masks"
 FLOW_DESCRIPTION = (
     "Burn the polygon and binary annotations of a Dataloop export or dataset into segmentation "
-    "masks (semantic, instance, binary, COCO) at a folder, s3:// or Dataloop destination."
+    "masks and labels (the formats in modes) at a folder, s3:// or Dataloop destination."
 )
 #: The models' fields as the public flow's parameter defaults (default, description, limits).
 _FIELD = flat_parameter_fields()
