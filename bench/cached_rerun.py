@@ -39,7 +39,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.polygons_to_masks import polygons_to_masks
+    from flows.polygons_to_masks import polygons_to_masks_params
     from polyburn import version
     from polyburn.params import RunParameters
 
@@ -50,7 +50,7 @@ def main() -> None:
 
         def timed_run() -> tuple[float, dict]:
             started = time.perf_counter()
-            summary = polygons_to_masks(params)
+            summary = polygons_to_masks_params(params)
             return time.perf_counter() - started, summary
 
         first, summary = timed_run()

@@ -62,12 +62,12 @@ def main() -> None:
         ]
         from prefect.testing.utilities import prefect_test_harness
 
-        from flows.polygons_to_masks import polygons_to_masks
+        from flows.polygons_to_masks import polygons_to_masks_params
         from polyburn.params import RunParameters
 
         with prefect_test_harness(server_startup_timeout=120):
             started = time.perf_counter()
-            state = polygons_to_masks(
+            state = polygons_to_masks_params(
                 RunParameters(source=str(source), destination="s3://soak/masks", batch_size=250),
                 return_state=True,
             )

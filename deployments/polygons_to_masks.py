@@ -37,7 +37,7 @@ from prefect.events import DeploymentEventTrigger, Posture
 from prefect.schedules import Cron
 
 from deployments.settings import DeploymentSettings
-from flows.polygons_to_masks import polygons_to_masks
+from flows.polygons_to_masks import polygons_to_masks, polygons_to_masks_params
 
 #: Event names that start ``on-annotation`` (Prefect event globs: a trailing ``*`` only).
 ANNOTATION_EVENTS: tuple[str, ...] = ("dataloop.annotation.*", "dataloop.item.*")
@@ -90,17 +90,15 @@ def annotation_trigger(settings: DeploymentSettings) -> DeploymentEventTrigger:
         for_each={"prefect.resource.id"},
         threshold=1,
         within=timedelta(seconds=settings.debounce_seconds),
-        parameters={"params": annotation_parameters(settings)},
+        parameters=annotation_parameters(settings),
     )
 
 
 def annotation_parameters(settings: DeploymentSettings) -> dict[str, Any]:
-    """The templated ``params`` of an ``on-annotation`` run."""
-    return {
-        **settings.base_parameters(),
-        "source": source_template(settings.source),
-        "item_ids": [ITEM_ID_TEMPLATE],
-    }
+    """The templated parameters of an ``on-annotation`` run: ``source`` and ``item_ids`` only.
+    Prefect merges them into the deployment's parameters, so its other values (destination,
+    modes, ... as edited in the UI) hold for event runs too."""
+    return {"source": source_template(settings.source), "item_ids": [ITEM_ID_TEMPLATE]}
 
 
 def nightly(settings: DeploymentSettings) -> RunnerDeployment:
@@ -111,11 +109,9 @@ def nightly(settings: DeploymentSettings) -> RunnerDeployment:
         description="Incremental run: only items changed since the last nightly run.",
         schedules=[Cron(settings.nightly_cron, timezone=settings.timezone)],
         parameters={
-            "params": {
-                **settings.base_parameters(),
-                "incremental": True,
-                "refresh_dataset_files": True,
-            }
+            **settings.base_parameters(),
+            "incremental": True,
+            "refresh_dataset_files": True,
         },
         concurrency_limit=1,
         tags=["polyburn", "nightly"],
@@ -127,7 +123,7 @@ def on_demand(settings: DeploymentSettings) -> RunnerDeployment:
     return polygons_to_masks.to_deployment(
         name="on-demand",
         description="Run by hand, from the UI or `prefect deployment run`.",
-        parameters={"params": settings.base_parameters()},
+        parameters=settings.base_parameters(),
         tags=["polyburn", "on-demand"],
     )
 
@@ -137,7 +133,7 @@ def on_annotation(settings: DeploymentSettings) -> RunnerDeployment:
     return polygons_to_masks.to_deployment(
         name="on-annotation",
         description="Started by Dataloop annotation events; one debounced run per item.",
-        parameters={"params": settings.base_parameters()},
+        parameters=settings.base_parameters(),
         triggers=[annotation_trigger(settings)],
         tags=["polyburn", "on-annotation"],
     )
@@ -145,11 +141,14 @@ def on_annotation(settings: DeploymentSettings) -> RunnerDeployment:
 
 def shard(settings: DeploymentSettings) -> RunnerDeployment:
     """``shard``: runs one shard of a sharded run (``shards`` > 1); started by the parent run
-    with the shard's items, not by hand. Serve it on every machine that should take shards."""
-    return polygons_to_masks.to_deployment(
+    with the shard's items, not by hand. Serve it on every machine that should take shards.
+
+    Its flow takes the whole :class:`~polyburn.params.RunParameters` in one ``params`` (the
+    internal ``shard_of`` included), which the parent run always passes in full."""
+    return polygons_to_masks_params.to_deployment(
         name="shard",
         description="One shard of a sharded run; started by its parent run.",
-        parameters={"params": settings.base_parameters()},
+        parameters={"params": settings.shard_parameters()},
         tags=["polyburn", "shard"],
     )
 

@@ -5,9 +5,9 @@ anything is registered.
 variable                       default              meaning
 =============================  ===================  ============================================
 ``POLYBURN_SOURCE``            ``examples/export``  source of every deployment: a local export
-                                                    folder or ``dataloop://<dataset-id>``
+                                                    folder or ``dataloop://DATASET_ID``
 ``POLYBURN_DESTINATION``       ``masks``            folder, ``s3://bucket/prefix`` or
-                                                    ``dataloop://[<dataset-id>]``
+                                                    ``dataloop://[DATASET_ID]``
 ``POLYBURN_MODES``             ``semantic``         comma-separated masks to write
 ``POLYBURN_NIGHTLY_CRON``      ``0 2 * * *``        schedule of ``nightly``
 ``POLYBURN_TIMEZONE``          ``UTC``              IANA time zone of that schedule
@@ -72,7 +72,7 @@ class DeploymentSettings:
         from polyburn.params import RunParameters
 
         try:
-            RunParameters(**self.base_parameters())
+            RunParameters.from_flat(self.base_parameters())
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
@@ -111,9 +111,13 @@ class DeploymentSettings:
         return None
 
     def base_parameters(self) -> dict[str, Any]:
-        """The ``RunParameters`` fields every deployment shares (JSON-ready)."""
-        return {
-            "source": self.source,
-            "destination": self.destination,
-            "options": {"modes": list(self.modes)},
-        }
+        """The flow parameters every deployment of the public flow shares (JSON-ready)."""
+        return {"source": self.source, "destination": self.destination, "modes": list(self.modes)}
+
+    def shard_parameters(self) -> dict[str, Any]:
+        """The same as one ``RunParameters`` (JSON-ready), the ``params`` of the shard
+        deployment's flow; a parent run replaces it whole with its shard's."""
+        from polyburn.params import RunParameters
+
+        run = RunParameters.from_flat(self.base_parameters())
+        return run.model_dump(mode="json", exclude_unset=True)

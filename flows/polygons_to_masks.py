@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -33,9 +33,19 @@ from polyburn import progress, version
 from polyburn.batching import batches_of
 from polyburn.destinations import resolve_destination_uri
 from polyburn.destinations.base import MANIFEST_KEY
+from polyburn.instances import InstanceIds
 from polyburn.manifest import RecordSpool, output_keys, unpack_records
 from polyburn.model import ItemRef
-from polyburn.params import RunParameters
+from polyburn.params import (
+    FLAT_FIELDS,
+    DrawOrder,
+    Format,
+    Frames,
+    Mode,
+    RunParameters,
+    TaskRunner,
+    flat_parameter_fields,
+)
 from polyburn.records import BatchResult, RunSummary
 from polyburn.report import failures_markdown, previews_markdown, summary_table
 from polyburn.state import (
@@ -171,13 +181,7 @@ def _task_runner(params: RunParameters):
     return ThreadPoolTaskRunner()
 
 
-@flow(
-    name="polygons-to-masks",
-    log_prints=False,
-    validate_parameters=True,
-    task_runner=ThreadPoolTaskRunner(max_workers=BATCH_THREADS),
-)
-def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
+def run_polygons_to_masks(params: RunParameters) -> State:
     """Turn the polygon and binary annotations of every item of ``params.source`` into masks at
     ``params.destination``, with a label map beside them, a record per item and, for a full
     run (or with ``refresh_dataset_files``), the dataset files and the manifest written last.
@@ -195,7 +199,7 @@ def polygons_to_masks(params: RunParameters | None = None) -> dict[str, Any]:
     later incremental run tries them again until they succeed (it stays put for a failed item
     whose record or mark could not be stored).
     """
-    params = _resolved(params or RunParameters())
+    params = _resolved(params)
     run = start_run(params)
     refs = list_run_items(params, run)
     labels = settle_labels(params, refs, run)
@@ -349,6 +353,80 @@ def advance_watermark(params: RunParameters, run: RunStart, dataset: DatasetStat
     if params.incremental and params.shard_of is None and not dataset.unmarked_failures:
         name = watermark_name(params.source, params.destination)
         Variable.set(name, run.started_at.isoformat(), overwrite=True)
+
+
+FLOW_NAME = "polygons-to-masks"
+FLOW_DESCRIPTION = (
+    "Burn the polygon and binary annotations of a Dataloop export or dataset into segmentation "
+    "masks and labels (the formats in modes) at a folder, s3:// or Dataloop destination."
+)
+#: The models' fields as the public flow's parameter defaults (default, description, limits).
+_FIELD = flat_parameter_fields()
+
+
+@flow(
+    name=FLOW_NAME,
+    description=FLOW_DESCRIPTION,
+    log_prints=False,
+    validate_parameters=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=BATCH_THREADS),
+)
+def polygons_to_masks(
+    source: str,
+    destination: str,
+    labels: str | None = _FIELD["labels"],
+    modes: list[Mode] = _FIELD["modes"],
+    format: Format = _FIELD["format"],
+    draw_order: DrawOrder = _FIELD["draw_order"],
+    instance_id: InstanceIds = _FIELD["instance_id"],
+    max_pixels: int = _FIELD["max_pixels"],
+    skip_empty: bool = _FIELD["skip_empty"],
+    verify: bool = _FIELD["verify"],
+    frames: Frames = _FIELD["frames"],
+    item_filter: str | None = _FIELD["item_filter"],
+    updated_since: datetime | None = _FIELD["updated_since"],
+    item_ids: list[str] | None = _FIELD["item_ids"],
+    incremental: bool = _FIELD["incremental"],
+    refresh_dataset_files: bool = _FIELD["refresh_dataset_files"],
+    task_runner: TaskRunner = _FIELD["task_runner"],
+    dask_address: str | None = _FIELD["dask_address"],
+    workers: int | None = _FIELD["workers"],
+    batch_size: int = _FIELD["batch_size"],
+    strict: bool = _FIELD["strict"],
+    shards: int = _FIELD["shards"],
+    shard_fallback: bool = _FIELD["shard_fallback"],
+) -> State:
+    """The public flow: every user-settable field of :class:`RunParameters` is a parameter of
+    its own (``options`` spread out; :data:`polyburn.params.FLAT_FIELDS`), so a deployment run
+    that overrides one of them (``prefect deployment run --param``, the UI form, a trigger)
+    keeps the deployment's values of the others: Prefect merges run parameters into a
+    deployment's at the top level only. Defaults, limits and the descriptions the UI form
+    shows are the models' own; source and destination have no default, so no choice in the
+    form can drop them. Internal fields (:data:`polyburn.params.INTERNAL_FIELDS`) are not
+    parameters: shard runs use :func:`polygons_to_masks_params`.
+
+    Args:
+        source: A local Dataloop JSON export folder, or dataloop://DATASET_ID.
+        destination: A local folder, s3://bucket/prefix, or dataloop://[DATASET_ID] (without
+            DATASET_ID: the source's dataset).
+    """
+    parameters = {name: value for name, value in locals().items() if name in FLAT_FIELDS}
+    return run_polygons_to_masks(RunParameters.from_flat(parameters))
+
+
+@flow(
+    name=FLOW_NAME,
+    description=FLOW_DESCRIPTION,
+    log_prints=False,
+    validate_parameters=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=BATCH_THREADS),
+)
+def polygons_to_masks_params(params: RunParameters) -> State:
+    """The same flow with the whole :class:`RunParameters` as one parameter, internal fields
+    included: what ``polyburn run``, the ``shard`` deployment and a parent run's fallback for
+    an unstarted shard start. Not for deployments a user runs (a run overriding ``params``
+    replaces all of it)."""
+    return run_polygons_to_masks(params)
 
 
 def _dataset_state(params, destination, refs, clock, spool: RecordSpool, folder: Path) -> dict:
@@ -568,7 +646,9 @@ def _report(summary: RunSummary, params: RunParameters, tally: RunTally, logger)
 
 def _run_shard_here(parameters: dict[str, Any]):
     """A shard no worker took, run as a subflow of its parent, in this process."""
-    return polygons_to_masks(params=RunParameters.model_validate(parameters), return_state=True)
+    return polygons_to_masks_params(
+        params=RunParameters.model_validate(parameters), return_state=True
+    )
 
 
 def _shard_progress(items: int, shards: int):

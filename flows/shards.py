@@ -166,7 +166,8 @@ def not_processed(outcome: dict[str, Any]) -> str:
 
 def check_shard_deployment(name: str) -> None:
     """Raise ConfigError unless a Prefect server (not the ephemeral API, where no worker could
-    take the shards) knows the deployment ``name``."""
+    take the shards) knows the deployment ``name`` and it takes a whole ``params`` (the public
+    flow's deployments take one parameter per field, and no ``shard_of``)."""
     if not PREFECT_API_URL.value():
         raise ConfigError(
             "shards need a Prefect server with workers serving the shard deployment; set "
@@ -174,12 +175,19 @@ def check_shard_deployment(name: str) -> None:
         )
     with get_client(sync_client=True) as client:
         try:
-            client.read_deployment_by_name(name)
+            deployment = client.read_deployment_by_name(name)
         except ObjectNotFound:
             raise ConfigError(
                 f"shard deployment '{name}' does not exist on the Prefect server; serve it "
                 "(`polyburn serve --deployment shard`) or deploy it (`prefect deploy --all`)"
             ) from None
+    schema = deployment.parameter_openapi_schema or {}
+    if "params" not in schema.get("properties", {}):
+        raise ConfigError(
+            f"shard deployment '{name}' does not take one 'params' (its flow must be "
+            "flows/polygons_to_masks.py:polygons_to_masks_params, as the shard deployment's "
+            "is); register it again (`polyburn serve --deployment shard`, `prefect deploy --all`)"
+        )
 
 
 def _wait_for_runs(

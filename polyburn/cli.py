@@ -268,7 +268,7 @@ def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-    from flows.polygons_to_masks import polygons_to_masks
+    from flows.polygons_to_masks import polygons_to_masks_params
     from polyburn import progress
     from polyburn.losses import RejectionLog
     from polyburn.report import write_json_summary
@@ -279,7 +279,7 @@ def _run(args: argparse.Namespace) -> int:
     progress.set_records_listener(rejections.take if rejections else None)
     started = time.perf_counter()
     try:
-        state = polygons_to_masks(params, return_state=True)
+        state = polygons_to_masks_params(params, return_state=True)
     finally:
         progress.set_listener(None)
         progress.set_records_listener(None)

@@ -1,17 +1,29 @@
-"""The typed parameters of a polyburn run: one model for the CLI, the flow and the Prefect UI."""
+"""The typed parameters of a polyburn run: one model for the CLI, the flows and the Prefect UI.
+
+The public flow ``polygons-to-masks`` takes the fields of :class:`RunParameters` as parameters of
+their own (:data:`FLAT_FIELDS`: ``options`` spread out, :data:`INTERNAL_FIELDS` left out), so that
+a deployment run overriding one of them keeps the deployment's others; it builds the model with
+:meth:`RunParameters.from_flat`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from polyburn import formats
 from polyburn.dataloop_json import DEFAULT_MAX_PIXELS
 from polyburn.instances import InstanceIds
 
 Mode = Literal[formats.names()]  # type: ignore[valid-type] - the registry's names
+Format = Literal["png", "tif", "npy"]
+DrawOrder = Literal["file", "area"]
+Frames = Literal["span", "all"]
+TaskRunner = Literal["threads", "dask"]
 
 
 class MaskOptions(BaseModel):
@@ -26,11 +38,11 @@ class MaskOptions(BaseModel):
         + "; ".join(f"{f.name}: {f.summary}" for f in formats.registry().values())
         + ".",
     )
-    format: Literal["png", "tif", "npy"] = Field(
+    format: Format = Field(
         default="png",
         description="png: palette PNG (semantic, uint8) or 16-bit PNG; tif: GeoTIFF; npy: numpy.",
     )
-    draw_order: Literal["file", "area"] = Field(
+    draw_order: DrawOrder = Field(
         default="file",
         description="Overlaps: 'file' paints in annotation order (later wins); 'area' paints "
         "larger areas first so small objects stay on top.",
@@ -61,7 +73,7 @@ class MaskOptions(BaseModel):
         "output on S3) instead of trusting each item's record, and write again what differs or "
         "is gone (outputs deleted or changed by hand).",
     )
-    frames: Literal["span", "all"] = Field(
+    frames: Frames = Field(
         default="span",
         description="Video items: which frames get masks. 'span': from the first frame where any "
         "object exists to the last; 'all': every frame of the video, 0 to its frame count - 1.",
@@ -94,11 +106,12 @@ class RunParameters(BaseModel):
 
     source: str = Field(
         default="examples/export",
-        description="A local Dataloop JSON export folder, or dataloop://<dataset-id>.",
+        description="A local Dataloop JSON export folder, or dataloop://DATASET_ID.",
     )
     destination: str = Field(
         default="masks",
-        description="A local folder, s3://bucket/prefix, or dataloop://[<dataset-id>].",
+        description="A local folder, s3://bucket/prefix, or dataloop://[DATASET_ID] (without "
+        "DATASET_ID: the source's dataset).",
     )
     labels: str | None = Field(
         default=None,
@@ -131,7 +144,7 @@ class RunParameters(BaseModel):
         "item's record, as `polyburn dataset` does (a read of every record: it costs the "
         "destination's size). Full runs always write them. The nightly deployment sets it.",
     )
-    task_runner: Literal["threads", "dask"] = Field(
+    task_runner: TaskRunner = Field(
         default="threads",
         description="threads: this process; dask: a distributed cluster (see dask_address).",
     )
@@ -204,6 +217,61 @@ class RunParameters(BaseModel):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.strip()
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any]) -> RunParameters:
+        """The run of a flow whose parameters are flat (:data:`FLAT_FIELDS`): the
+        :class:`MaskOptions` fields among ``values`` become ``options``, the rest stay fields."""
+        options = {k: v for k, v in values.items() if k in MaskOptions.model_fields}
+        rest = {k: v for k, v in values.items() if k not in MaskOptions.model_fields}
+        return cls.model_validate({**rest, "options": options})
+
+
+#: Fields set by polyburn itself (a sharded run on its shard runs), never by a user: the public
+#: flow ``polygons-to-masks`` does not take them, the Prefect UI form does not show them.
+INTERNAL_FIELDS: tuple[str, ...] = ("shard_of", "shard_deployment")
+
+#: The parameters of the public flow, in its order: every user-settable field of
+#: :class:`RunParameters`, with the :class:`MaskOptions` fields in place of ``options``.
+FLAT_FIELDS: tuple[str, ...] = tuple(
+    name
+    for field in RunParameters.model_fields
+    if field not in INTERNAL_FIELDS
+    for name in (MaskOptions.model_fields if field == "options" else (field,))
+)
+
+#: JSON-schema keywords of a field's constraints (``ge``, ``le``, ``gt``, ``min_length``...).
+_CONSTRAINTS = (
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minItems",
+    "maxItems",
+    "minLength",
+    "maxLength",
+    "pattern",
+)
+
+
+def flat_parameter_fields() -> dict[str, FieldInfo]:
+    """Each of :data:`FLAT_FIELDS` as the default of a flow parameter: its model field's default
+    and description, plus the field's JSON-schema constraints, which Prefect copies into the
+    deployment's parameter schema so the UI form and the server check them too (Prefect reads a
+    ``Field`` default's default, description and ``json_schema_extra``, nothing else)."""
+    fields: dict[str, FieldInfo] = {}
+    for model in (RunParameters, MaskOptions):
+        schema = model.model_json_schema()["properties"]
+        for name, field in model.model_fields.items():
+            if name not in FLAT_FIELDS:
+                continue
+            constraints = {k: v for k, v in schema[name].items() if k in _CONSTRAINTS}
+            fields[name] = Field(
+                default=field.default,
+                description=field.description,
+                json_schema_extra=constraints or None,
+            )
+    return fields
 
 
 def _not_accepted(output_format: formats.OutputFormat, kind: str) -> str:

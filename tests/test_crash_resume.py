@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.polygons_to_masks import polygons_to_masks
+from flows.polygons_to_masks import polygons_to_masks_params
 from polyburn.params import MaskOptions, RunParameters
 from tests.support.generate import write_export
 from tests.support.oracle import describe_difference, same_output
@@ -47,7 +47,7 @@ def clean_run(big_export, tmp_path_factory, prefect_api):
 
 
 def run_in_process(source: Path, dest: Path) -> dict:
-    state = polygons_to_masks(
+    state = polygons_to_masks_params(
         RunParameters(
             source=str(source),
             destination=str(dest),

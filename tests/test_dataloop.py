@@ -158,11 +158,11 @@ def build_dataset(gate: FakeGate, name: str, n: int, seed: int = 0) -> tuple[str
 
 
 def run_flow(source: str, dest: str, **kwargs):
-    from flows.polygons_to_masks import polygons_to_masks
+    from flows.polygons_to_masks import polygons_to_masks_params
     from polyburn.params import RunParameters
 
     options = MaskOptions(**kwargs.pop("options", {"modes": ["semantic"]}))
-    state = polygons_to_masks(
+    state = polygons_to_masks_params(
         RunParameters(source=source, destination=dest, options=options, **kwargs),
         return_state=True,
     )

@@ -99,14 +99,28 @@ def test_four_deployments_of_the_flow_with_schedule_and_trigger():
     assert not shard.schedules and not shard.triggers
     for d in (nightly, on_demand, on_annotation, shard):
         assert d.flow_name == FLOW
+    for d in (nightly, on_demand, on_annotation):  # the public flow: one parameter per field
         assert d.entrypoint == "flows/polygons_to_masks.py:polygons_to_masks"
+    assert shard.entrypoint == "flows/polygons_to_masks.py:polygons_to_masks_params"
     (schedule,) = nightly.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 1 * * *", "Europe/Berlin")
-    assert nightly.parameters["params"]["incremental"] is True
-    assert nightly.parameters["params"]["refresh_dataset_files"] is True
+    assert nightly.parameters["incremental"] is True
+    assert nightly.parameters["refresh_dataset_files"] is True
     assert nightly.concurrency_limit == 1
     assert not on_demand.schedules and not on_demand.triggers
-    assert on_demand.parameters == {"params": settings.base_parameters()}
+    assert on_demand.parameters == settings.base_parameters()
+    assert on_demand.parameters == {
+        "source": "examples/export",
+        "destination": "masks",
+        "modes": ["semantic"],
+    }
+    assert shard.parameters == {
+        "params": {
+            "source": "examples/export",
+            "destination": "masks",
+            "options": {"modes": ["semantic"]},
+        }
+    }
     assert not on_annotation.schedules and len(on_annotation.triggers) == 1
 
 
@@ -119,10 +133,9 @@ def test_trigger_debounces_per_item_and_templates_the_item_and_source():
     assert trigger.match.model_dump() == {"prefect.resource.id": "dataloop.item.*"}
 
     local = {"prefect.resource.id": "dataloop.item.street/scene_001"}
-    assert render_parameters(trigger.parameters, local)["params"] == {
+    # the rest (destination, modes...) is the deployment's: Prefect merges them
+    assert render_parameters(trigger.parameters, local) == {
         "source": "examples/export",
-        "destination": "masks",
-        "options": {"modes": ["semantic"]},
         "item_ids": ["street/scene_001"],
     }
     dataloop_event = {
@@ -130,10 +143,10 @@ def test_trigger_debounces_per_item_and_templates_the_item_and_source():
         "dataloop.item.id": "64f0aa",
         "dataloop.dataset.id": "ds-9",
     }
-    params = render_parameters(trigger.parameters, dataloop_event)["params"]
+    params = render_parameters(trigger.parameters, dataloop_event)
     assert (params["source"], params["item_ids"]) == ("dataloop://ds-9", ["64f0aa"])
     without_label = {"prefect.resource.id": "dataloop.item.64f0aa"}
-    assert render_parameters(trigger.parameters, without_label)["params"]["item_ids"] == ["64f0aa"]
+    assert render_parameters(trigger.parameters, without_label)["item_ids"] == ["64f0aa"]
 
     dataloop = annotation_trigger(DeploymentSettings(source="dataloop://ds-9"))
     assert dataloop.match.model_dump() == {
@@ -310,8 +323,8 @@ def test_serve_registers_four_deployments_and_the_nightly_schedule(server, serve
         (automation,) = automations_of(client, ids["on-annotation"])
     (schedule,) = nightly.schedules
     assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
-    assert nightly.parameters["params"]["incremental"] is True
-    assert nightly.parameters["params"]["refresh_dataset_files"] is True
+    assert nightly.parameters["incremental"] is True
+    assert nightly.parameters["refresh_dataset_files"] is True
     assert limit_of(nightly) == 1
     assert automation.name == "polyburn-on-annotation"
     assert automation.trigger.posture == "Proactive"
@@ -393,17 +406,13 @@ def limit_of(deployment) -> int | None:
 
 
 def test_on_demand_run_from_the_ui_writes_masks_and_manifest(server, served, tmp_path):
+    """Two fields set in the run; the source is the deployment's (POLYBURN_SOURCE)."""
     ids, _, log = served
     destination = tmp_path / "masks"
-    parameters = {
-        "params": {
-            "source": str(EXPORT),
-            "destination": str(destination),
-            "options": {"modes": ["semantic", "instance"]},
-        }
-    }
+    parameters = {"destination": str(destination), "modes": ["semantic", "instance"]}
     with api(server) as client:  # what the UI's "Run" button does
         run = client.create_flow_run_from_deployment(ids["on-demand"], parameters=parameters)
+    assert run.parameters == {"source": str(EXPORT), **parameters}
     run = final_state(server, run.id, log=log)
     assert run.state.is_completed(), run.state
     assert run.state.message == "13 ok, 0 failed"
@@ -473,11 +482,7 @@ def fired(server, served, events_receiver):
 
 
 def item_runs(server: PrefectServer, deployment_id, item: str) -> list:
-    return [
-        r
-        for r in runs_of(server, deployment_id)
-        if (r.parameters.get("params") or {}).get("item_ids") == [item]
-    ]
+    return [r for r in runs_of(server, deployment_id) if r.parameters.get("item_ids") == [item]]
 
 
 def test_a_burst_of_events_for_one_item_starts_exactly_one_run(server, served, fired):
@@ -491,8 +496,8 @@ def test_a_burst_of_events_for_one_item_starts_exactly_one_run(server, served, f
         every=1,
         log=log,
     )
-    assert run.parameters["params"]["source"] == str(EXPORT)
-    assert run.parameters["params"]["destination"] == str(destination)
+    assert run.parameters["source"] == str(EXPORT)
+    assert run.parameters["destination"] == str(destination)
     assert run.created - last_event >= timedelta(seconds=DEBOUNCE - 0.5)  # trailing edge
     run = final_state(server, run.id, log=log)
     assert run.state.is_completed(), run.state
@@ -773,18 +778,36 @@ def test_a_sharded_run_into_s3_stores_what_a_folder_run_stores(
     assert manifest_records(manifest, stored.__getitem__) == manifest_of(plain)
 
 
-def test_a_sharded_run_without_its_shard_deployment_fails_fast_and_says_why(server, tmp_path):
+@pytest.mark.parametrize(
+    ("deployment", "why"),
+    [("nowhere", "does not exist"), ("flat", "does not take one 'params'")],
+    ids=["missing", "public-flow"],
+)
+def test_a_sharded_run_without_its_shard_deployment_fails_fast_and_says_why(
+    server, tmp_path, deployment, why
+):
+    """No such deployment, or one of the public flow (one parameter per field, no shard_of)."""
+    from flows.polygons_to_masks import polygons_to_masks
+
+    if deployment == "flat":
+        with api(server) as client:
+            client.create_deployment(
+                flow_id=client.create_flow_from_name(FLOW),
+                name=deployment,
+                parameter_openapi_schema=polygons_to_masks.parameters.model_dump_for_openapi(),
+            )
     params = {
         "source": str(EXPORT),
         "destination": str(tmp_path / "masks"),
         "shards": 2,
-        "shard_deployment": "polygons-to-masks/nowhere",
+        "shard_deployment": f"{FLOW}/{deployment}",
     }
     script = (
         "import json, sys\n"
-        "from flows.polygons_to_masks import polygons_to_masks\n"
+        "from flows.polygons_to_masks import polygons_to_masks_params\n"
         "from polyburn.params import RunParameters\n"
-        "state = polygons_to_masks(RunParameters(**json.loads(sys.argv[1])), return_state=True)\n"
+        "params = RunParameters(**json.loads(sys.argv[1]))\n"
+        "state = polygons_to_masks_params(params, return_state=True)\n"
         "print(state.type.value, state.message)\n"
     )
     done = subprocess.run(
@@ -797,7 +820,7 @@ def test_a_sharded_run_without_its_shard_deployment_fails_fast_and_says_why(serv
     )
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("FAILED"), done.stderr[-3000:]
-    assert "polygons-to-masks/nowhere' does not exist" in last
+    assert f"{FLOW}/{deployment}' {why}" in last
     assert not (tmp_path / "masks" / "manifest.jsonl").exists()
 
 
@@ -808,9 +831,12 @@ def test_a_shard_no_worker_starts_is_cancelled_then_run_here_or_reported(
     """A shard deployment nobody serves: each shard run waits POLYBURN_SHARD_START_TIMEOUT and
     is cancelled. Then the parent runs it itself (default), or, with --no-shard-fallback, every
     item of it becomes a failed record: none is lost either way."""
+    from flows.polygons_to_masks import polygons_to_masks_params
+
+    schema = polygons_to_masks_params.parameters.model_dump_for_openapi()
     with api(server) as client:
         flow_id = client.create_flow_from_name(FLOW)
-        client.create_deployment(flow_id=flow_id, name="unserved")
+        client.create_deployment(flow_id=flow_id, name="unserved", parameter_openapi_schema=schema)
     code, summary, err = polyburn_run(
         server,
         tmp_path / "home",

@@ -53,13 +53,15 @@ def test_the_cli_page_lists_every_subcommand_and_option_of_the_parser():
 def test_the_parameters_page_lists_every_field_with_its_description():
     page = _rendered("parameters.md").replace("&lt;", "<")
     assert "<!-- generated" not in page
-    for prefix, model in (("", RunParameters), ("options.", MaskOptions)):
+    for model in (RunParameters, MaskOptions):  # the flow's parameters are flat
         for name, field in model.model_fields.items():
+            if name == "options":
+                continue
             row = next(
-                (line for line in page.splitlines() if line.startswith(f"| `{prefix}{name}` |")),
+                (line for line in page.splitlines() if line.startswith(f"| `{name}` |")),
                 None,
             )
-            assert row is not None, f"{prefix}{name} is not documented"
+            assert row is not None, f"{name} is not documented"
             if field.description:
                 assert " ".join(field.description.split()) in row.replace("\\|", "|")
 

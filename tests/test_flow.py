@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from flows.polygons_to_masks import PREVIEW_ITEMS, polygons_to_masks
+from flows.polygons_to_masks import PREVIEW_ITEMS, polygons_to_masks_params
 from polyburn.batching import batches_of
 from polyburn.cli import main
 from polyburn.encode import decode_mask
@@ -32,7 +32,7 @@ BATCH_SIZE = 3  # the example run's; its first batch holds fewer items than get 
 
 def run(source, dest, **kwargs):
     options = MaskOptions(**kwargs.pop("options", {"modes": ALL_MODES}))
-    state = polygons_to_masks(
+    state = polygons_to_masks_params(
         RunParameters(source=str(source), destination=str(dest), options=options, **kwargs),
         return_state=True,
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prefect.artifacts import Artifact
 
-from flows.polygons_to_masks import polygons_to_masks
+from flows.polygons_to_masks import polygons_to_masks_params
 from polyburn import parallel
 from polyburn.cli import main
 from polyburn.losses import MAX_LISTED_LOSSES, RejectionLog
@@ -160,7 +160,7 @@ def test_skip_empty_holds_in_the_burn_pool_and_the_artifacts_name_every_loss(
 ):
     """Items burned in worker processes get the option too (it crosses as a plain tuple); the
     run's summary table and failures artifact count and name the losses."""
-    state = polygons_to_masks(
+    state = polygons_to_masks_params(
         RunParameters(
             source=str(hostile_export),
             destination=str(tmp_path / "masks"),

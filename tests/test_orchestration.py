@@ -13,8 +13,9 @@ import pytest
 from prefect.artifacts import Artifact
 from prefect.exceptions import ParameterTypeError
 from prefect.variables import Variable
+from pydantic import ValidationError
 
-from flows.polygons_to_masks import polygons_to_masks, watermark_name
+from flows.polygons_to_masks import polygons_to_masks, polygons_to_masks_params, watermark_name
 from polyburn.batching import batches_of
 from polyburn.destinations.local import LocalDestination
 from polyburn.params import MaskOptions, RunParameters
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 def run(**kwargs):
-    state = polygons_to_masks(RunParameters(**kwargs), return_state=True)
+    state = polygons_to_masks_params(RunParameters(**kwargs), return_state=True)
     return state, state.result(raise_on_failure=False)
 
 
@@ -44,22 +45,33 @@ def test_bad_parameters_are_rejected_before_any_work_naming_the_field(tmp_path):
         "options": {"modes": ["semantic", "rainbow"]},
     }
     with pytest.raises(ParameterTypeError, match="modes"):
-        polygons_to_masks(params=bad)
+        polygons_to_masks_params(params=bad)
     with pytest.raises(ParameterTypeError, match="batch_size"):
-        polygons_to_masks(params={**bad, "options": {}, "batch_size": 0})
+        polygons_to_masks_params(params={**bad, "options": {}, "batch_size": 0})
+    # The public flow: a wrong type or choice is Prefect's parameter error, a value out of the
+    # field's limits the model's, both before any work.
+    where = {"source": bad["source"], "destination": bad["destination"]}
+    with pytest.raises(ParameterTypeError, match="modes"):
+        polygons_to_masks(**where, modes=["semantic", "rainbow"])
+    with pytest.raises(ValidationError, match="batch_size"):
+        polygons_to_masks(**where, batch_size=0)
     assert not (tmp_path / "m").exists()
 
 
-def test_parameter_schema_has_defaults_and_descriptions_for_the_ui():
-    schema = polygons_to_masks.parameters.model_dump()
-    definitions = schema["definitions"]
-    run_parameters = definitions["RunParameters"]["properties"]
-    assert run_parameters["batch_size"]["default"] == 100
-    assert "description" in run_parameters["destination"]
-    assert definitions["MaskOptions"]["properties"]["modes"]["default"] == ["semantic"]
-    instance_id = definitions["MaskOptions"]["properties"]["instance_id"]
-    assert instance_id["default"] == "object" and instance_id["enum"] == ["object", "shape"]
-    assert "objectId" in instance_id["description"]
+def test_the_public_flow_takes_each_field_as_a_parameter_and_runs_it(tmp_path):
+    """Flat parameters reach the run as one RunParameters: the mask options among them."""
+    state = polygons_to_masks(
+        source=str(EXAMPLES / "export"),
+        destination=str(tmp_path / "m"),
+        modes=["instance"],
+        instance_id="shape",
+        item_ids=["street/scene_001"],
+        return_state=True,
+    )
+    summary = state.result()
+    assert (summary["items"], summary["ok"]) == (1, 1)
+    assert (tmp_path / "m" / "instance" / "street" / "scene_001.png").is_file()
+    assert not (tmp_path / "m" / "semantic").exists()
 
 
 def test_the_instance_id_choice_is_part_of_the_batch_cache_key():

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.polygons_to_masks import polygons_to_masks
+from flows.polygons_to_masks import polygons_to_masks_params
 from polyburn import state
 from polyburn.batching import batches_of
 from polyburn.destinations import open_destination
@@ -124,7 +124,7 @@ def run_args(export: Path, dest_uri: str, *extra: str) -> list[str]:
 
 
 def full_run_here(export: Path, dest_uri: str) -> dict:
-    state = polygons_to_masks(
+    state = polygons_to_masks_params(
         RunParameters(
             source=str(export),
             destination=dest_uri,

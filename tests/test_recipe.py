@@ -11,7 +11,7 @@ import time
 import pytest
 from prefect.variables import Variable
 
-from flows.polygons_to_masks import polygons_to_masks, watermark_name
+from flows.polygons_to_masks import polygons_to_masks_params, watermark_name
 from polyburn import parallel, pipeline
 from polyburn.destinations.local import LocalDestination
 from polyburn.params import MaskOptions, RunParameters
@@ -134,7 +134,7 @@ def test_a_full_run_after_one_new_label_burns_only_the_items_that_carry_it(
 ):
     destination = tmp_path / "masks"
     params = RunParameters(source=str(export), destination=str(destination), batch_size=4)
-    first = polygons_to_masks(params)
+    first = polygons_to_masks_params(params)
     assert first["failed"] == 0 and first["unchanged_items"] == 0
     # a new label on one item: the label map grows, so every batch misses Prefect's cache
     item = export / "json" / "street" / "scene_002.json"
@@ -143,7 +143,7 @@ def test_a_full_run_after_one_new_label_burns_only_the_items_that_carry_it(
     data["annotations"].append(added)
     item.write_text(json.dumps(data))
     burned = _burned_paths(monkeypatch)
-    second = polygons_to_masks(params)
+    second = polygons_to_masks_params(params)
     assert "kiosk" in second["label_map"] and len(second["label_map"]) > len(first["label_map"])
     assert second["cached_batches"] == 0 and second["failed"] == 0
     assert second["unchanged_items"] == second["items"] - 1
@@ -157,7 +157,7 @@ def test_items_burned_again_after_the_batches_use_the_runs_workers(export, tmp_p
     through the same batch path, with the run's worker processes (not one process)."""
     destination = tmp_path / "masks"
     params = RunParameters(source=str(export), destination=str(destination), workers=2)
-    assert polygons_to_masks(params)["failed"] == 0
+    assert polygons_to_masks_params(params)["failed"] == 0
     (destination / "semantic" / "street" / "scene_004.png").unlink()
     seen: list[tuple[list[str], int, bool]] = []
     real = parallel.process_items
@@ -169,7 +169,7 @@ def test_items_burned_again_after_the_batches_use_the_runs_workers(export, tmp_p
         return records
 
     monkeypatch.setattr("tasks.masks.process_items", recording)
-    summary = polygons_to_masks(params)
+    summary = polygons_to_masks_params(params)
     assert summary["failed"] == 0
     assert (destination / "semantic" / "street" / "scene_004.png").exists()
     redone = [entry for entry in seen if entry[2]]
@@ -186,20 +186,20 @@ def test_the_watermark_moves_past_a_failed_item_which_every_later_run_tries_agai
     good = item.read_text()
     item.write_text(good.replace('"annotations"', '"annotations" ::'))  # JSON no parser takes
 
-    first = polygons_to_masks(params)
+    first = polygons_to_masks_params(params)
     assert (first["items"], first["failed"]) == (13, 1)
     assert read_record(state, "street/scene_003")["status"] == "failed"
     mark = Variable.get(name)
     assert mark is not None  # moved on although an item failed
 
     time.sleep(0.05)
-    second = polygons_to_masks(params)  # nothing changed: the failed item alone, again
+    second = polygons_to_masks_params(params)  # nothing changed: the failed item alone, again
     assert (second["items"], second["failed"]) == (1, 1)
     assert second["failures"][0]["path"] == "street/scene_003"
     assert Variable.get(name) > mark
 
     item.write_text(good)
-    third = polygons_to_masks(params)
+    third = polygons_to_masks_params(params)
     assert (third["items"], third["failed"]) == (1, 0)
     assert read_record(state, "street/scene_003")["status"] == "ok"
-    assert polygons_to_masks(params)["items"] == 0  # its mark is gone with the failure
+    assert polygons_to_masks_params(params)["items"] == 0  # its mark is gone with the failure

@@ -73,7 +73,7 @@ def _fresh_destination_cache():
 
 
 def run_flow(source: Path, destination: str, batch_size: int = 5, verify: bool = False) -> dict:
-    from flows.polygons_to_masks import polygons_to_masks
+    from flows.polygons_to_masks import polygons_to_masks_params
 
     params = RunParameters(
         source=str(source),
@@ -81,7 +81,7 @@ def run_flow(source: Path, destination: str, batch_size: int = 5, verify: bool =
         options=MaskOptions(modes=ALL_MODES, verify=verify),
         batch_size=batch_size,
     )
-    state = polygons_to_masks(params, return_state=True)
+    state = polygons_to_masks_params(params, return_state=True)
     summary = state.result(raise_on_failure=False)
     assert isinstance(summary, dict), summary
     return summary
@@ -653,7 +653,7 @@ def test_wrong_credentials_or_missing_bucket_fail_in_one_line_without_secrets(
     def flow_started(*args, **kwargs):
         raise AssertionError("the flow started: the S3 check did not fail before Prefect")
 
-    monkeypatch.setattr("flows.polygons_to_masks.polygons_to_masks", flow_started)
+    monkeypatch.setattr("flows.polygons_to_masks.polygons_to_masks_params", flow_started)
     assert main(["run", export, f"s3://{s3_bucket}/{PREFIX}", "--no-progress"]) == 2
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and out == ""

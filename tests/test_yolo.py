@@ -436,14 +436,14 @@ def test_a_yolo_run_writes_label_files_that_burn_back_to_its_instance_masks(tmp_
     written frame of the video, each line burning back (polyburn's rule) onto its object's
     pixels of the instance mask written in the same run, and data.yaml with the class names
     and the ML subsets' image lists."""
-    from flows.polygons_to_masks import polygons_to_masks
+    from flows.polygons_to_masks import polygons_to_masks_params
     from polyburn.encode import decode_mask
     from polyburn.params import MaskOptions, RunParameters
     from tests.support.oracle import EXAMPLES
 
     dest = tmp_path / "masks"
     options = MaskOptions(modes=["instance", "yolo"])
-    summary = polygons_to_masks(
+    summary = polygons_to_masks_params(
         RunParameters(source=str(EXAMPLES / "export"), destination=str(dest), options=options)
     )
     assert summary["failed"] == 0

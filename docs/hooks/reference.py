@@ -2,9 +2,10 @@
 
 A page holding :data:`CLI_MARKER` gets the reference of every ``polyburn`` subcommand, built from
 the argparse parser of ``polyburn/cli.py``; a page holding :data:`PARAMETERS_MARKER` gets the
-fields of ``polyburn.params.RunParameters`` (and its nested ``MaskOptions``) with their types,
-defaults and descriptions, the same text the Prefect UI form shows; a page holding
-:data:`FORMATS_MARKER` gets the table of output formats from ``polyburn.formats``' registry.
+parameters of the flow ``polygons-to-masks`` (the fields of ``polyburn.params.RunParameters`` and
+``MaskOptions``) with their types, defaults and descriptions, the same text the Prefect UI form
+shows; a page holding :data:`FORMATS_MARKER` gets the table of output formats from
+``polyburn.formats``' registry.
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
 
         markdown = markdown.replace(CLI_MARKER, cli_reference(_parser()))
     if PARAMETERS_MARKER in markdown:
-        from polyburn.params import RunParameters
-
-        markdown = markdown.replace(PARAMETERS_MARKER, parameters_reference(RunParameters))
+        markdown = markdown.replace(PARAMETERS_MARKER, parameters_reference())
     if FORMATS_MARKER in markdown:
         from polyburn.formats import reference_table
 
@@ -97,35 +96,36 @@ def _meaning(action: argparse.Action) -> str:
     return text
 
 
-def parameters_reference(model: type[BaseModel], prefix: str = "") -> str:
-    """Markdown: a table of a model's fields (name, type, default, description); a field whose
-    type is itself a model gets its own section after the table."""
-    rows = ["| parameter | type | default | description |", "|---|---|---|---|"]
-    nested: list[str] = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        sub = _model_of(field.annotation)
-        rows.append(
-            f"| `{key}` | {_cell(_type_name(field.annotation))} | {_cell(_field_default(field))} "
-            f"| {_cell(_sentence(field.description or (sub.__doc__ if sub else '') or ''))} |"
-        )
-        if sub is not None and key == "options":
-            nested += [
-                "",
-                f"### `{key}`: {sub.__name__}",
-                "",
-                _sentence(sub.__doc__ or ""),
-                "",
-                parameters_reference(sub, f"{key}."),
-            ]
-    return "\n".join(rows + nested)
+def parameters_reference() -> str:
+    """Markdown: a table of the public flow's parameters (name, type, default, description),
+    one per field of ``RunParameters`` with ``MaskOptions``' fields spread out, then a table of
+    the internal fields, which only ``polyburn run`` and the shard deployment's flow take."""
+    from polyburn.params import FLAT_FIELDS, INTERNAL_FIELDS, MaskOptions, RunParameters
 
+    def table(names: tuple[str, ...], required: tuple[str, ...] = ()) -> list[str]:
+        rows = ["| parameter | type | default | description |", "|---|---|---|---|"]
+        for name in names:
+            model = MaskOptions if name in MaskOptions.model_fields else RunParameters
+            field = model.model_fields[name]
+            default = "required" if name in required else _field_default(field)
+            rows.append(
+                f"| `{name}` | {_cell(_type_name(field.annotation))} | {_cell(default)} "
+                f"| {_cell(_sentence(field.description or ''))} |"
+            )
+        return rows
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
+    internal = [
+        "",
+        "### Set by polyburn",
+        "",
+        "Not parameters of `polygons-to-masks`, so not in its form: `polyburn run` "
+        "(`--shard-deployment`) and the `shard` deployment's flow, which take the whole "
+        "`RunParameters` as one `params`, set them.",
+        "",
+    ]
+    return "\n".join(
+        table(FLAT_FIELDS, ("source", "destination")) + internal + table(INTERNAL_FIELDS)
+    )
 
 
 def _type_name(annotation: Any) -> str:
