@@ -360,17 +360,19 @@ FLOW_DESCRIPTION = (
     "Burn the polygon and binary annotations of a Dataloop export or dataset into segmentation "
     "masks and labels (the formats in modes) at a folder, s3:// or Dataloop destination."
 )
+#: What both entry points of the flow share: one flow, two ways to pass its parameters.
+_FLOW_OPTIONS: dict[str, Any] = {
+    "name": FLOW_NAME,
+    "description": FLOW_DESCRIPTION,
+    "log_prints": False,
+    "validate_parameters": True,
+    "task_runner": ThreadPoolTaskRunner(max_workers=BATCH_THREADS),
+}
 #: The models' fields as the public flow's parameter defaults (default, description, limits).
 _FIELD = flat_parameter_fields()
 
 
-@flow(
-    name=FLOW_NAME,
-    description=FLOW_DESCRIPTION,
-    log_prints=False,
-    validate_parameters=True,
-    task_runner=ThreadPoolTaskRunner(max_workers=BATCH_THREADS),
-)
+@flow(**_FLOW_OPTIONS)
 def polygons_to_masks(
     source: str,
     destination: str,
@@ -414,13 +416,7 @@ def polygons_to_masks(
     return run_polygons_to_masks(RunParameters.from_flat(parameters))
 
 
-@flow(
-    name=FLOW_NAME,
-    description=FLOW_DESCRIPTION,
-    log_prints=False,
-    validate_parameters=True,
-    task_runner=ThreadPoolTaskRunner(max_workers=BATCH_THREADS),
-)
+@flow(**_FLOW_OPTIONS)
 def polygons_to_masks_params(params: RunParameters) -> State:
     """The same flow with the whole :class:`RunParameters` as one parameter, internal fields
     included: what ``polyburn run``, the ``shard`` deployment and a parent run's fallback for
