@@ -575,7 +575,8 @@ def _submit(params: RunParameters, tally: RunTally, *batches_args, fresh: bool =
 
 def _run_sharded(params, refs, label_map, destination, spool: RecordSpool) -> list[dict]:
     """Run the shards and put every item's record (as the shards stored it) into ``spool``;
-    the items of a shard that never completed are counted failed."""
+    the items of a shard that never completed are counted failed. Returns what the summary
+    shows of each shard (:meth:`~polyburn.records.ShardOutcome.summary`)."""
     shard_runs = run_shards(
         params,
         refs,
@@ -586,8 +587,8 @@ def _run_sharded(params, refs, label_map, destination, spool: RecordSpool) -> li
         _run_shard_here if params.shard_fallback else None,
     )
     for outcome in shard_runs:
-        pieces = outcome.pop("refs")
-        if outcome.pop("completed"):
+        pieces = outcome.refs
+        if outcome.completed:
             for record in read_records(destination.state, [ref.path for ref in pieces]):
                 spool.add(record)
         why = not_processed(outcome)
@@ -599,7 +600,7 @@ def _run_sharded(params, refs, label_map, destination, spool: RecordSpool) -> li
                 spool.add(failed)
                 # An item never processed anywhere gets this record; a stored one still holds.
                 create_record(destination.state, failed)
-    return shard_runs
+    return [outcome.summary() for outcome in shard_runs]
 
 
 def _remove_vanished(destination, params: RunParameters, refs: list[ItemRef]) -> list[str]:

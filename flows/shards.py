@@ -31,6 +31,7 @@ from polyburn import settings as config
 from polyburn.errors import ConfigError
 from polyburn.model import ItemRef
 from polyburn.params import RunParameters, ShardOf
+from polyburn.records import ShardOutcome
 
 SHARD_ATTEMPTS = 2
 
@@ -74,9 +75,8 @@ def run_shards(
     on_progress: Callable[[int, int], None] = lambda done, total: None,
     logger: Any = None,
     run_here: Callable[[dict[str, Any]], Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Run the shards of ``refs``; returns one ``{"shard", "run", "state", "message", "items",
-    "attempts", "ran_here", "refs", "completed"}`` per shard.
+) -> list[ShardOutcome]:
+    """Run the shards of ``refs``; returns how each ended, in shard order.
 
     A shard run that ends without completing is started once more. A shard no worker starts
     within ``POLYBURN_SHARD_START_TIMEOUT`` is cancelled and, when ``run_here`` is given, run
@@ -90,7 +90,7 @@ def run_shards(
         shard = ShardOf(group=group, index=k, count=count, label_map=label_map)
         return shard_parameters(params, slices[k], shard)
 
-    outcome: dict[int, dict[str, Any]] = {}
+    outcome: dict[int, ShardOutcome] = {}
     unstarted: set[int] = set()
     reported: set[int] = set()
     pending = list(range(count))
@@ -115,24 +115,23 @@ def run_shards(
         final, timed_out = _wait_for_runs(started, finished)
         unstarted |= timed_out
         for k, run in final.items():
-            outcome[k] = {
-                "shard": k,
-                "run": run.name,
-                "state": run.state.name if run.state else "unknown",
-                "message": (run.state.message or "") if run.state else "",
-                "completed": bool(run.state and run.state.is_completed()),
-                "items": len(slices[k]),
-                "attempts": attempt,
-                "ran_here": False,
-            }
-        pending = [k for k in pending if not outcome[k]["completed"] and k not in unstarted]
+            outcome[k] = ShardOutcome(
+                shard=k,
+                run=run.name,
+                state=run.state.name if run.state else "unknown",
+                message=(run.state.message or "") if run.state else "",
+                completed=bool(run.state and run.state.is_completed()),
+                items=len(slices[k]),
+                attempts=attempt,
+            )
+        pending = [k for k in pending if not outcome[k].completed and k not in unstarted]
         if not pending:
             break
         if logger and attempt < SHARD_ATTEMPTS:
             logger.warning(
                 "%d shard run(s) did not complete (%s); running them once more",
                 len(pending),
-                ", ".join(f"{outcome[k]['run']}: {outcome[k]['state']}" for k in pending),
+                ", ".join(f"{outcome[k].run}: {outcome[k].state}" for k in pending),
             )
 
     for k in sorted(unstarted) if run_here is not None else ():
@@ -144,24 +143,22 @@ def run_shards(
                 config.settings().shard_start_timeout,
             )
         state = run_here(shard_params(k))
-        outcome[k].update(
-            state=state.name,
-            message=state.message or "",
-            completed=state.is_completed(),
-            ran_here=True,
-        )
+        outcome[k].state = state.name
+        outcome[k].message = state.message or ""
+        outcome[k].completed = state.is_completed()
+        outcome[k].ran_here = True
 
     for k, piece in enumerate(slices):
-        outcome[k]["refs"] = piece
+        outcome[k].refs = piece
     return [outcome[k] for k in range(count)]
 
 
-def not_processed(outcome: dict[str, Any]) -> str:
+def not_processed(outcome: ShardOutcome) -> str:
     """Why an item of a shard has no record to report."""
-    message = f": {outcome['message']}" if outcome["message"] else ""
-    if outcome["state"] == "Completed":
-        return f"no record: shard run '{outcome['run']}' completed without storing one"
-    return f"not processed: shard run '{outcome['run']}' ended {outcome['state']}{message}"
+    message = f": {outcome.message}" if outcome.message else ""
+    if outcome.state == "Completed":
+        return f"no record: shard run '{outcome.run}' completed without storing one"
+    return f"not processed: shard run '{outcome.run}' ended {outcome.state}{message}"
 
 
 def check_shard_deployment(name: str) -> None:

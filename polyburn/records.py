@@ -71,3 +71,29 @@ class RunSummary:
             if summary[optional] is None:
                 del summary[optional]
         return summary
+
+
+@dataclass
+class ShardOutcome:
+    """How one shard of a sharded run ended (:func:`flows.shards.run_shards`).
+
+    ``shard``: its number, from 0; ``run``: its flow run's name; ``state`` and ``message``:
+    how it ended; ``completed``: whether it completed; ``items``: how many items it had (its
+    ``refs``); ``attempts``: shard runs started for it; ``ran_here``: run in the parent's
+    process because no worker started it."""
+
+    shard: int
+    run: str
+    state: str
+    message: str
+    completed: bool
+    items: int
+    attempts: int
+    ran_here: bool = False
+    refs: list[Any] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """What the run summary shows of it (``shards``): all but its refs and completion."""
+        shown = asdict(self)
+        del shown["refs"], shown["completed"]
+        return shown
