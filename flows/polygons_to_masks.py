@@ -691,8 +691,9 @@ class RunTally:
                 self.unwritten_outputs[record["path"]] = kept
             else:
                 self.unwritten_outputs.pop(record["path"], None)
-            if "preview" in record:  # the item's latest record says what it looks like
-                self.previews[record["path"]] = _preview_entry(record, record.pop("preview"))
+            if record["path"] in result.previews:  # the item's latest preview
+                preview = result.previews[record["path"]]
+                self.previews[record["path"]] = _preview_entry(record, preview)
             self.spool.add(record)
 
 

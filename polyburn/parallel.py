@@ -78,7 +78,9 @@ def process_items(
     (:mod:`polyburn.recipe`) is not burned: its record is returned as is, outputs marked not
     written (``BatchRecords.unchanged`` counts them). Never with ``options.verify``, for an item
     a writer left unfinished, or for a failed record; such an item asked for a preview gets an
-    empty one.
+    empty one. Previews come apart from the records (``BatchRecords.previews``). A failed
+    item's record says ``transient: true`` when its failure was worth another try (throttling,
+    5xx, resets, timeouts) and the retries here did not help.
     """
     # What process_item reads of the options, as a plain tuple: workers need no pydantic.
     plain = _Options(
@@ -129,18 +131,25 @@ def process_items(
             redone = _run_jobs(redo, source, destination, workers)
             for k, record in zip(again, redone, strict=True):
                 records[k] = record
-    for record in records:
-        record.pop("transient", None)
-    return BatchRecords(records, unchanged=len(refs) - len(todo))
+    previews = {r["path"]: r.pop("preview") for r in records if "preview" in r}
+    return BatchRecords(records, unchanged=len(refs) - len(todo), previews=previews)
 
 
 class BatchRecords(list):
-    """The records of a batch, in the order of its items, and how many of them were taken
-    unchanged from the destination (their recipe digest had not changed: not burned)."""
+    """The records of a batch, in the order of its items; how many of them were taken
+    unchanged from the destination (their recipe digest had not changed: not burned); and the
+    previews of the items asked for one (path → :func:`polyburn.report.mask_previews`, empty
+    when there is no picture), which are not part of any record."""
 
-    def __init__(self, records: Sequence[dict[str, Any]] = (), unchanged: int = 0) -> None:
+    def __init__(
+        self,
+        records: Sequence[dict[str, Any]] = (),
+        unchanged: int = 0,
+        previews: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(records)
         self.unchanged = unchanged
+        self.previews = previews or {}
 
 
 def _unchanged(

@@ -411,9 +411,9 @@ def _keep_previous_outputs(record: dict[str, Any], previous: Mapping[str, Any]) 
 
 
 def _stored(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The record as stored at the destination: without the preview, the retry hint and the
-    batch's pending cleanup."""
-    return {k: v for k, v in record.items() if k not in ("preview", "transient", "cleanup")}
+    """The record as stored at the destination: without the preview (made for the run's
+    artifacts) and the Dataloop destination's pending cleanup (for the batch's last step)."""
+    return {k: v for k, v in record.items() if k not in ("preview", "cleanup")}
 
 
 def _preview(

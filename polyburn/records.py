@@ -16,13 +16,15 @@ class BatchResult:
 
     ``records``: the batch's item records, packed (:func:`polyburn.manifest.pack_records`);
     ``items``: how many; ``attempts``: the task run's attempt that produced them (1 = first);
-    ``unchanged``: items whose record already had their recipe digest, so they were not burned.
+    ``unchanged``: items whose record already had their recipe digest, so they were not burned;
+    ``previews``: path → the previews of the batch's items asked for one (empty: no picture).
     """
 
     records: bytes
     items: int
     attempts: int = 1
     unchanged: int = 0
+    previews: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

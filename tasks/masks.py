@@ -90,6 +90,7 @@ def burn_batch(
         items=len(records),
         attempts=task_run.run_count or 1,
         unchanged=records.unchanged,
+        previews=records.previews,
     )
 
 
