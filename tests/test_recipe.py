@@ -121,7 +121,7 @@ def test_verify_or_a_failed_record_burns_the_item_again(export, tmp_path, monkey
     records = parallel.process_items(refs, source, destination, MaskOptions(), label_map, None, 1)
     assert burned == [refs[1].path]  # the failed one
     assert records.unchanged == 3 and records[1]["status"] == "ok"
-    assert records[0]["preview"] == {}  # asked for one: nothing burned, no picture
+    assert records.previews == {refs[0].path: {}}  # asked for one: nothing burned, no picture
     burned.clear()
     verify = MaskOptions(verify=True)
     assert parallel.process_items(refs, source, destination, verify, label_map).unchanged == 0
