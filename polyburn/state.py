@@ -706,8 +706,7 @@ def records_of(store: FileDestination, paths: Iterable[str]) -> dict[str, dict[s
     (:func:`attach_snapshot`), a record the snapshot holds as stored costs no read."""
     keys = {record_key(path): path for path in paths}
     found = {}
-    known = _SNAPSHOTS.get(id(store))
-    for key, data in store.get_many(list(keys), known).items():
+    for key, data in store.get_many(list(keys), store.snapshot).items():
         record = _parse_record(data)
         if record is not None and record["path"] == keys[key]:
             found[keys[key]] = record
@@ -722,7 +721,8 @@ class SnapshotRecords:
     """The lines of a local copy of ``manifest.jsonl``, by record key and content tag: a line
     whose tag (:meth:`FileDestination.content_tag`) is the listed tag of the item's record *is*
     that record, byte for byte (a record is stored as its manifest line). Call it as
-    ``known(key, tag)`` (:meth:`FileDestination.get_many`). Memory: about 200 bytes a line."""
+    ``known(key, tag)`` (:meth:`FileDestination.get_many`), from any thread (positional
+    reads). Memory: about 200 bytes a line."""
 
     def __init__(self, store: FileDestination, lines: Path) -> None:
         self._file = open(lines, "rb")  # noqa: SIM115 - closed by close()
@@ -742,23 +742,19 @@ class SnapshotRecords:
         entry = self._index.get(key)
         if entry is None or entry[0] != tag:
             return None
-        self._file.seek(entry[1])
-        return self._file.read(entry[2])
+        return os.pread(self._file.fileno(), entry[2], entry[1])
 
     def close(self) -> None:
         self._file.close()
 
 
-_SNAPSHOTS: dict[int, SnapshotRecords] = {}
-_snapshots_lock = threading.Lock()
-
-
 @contextlib.contextmanager
 def attach_snapshot(store: FileDestination, scratch: Path, items: int) -> Iterator[int]:
     """For the ``with`` block, let :func:`records_of` on ``store`` take records from the last
-    snapshot (``manifest.jsonl``, copied under ``scratch``) instead of reading each: a run of
-    ``items`` items into a store that tags by content (S3) then reads only the records written
-    since. Skipped (yields 0) when the store does not tag by content, has no snapshot, or the
+    snapshot (``manifest.jsonl``, copied under ``scratch``; ``store.snapshot``) instead of
+    reading each (the run's batches use the same ``store`` object: one per URI and process): a
+    run of ``items`` items into a store that tags by content (S3) then reads only the records
+    written since. Skipped (yields 0) when the store does not tag by content, has no snapshot, or the
     snapshot is much bigger than what the run would read (more than 4 KB per item)."""
     if store.content_tag(b"") is None:
         yield 0
@@ -772,13 +768,11 @@ def attach_snapshot(store: FileDestination, scratch: Path, items: int) -> Iterat
         yield 0
         return
     snapshot = SnapshotRecords(store, copy)
-    with _snapshots_lock:
-        _SNAPSHOTS[id(store)] = snapshot
+    store.snapshot = snapshot
     try:
         yield len(snapshot)
     finally:
-        with _snapshots_lock:
-            _SNAPSHOTS.pop(id(store), None)
+        store.snapshot = None
         snapshot.close()
         copy.unlink(missing_ok=True)
 

@@ -137,6 +137,10 @@ class Destination(ABC):
 class FileDestination(Destination):
     """A destination that stores bytes under keys mirroring the item path."""
 
+    snapshot: KnownBytes | None = None
+    """Records known from the last snapshot while a run burns
+    (:func:`polyburn.state.attach_snapshot`), for :func:`polyburn.state.records_of`."""
+
     @abstractmethod
     def put(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str]) -> bool:
         """Store ``data`` at ``key`` unless identical content is already there.
