@@ -754,8 +754,8 @@ def attach_snapshot(store: FileDestination, scratch: Path, items: int) -> Iterat
     snapshot (``manifest.jsonl``, copied under ``scratch``; ``store.snapshot``) instead of
     reading each (the run's batches use the same ``store`` object: one per URI and process): a
     run of ``items`` items into a store that tags by content (S3) then reads only the records
-    written since. Skipped (yields 0) when the store does not tag by content, has no snapshot, or the
-    snapshot is much bigger than what the run would read (more than 4 KB per item)."""
+    written since. Skipped (yields 0) when the store does not tag by content, has no snapshot,
+    or the snapshot is much bigger than what the run would read (more than 4 KB per item)."""
     if store.content_tag(b"") is None:
         yield 0
         return
