@@ -104,23 +104,37 @@ CATEGORIES = (
 
 
 def load_baseline(ref: str) -> Any:
-    """``polyburn/destinations/s3.py`` as of git ``ref``, as a module of its own (its imports
-    of the rest of polyburn resolve to the working tree's, whose interfaces it uses)."""
-    source = subprocess.run(
-        ["git", "show", f"{ref}:polyburn/destinations/s3.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    """``polyburn/destinations/s3.py`` as of git ``ref``, as a module of its own, with the lean
+    PUT path of ``ref`` (``s3_put.py``, when ``ref`` has it) loaded the same way and imported by
+    it; its imports of the rest of polyburn resolve to the working tree's, whose interfaces it
+    uses."""
     folder = Path(tempfile.mkdtemp(prefix="polyburn-s3-baseline-"))
-    path = folder / "s3_baseline.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("polyburn_s3_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+
+    def load(name: str, source: str) -> Any:
+        path = folder / f"{name}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    def show(path: str) -> str | None:
+        shown = subprocess.run(
+            ["git", "show", f"{ref}:{path}"], cwd=ROOT, capture_output=True, text=True
+        )
+        return shown.stdout if shown.returncode == 0 else None
+
+    source = show("polyburn/destinations/s3.py")
+    if source is None:
+        raise SystemExit(f"{ref} has no polyburn/destinations/s3.py")
+    lean = show("polyburn/destinations/s3_put.py")
+    if lean is not None:
+        load("polyburn_s3_put_baseline", lean)
+        source = source.replace(
+            "from polyburn.destinations.s3_put import", "from polyburn_s3_put_baseline import"
+        )
+    return load("polyburn_s3_baseline", source)
 
 
 def operations(destination: Any, tag: str) -> dict[str, Any]:
