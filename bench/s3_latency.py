@@ -48,7 +48,10 @@ Reported: wall seconds, items/s, the marginal rate ``(n2 - n1) / (t2 - t1)`` bet
 and largest counts (the fixed start-up cancels out), how many times slower than the folder run
 and than ``aws cp`` (time ratio at the same count; rate ratio for the marginal rates), requests
 per item by method and by what they touch (mask, record, lease, list, ...) for the first run and
-the re-run, plus the marginal requests per item, and peak RSS. Results go to
+the re-run, plus the marginal requests per item, and peak RSS, and where the 2 cores went:
+the marginal CPU milliseconds per item of the measured process, of the S3 server, of the Prefect
+server and of the latency proxy (``marginal_cpu_ms_per_item``; read from ``/proc`` around each
+run), which tells a run bound by the round trip from one bound by CPU that the harness shares. Results go to
 ``bench/results/<--name>.json`` (default ``s3_latency``).
 
 awscli pins botocore exactly, so it never goes into the project's venv: by default this script
@@ -66,6 +69,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -147,6 +151,7 @@ def measure(env: dict[str, str], log: Path, *command: str) -> dict[str, Any]:
     run's JSON summary when it printed one. Raises with the stderr tail on failure."""
     out = log.with_suffix(".measure.json")
     stdout, stderr = log.with_suffix(".stdout"), log.with_suffix(".stderr")
+    elsewhere = cpu_elsewhere()
     with stdout.open("wb") as so, stderr.open("wb") as se:
         done = subprocess.run(
             [sys.executable, str(BENCH / "_measure.py"), str(out), "polyburn", *command],
@@ -158,6 +163,7 @@ def measure(env: dict[str, str], log: Path, *command: str) -> dict[str, Any]:
         tail = "\n".join(stderr.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"polyburn {' '.join(command)} failed ({done.returncode}):\n{tail}")
     result = json.loads(out.read_text())
+    result["cpu_elsewhere"] = spent_elsewhere(elsewhere)
     if result["code"] != 0:
         tail = "\n".join(stderr.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"polyburn {' '.join(command)} exited {result['code']}:\n{tail}")
@@ -167,6 +173,41 @@ def measure(env: dict[str, str], log: Path, *command: str) -> dict[str, Any]:
             k: summary.get(k) for k in ("items", "ok", "failed", "outputs_written")
         }
     return result
+
+
+WATCHED: dict[str, int] = {}
+"""Processes beside the measured one that share the 2 cores: name → pid (set in :func:`main`)."""
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system, with reaped children's) of ``pid`` and its live descendants,
+    from ``/proc``; 0 for a process that is gone."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents, usage = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+        usage[int(stat.parent.name)] = sum(int(f) for f in fields[11:15]) / ticks
+    tree, grew = {pid}, True
+    while grew:
+        more = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(usage.get(p, 0.0) for p in tree)
+
+
+def cpu_elsewhere() -> dict[str, float]:
+    """CPU seconds so far of the watched processes, and of this one (``proxy``: while a measured
+    process runs, the latency proxy's thread is all that works here)."""
+    return {**{name: tree_cpu(pid) for name, pid in WATCHED.items()}, "proxy": time.process_time()}
+
+
+def spent_elsewhere(before: dict[str, float]) -> dict[str, float]:
+    after = cpu_elsewhere()
+    return {name: round(after[name] - before[name], 3) for name in before}
 
 
 def kind_of(method: str, target: str, prefix: str) -> str:
@@ -211,6 +252,7 @@ def row(rtt: float | None, n: int, destination: str, measured: dict, **more: Any
         "workers",
         "summary",
         "walls",
+        "cpu_elsewhere",
     )
     out = {"rtt_ms": rtt, "items": n, "destination": destination}
     out.update({k: measured[k] for k in keep if k in measured})
@@ -261,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         weed.start()
         weed.client().create_bucket(Bucket=BUCKET)
         prefect = start_prefect_server(work / "prefect-home")
+        WATCHED.update(s3_server=weed.pid, prefect_server=prefect.process.pid)
         # the clients' own PREFECT_HOME: their result store (the batch cache) stays in here
         base = prefect.client_env(
             {"PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_HOME": str(work / "client-home")}
@@ -375,7 +418,9 @@ def aws_cp(
         command = [aws, "s3", "cp", "--recursive", "--only-show-errors", str(masks)]
         command += [f"s3://{BUCKET}/{prefix}/{masks.name}/", "--endpoint-url", proxy.endpoint_url]
         proxy.reset()
+        elsewhere = cpu_elsewhere()
         measured = run_timed(command, env=env, stdin=subprocess.DEVNULL)
+        measured["cpu_elsewhere"] = spent_elsewhere(elsewhere)
         if measured["code"] != 0:
             raise RuntimeError(f"aws s3 cp failed ({measured['code']})")
         tries.append({**measured, "requests": requests_seen(proxy, prefix)})
@@ -439,6 +484,8 @@ def summarise(runs: list[dict], rtts: list[float], counts: list[int]) -> dict[st
                 continue
             rate = marginal(a, b)
             entry[destination] = {"marginal_items_per_s": rate}
+            if "cpu_elsewhere" in a and "cpu_elsewhere" in b:
+                entry[destination]["marginal_cpu_ms_per_item"] = cpu_per_item(a, b)
             if folder and rate:
                 entry[destination]["x_slower_than_folder"] = folder / rate
             if "requests" in a and "requests" in b:
@@ -455,7 +502,24 @@ def summarise(runs: list[dict], rtts: list[float], counts: list[int]) -> dict[st
                     aws / entry[destination]["marginal_items_per_s"]
                 )
         entry["folder"] = {"marginal_items_per_s": folder}
+        a, b = _find(runs, None, small, "folder"), _find(runs, None, large, "folder")
+        if a and b and "cpu_elsewhere" in a and "cpu_elsewhere" in b:
+            entry["folder"]["marginal_cpu_ms_per_item"] = cpu_per_item(a, b)
         out["per_rtt"][f"{rtt:g}"] = entry
+    return out
+
+
+def cpu_per_item(a: dict, b: dict) -> dict[str, float]:
+    """Marginal CPU milliseconds per item between runs ``a`` and ``b``, by process: the
+    measured one (``polyburn``, or ``aws``), then the S3 server, the Prefect server and the
+    latency proxy, and ``all`` of them: what the 2 cores spend per item."""
+    items = b["items"] - a["items"]
+    own = 1000 * (b.get("cpu", 0.0) - a.get("cpu", 0.0)) / items
+    out = {"aws" if b["destination"] == "aws cp" else "polyburn": round(own, 3)}
+    for name in b["cpu_elsewhere"]:
+        spent = b["cpu_elsewhere"][name] - a["cpu_elsewhere"].get(name, 0.0)
+        out[name] = round(1000 * spent / items, 3)
+    out["all"] = round(sum(out.values()), 3)
     return out
 
 
@@ -513,6 +577,14 @@ def print_tables(runs: list[dict], summary: dict) -> None:
                 f"{figures.get('x_slower_than_folder', float('nan')):8.1f} "
                 f"{figures.get('x_slower_than_aws_cp', float('nan')):6.1f}  {per_item}"
             )
+    print()
+    print("marginal CPU ms per item, by process (the 2 cores' budget: 2000 / items per s)")
+    for rtt, entry in summary["per_rtt"].items():
+        for destination, figures in entry.items():
+            cpu = figures.get("marginal_cpu_ms_per_item")
+            if cpu:
+                shown = " ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
+                print(f"{rtt:>5} {destination:12} {shown}")
 
 
 if __name__ == "__main__":
