@@ -15,7 +15,7 @@ import pytest
 from polyburn import pipeline
 from polyburn.destinations.local import LocalDestination
 from polyburn.errors import TransientError
-from polyburn.manifest import manifest_line
+from polyburn.manifest import manifest_line, pack_records, unpack_records
 from polyburn.parallel import process_items
 from polyburn.params import MaskOptions
 from polyburn.pipeline import process_item
@@ -323,7 +323,7 @@ def test_a_record_of_another_version_is_written_back_as_it_was_read(data):
     assert record.path == data["path"]
     if "status" in data:
         assert record.to_dict() == data
-        assert record.to_json() == line
+        assert record.to_json() == line == manifest_line(record)
     else:  # no status: not ok, and says so when written back
         assert not record.ok and record.to_dict() == {
             "item": None, "path": "e", "status": "failed", "error": None
@@ -364,3 +364,26 @@ def test_preview_and_cleanup_travel_with_a_record_and_are_never_stored():
     assert record.to_json() == ItemRecord("a", "i").to_json()
     travelled = pickle.loads(pickle.dumps(record))  # from a burn worker to its batch
     assert travelled == record and travelled.cleanup == ["old-id"]
+    (packed,) = unpack_records(pack_records([record]))  # a batch's result
+    assert packed == ItemRecord("a", "i")
+
+
+def test_a_burned_record_carries_its_cleanup_to_the_batch_end_but_not_to_the_store(
+    tmp_path, pinned
+):
+    """A destination that leaves cleanup work (Dataloop's replaced annotations): the record
+    process_item returns carries it, the stored one never does."""
+
+    class Leaving(LocalDestination):
+        def take_cleanup(self, path):
+            return [f"{path}-old"]
+
+    source = LocalSource(EXAMPLES / "export")
+    destination = Leaving(tmp_path / "masks")
+    ref = next(r for r in source.list_items() if r.path == "street/scene_001")
+    options = MaskOptions(modes=["semantic"])
+    record = process_item(ref, source, destination, options, LABELS, preview=True)
+    assert record.ok and record.cleanup == ["street/scene_001-old"] and record.preview
+    line = stored(destination, ref.path)
+    assert b"cleanup" not in line and b"preview" not in line
+    assert line == record.to_json() and ItemRecord.from_json(line).cleanup is None
