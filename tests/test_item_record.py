@@ -364,6 +364,7 @@ def test_preview_and_cleanup_travel_with_a_record_and_are_never_stored():
     assert record.to_json() == ItemRecord("a", "i").to_json()
     travelled = pickle.loads(pickle.dumps(record))  # from a burn worker to its batch
     assert travelled == record and travelled.cleanup == ["old-id"]
+    assert travelled.to_json() == record.to_json()  # no subset (ABSENT) still writes none
     (packed,) = unpack_records(pack_records([record]))  # a batch's result
     assert packed == ItemRecord("a", "i")
 
