@@ -46,7 +46,7 @@ from polyburn.params import (
     TaskRunner,
     flat_parameter_fields,
 )
-from polyburn.records import BatchResult, RunSummary
+from polyburn.records import BatchResult, ItemRecord, RunSummary
 from polyburn.report import failures_markdown, previews_markdown, summary_table
 from polyburn.state import (
     attach_snapshot,
@@ -472,12 +472,12 @@ def _settle_failure_marks(params: RunParameters, destination, spool: RecordSpool
     if params.shard_of is not None:
         return []
     marks = failed_marks(destination.state)
-    ok = [path for path in marks if path in spool and spool.get(path)["status"] == "ok"]
+    ok = [path for path in marks if path in spool and spool.get(path).ok]
     if ok:
         clear_failed_marks(destination.state, ok)
     if not spool.counts.totals["failed"]:
         return []
-    failed = (r["path"] for r in spool.records() if r["status"] != "ok")
+    failed = (r.path for r in spool.records() if not r.ok)
     return [path for path in failed if path not in marks]
 
 
@@ -594,9 +594,13 @@ def _run_sharded(params, refs, label_map, destination, spool: RecordSpool) -> li
         why = not_processed(outcome)
         for ref in pieces:
             if ref.path not in spool:  # its shard failed, or left it without a record
-                failed = {"item": ref.item_id, "path": ref.path, "status": "failed"}
-                failed["error"] = f"{ref.path}: {why}"
-                failed["polyburn_version"] = version()
+                failed = ItemRecord(
+                    ref.path,
+                    ref.item_id,
+                    status="failed",
+                    error=f"{ref.path}: {why}",
+                    polyburn_version=version(),
+                )
                 spool.add(failed)
                 # An item never processed anywhere gets this record; a stored one still holds.
                 create_record(destination.state, failed)
@@ -616,7 +620,7 @@ def _remove_vanished(destination, params: RunParameters, refs: list[ItemRef]) ->
     gone = []
     for record in records:
         destination.remove(output_keys(record))
-        gone.append(record["path"])
+        gone.append(record.path)
     forget_items(destination.state, gone)
     return sorted(gone)
 
@@ -681,34 +685,34 @@ class RunTally:
         self.cached += cached
         self.unchanged += result.unchanged
         for record in unpack_records(result.records):
+            path = record.path
             if cached:
-                for output in record.get("outputs", []):
+                for output in record.outputs or ():
                     output["written"] = False
-                if record["status"] != "ok":
-                    self.cached_failures.append(record["path"])
-            kept = [o["key"] for o in record.get("outputs", []) if not o.get("written")]
-            if record["status"] == "ok" and kept:  # its record vouched for them: still there?
-                self.unwritten_outputs[record["path"]] = kept
+                if not record.ok:
+                    self.cached_failures.append(path)
+            kept = [o["key"] for o in record.outputs or () if not o.get("written")]
+            if record.ok and kept:  # its record vouched for them: still there?
+                self.unwritten_outputs[path] = kept
             else:
-                self.unwritten_outputs.pop(record["path"], None)
-            if record["path"] in result.previews:  # the item's latest preview
-                preview = result.previews[record["path"]]
-                self.previews[record["path"]] = _preview_entry(record, preview)
+                self.unwritten_outputs.pop(path, None)
+            if path in result.previews:  # the item's latest preview
+                self.previews[path] = _preview_entry(record, result.previews[path])
             self.spool.add(record)
 
 
 def _preview_entry(
-    record: dict[str, Any], preview: dict[str, Any]
+    record: ItemRecord, preview: dict[str, Any]
 ) -> tuple[str, dict[str, Any], str | None]:
     """(path, previews, why there is no picture) of an item asked for a preview."""
     why = None
-    if record["status"] != "ok":
+    if not record.ok:
         why = "Failed: no masks (see the polyburn-failures artifact)."
-    elif record.get("skipped_empty"):
+    elif record.skipped_empty:
         why = "Nothing to burn: no masks written."
-    elif not preview and not any(o.get("written") for o in record.get("outputs", [])):
+    elif not preview and not any(o.get("written") for o in record.outputs or ()):
         why = "Unchanged since it was last burned: not burned again, no picture."
-    return record["path"], preview, why
+    return record.path, preview, why
 
 
 def _burn_again(

@@ -354,22 +354,22 @@ def _validate(args: argparse.Namespace) -> int:
     for ref in source.list_items():
         record = process_item(ref, source, None, options, {})
         items += 1
-        failed += record["status"] != "ok"
+        failed += not record.ok
         if args.json:
-            print(json.dumps(record, ensure_ascii=False, sort_keys=True))
+            print(json.dumps(record.to_dict(), ensure_ascii=False, sort_keys=True))
             continue
-        if record["error"]:
-            print(f"FAILED {record['error']}")
+        if record.error:
+            print(f"FAILED {record.error}")
         for rejection in rejections_of(record):
             problems += 1
             print(f"REJECTED {rejection_line(rejection)}")
-        for repair in record.get("repairs", []):
+        for repair in record.repairs or ():
             repairs += 1
             area = ""
             if repair["area_before"] is not None:
                 area = f" (area {repair['area_before']} -> {repair['area_after']})"
             print(
-                f"REPAIRED {record['path']} annotation {repair['annotation']}{at_frame(repair)}: "
+                f"REPAIRED {record.path} annotation {repair['annotation']}{at_frame(repair)}: "
                 f"{repair['kind']}{area} {repair['detail']}".rstrip()
             )
     if not args.json:

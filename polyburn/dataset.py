@@ -31,7 +31,8 @@ from polyburn.dataloop_json import ML_SUBSETS
 from polyburn.destinations.base import LABEL_MAP_KEY, FileDestination
 from polyburn.formats import registry
 from polyburn.labels import parse_label_map
-from polyburn.manifest import RecordSpool, output_keys
+from polyburn.manifest import RecordSpool
+from polyburn.records import ItemRecord
 
 log = logging.getLogger("polyburn.dataset")
 
@@ -41,16 +42,16 @@ COCO_FILES = "coco/instances"
 CHUNK = 1000
 
 
-def subset_of(record: Mapping[str, Any]) -> str:
+def subset_of(record: ItemRecord) -> str:
     """The split an ``ok`` record goes to: its ``subset``, else ``unassigned``."""
-    subset = record.get("subset")
+    subset = record.subset
     return subset if subset in ML_SUBSETS else UNASSIGNED
 
 
-def fragment_keys(record: Mapping[str, Any]) -> list[str]:
+def fragment_keys(record: ItemRecord) -> list[str]:
     """The keys of the COCO fragments a record lists among its outputs, sorted: one for an
     image item, one per frame for a video item (``coco/items/<path>/<frame:06d>.json``)."""
-    return sorted(key for key in output_keys(record) if str(key).startswith(COCO_FRAGMENTS))
+    return sorted(key for key in record.output_keys() if str(key).startswith(COCO_FRAGMENTS))
 
 
 def write_dataset_files(
@@ -74,9 +75,9 @@ def write_splits(store: FileDestination, spool: RecordSpool, scratch: Path) -> d
     with ExitStack() as stack:
         files = {n: stack.enter_context(open(scratch / f"split-{n}.txt", "wb")) for n in names}
         for record in spool.records():
-            if record.get("status") == "ok":
+            if record.ok:
                 subset = subset_of(record)
-                files[subset].write(record["path"].encode("utf-8") + b"\n")
+                files[subset].write(record.path.encode("utf-8") + b"\n")
                 counts[subset] += 1
     written = {}
     for name in names:
@@ -137,11 +138,11 @@ def _writer(writers: dict[str, _CocoWriter], name: str, scratch: Path) -> _CocoW
 
 def _fragments(
     store: FileDestination, spool: RecordSpool
-) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+) -> Iterator[tuple[ItemRecord, dict[str, Any]]]:
     """``(record, fragment)`` for each COCO fragment the ``ok`` records list, by path; the
     fragments are read ``CHUNK`` at a time (:meth:`FileDestination.get_many`). A fragment that
     is gone or does not parse is logged and left out (its item is not in the COCO files)."""
-    pending: list[tuple[dict[str, Any], str]] = []
+    pending: list[tuple[ItemRecord, str]] = []
     for record in _with_fragment(spool):
         pending.append(record)
         if len(pending) == CHUNK:
@@ -150,14 +151,14 @@ def _fragments(
     yield from _read_chunk(store, pending)
 
 
-def _with_fragment(spool: RecordSpool) -> Iterator[tuple[dict[str, Any], str]]:
+def _with_fragment(spool: RecordSpool) -> Iterator[tuple[ItemRecord, str]]:
     for record in spool.records():
-        if record.get("status") == "ok":
+        if record.ok:
             for key in fragment_keys(record):
                 yield record, key
 
 
-def _read_chunk(store: FileDestination, pending: list[tuple[dict[str, Any], str]]):
+def _read_chunk(store: FileDestination, pending: list[tuple[ItemRecord, str]]):
     found = store.get_many([key for _, key in pending])
     for record, key in pending:
         data = found.get(key)
@@ -166,9 +167,7 @@ def _read_chunk(store: FileDestination, pending: list[tuple[dict[str, Any], str]
         except (json.JSONDecodeError, UnicodeDecodeError):
             fragment = None
         if not isinstance(fragment, dict) or not isinstance(fragment.get("image"), dict):
-            log.warning(
-                "%s: COCO fragment %s is missing or unreadable; left out", record["path"], key
-            )
+            log.warning("%s: COCO fragment %s is missing or unreadable; left out", record.path, key)
             continue
         yield record, fragment
 

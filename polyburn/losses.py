@@ -4,45 +4,48 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from polyburn.records import ItemRecord
 
 MAX_LISTED_LOSSES = 1000
 """Rejected annotations, and items with nothing to burn, kept for the summary and the artifacts
 (each a count as well); all of them are in the manifest."""
 
 
-def rejections_of(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+def rejections_of(record: ItemRecord) -> list[dict[str, Any]]:
     """The rejected annotations of a record, each with its item path: ``path``, ``annotation``
     (id), ``label``, ``field`` and ``reason`` (and ``frame``, for a state of a video item)."""
     return [
         {
-            "path": record["path"],
+            "path": record.path,
             "annotation": problem.get("annotation"),
             "label": problem.get("label"),
             "field": problem.get("field"),
             "reason": problem.get("reason"),
             **({"frame": problem["frame"]} if "frame" in problem else {}),
         }
-        for problem in record.get("problems", [])
+        for problem in record.problems or ()
     ]
 
 
-def is_empty(record: Mapping[str, Any]) -> bool:
+def is_empty(record: ItemRecord) -> bool:
     """Whether a record is of an item read without error that had nothing to burn: no polygon
     or binary annotation survived parsing and repair (only boxes, points, classes…, or none)."""
-    return record["status"] == "ok" and record.get("shapes", 0) == 0
+    return record.ok and (record.shapes or 0) == 0
 
 
-def empty_entry(record: Mapping[str, Any]) -> dict[str, Any]:
+def empty_entry(record: ItemRecord) -> dict[str, Any]:
     """What the summary says of an item with nothing to burn: its path, the annotation types it
     had instead (``skipped``, type → count), how many annotations were rejected, and whether
     its masks were left out (``skipped_empty``)."""
     return {
-        "path": record["path"],
-        "skipped": dict(record.get("skipped", {})),
-        "rejected": len(record.get("problems", [])),
-        "skipped_empty": bool(record.get("skipped_empty")),
+        "path": record.path,
+        "skipped": dict(record.skipped or {}),
+        "rejected": len(record.problems or ()),
+        "skipped_empty": bool(record.skipped_empty),
     }
 
 
@@ -79,7 +82,7 @@ class RejectionLog:
         self._file = tempfile.TemporaryFile(prefix="polyburn-rejections-")  # noqa: SIM115
         self.taken = False
 
-    def take(self, records: Iterable[Mapping[str, Any]]) -> None:
+    def take(self, records: Iterable[ItemRecord]) -> None:
         for record in records:
             for rejection in rejections_of(record):
                 self._file.write(json.dumps(rejection).encode("utf-8") + b"\n")

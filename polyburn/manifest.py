@@ -9,48 +9,48 @@ spooled to a temporary file as they arrive
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from polyburn.losses import MAX_LISTED_LOSSES, ListedByPath, empty_entry, is_empty, rejections_of
-from polyburn.records import RunSummary
+from polyburn.records import ItemRecord, RunSummary
 
 MAX_LISTED_FAILURES = 1000
 """Failures kept for the summary and the artifacts; all of them are in the manifest."""
 
 
-def output_keys(record: Mapping[str, Any]) -> list[str]:
-    """The keys of the outputs a manifest record lists."""
-    return [o["key"] for o in record.get("outputs", []) if isinstance(o, dict) and "key" in o]
+def output_keys(record: ItemRecord | None) -> list[str]:
+    """The keys of the outputs a manifest record lists (none without a record)."""
+    return record.output_keys() if record is not None else []
 
 
-def manifest_line(record: Mapping[str, Any]) -> bytes:
-    """A record as one manifest line (UTF-8, sorted keys, newline-terminated)."""
-    return (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+def manifest_line(record: ItemRecord) -> bytes:
+    """A record as one manifest line (UTF-8, sorted keys, newline-terminated): the bytes stored
+    as the item's record (:meth:`~polyburn.records.ItemRecord.to_json`)."""
+    return record.to_json()
 
 
-def pack_records(records: Iterable[Mapping[str, Any]]) -> bytes:
+def pack_records(records: Iterable[ItemRecord]) -> bytes:
     """Records as zlib-compressed manifest lines: what a batch hands back to its flow run.
 
     Prefect keeps every task result of a flow run alive until the run ends (it links results to
     their states), so a batch's result must be small: ~25 kB for 100 records instead of ~1 MB
     of dicts.
     """
-    return zlib.compress(b"".join(manifest_line(record) for record in records), 1)
+    return zlib.compress(b"".join(record.to_json() for record in records), 1)
 
 
-def unpack_records(packed: bytes) -> list[dict[str, Any]]:
+def unpack_records(packed: bytes) -> list[ItemRecord]:
     """The records of :func:`pack_records`, in order."""
-    return [json.loads(line) for line in zlib.decompress(packed).splitlines()]
+    return [ItemRecord.from_json(line) for line in zlib.decompress(packed).splitlines()]
 
 
-def iter_manifest(path: str | os.PathLike) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+def iter_manifest(path: str | os.PathLike) -> Iterator[tuple[int, bytes, ItemRecord]]:
     """``(offset, line, record)`` for each line of a manifest file that parses and names a
     path; other lines (a torn or hand-edited manifest) are skipped."""
     offset = 0
@@ -58,9 +58,8 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[tuple[int, bytes, dict[st
         for line in handle:
             start, offset = offset, offset + len(line)
             try:
-                record = json.loads(line)
-                record["path"]  # noqa: B018 - a record without a path is not a record
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                record = ItemRecord.from_json(line)
+            except ValueError:  # also a line that does not parse (JSON, UTF-8)
                 continue
             yield start, line, record
 
@@ -76,37 +75,36 @@ class RunCounts:
         self.rejections = ListedByPath(MAX_LISTED_LOSSES)
         self.empty = ListedByPath(MAX_LISTED_LOSSES)
 
-    def add(self, record: Mapping[str, Any], sign: int = 1) -> None:
+    def add(self, record: ItemRecord, sign: int = 1) -> None:
         """Count ``record`` in (``sign=1``) or out again (``sign=-1``, a replaced record)."""
-        failed = record["status"] != "ok"
+        failed = not record.ok
         empty = is_empty(record)
         self.totals.update(
             {
                 "items": sign,
                 "ok": 0 if failed else sign,
                 "failed": sign if failed else 0,
-                "annotations": sign * record.get("annotations", 0),
-                "shapes": sign * record.get("shapes", 0),
-                "rejected": sign * len(record.get("problems", [])),
+                "annotations": sign * (record.annotations or 0),
+                "shapes": sign * (record.shapes or 0),
+                "rejected": sign * len(record.problems or ()),
                 "empty": sign * empty,
-                "empty_skipped": sign * bool(record.get("skipped_empty")),
-                "item_retries": sign * record.get("retries", 0),
-                "io_retries": sign * record.get("io_retries", 0),
-                "outputs_written": sign
-                * sum(1 for o in record.get("outputs", []) if o.get("written")),
+                "empty_skipped": sign * bool(record.skipped_empty),
+                "item_retries": sign * (record.retries or 0),
+                "io_retries": sign * (record.io_retries or 0),
+                "outputs_written": sign * sum(1 for o in record.outputs or () if o.get("written")),
             }
         )
-        for repair in record.get("repairs", []):
+        for repair in record.repairs or ():
             self.repairs[repair["kind"]] += sign
-        for kind, count in record.get("skipped", {}).items():
+        for kind, count in (record.skipped or {}).items():
             self.skipped[kind] += sign * count
         if failed and sign > 0:
             if len(self.failures) < MAX_LISTED_FAILURES:
-                self.failures[record["path"]] = record["error"]
+                self.failures[record.path] = record.error
         elif failed:
-            self.failures.pop(record["path"], None)
-        self.rejections.update(record["path"], rejections_of(record), sign)
-        self.empty.update(record["path"], [empty_entry(record)] if empty else [], sign)
+            self.failures.pop(record.path, None)
+        self.rejections.update(record.path, rejections_of(record), sign)
+        self.empty.update(record.path, [empty_entry(record)] if empty else [], sign)
 
     def summary(self, seconds: float) -> RunSummary:
         """The run summary of the records counted, the run taking ``seconds``."""
@@ -167,30 +165,30 @@ class RecordSpool:
     def __contains__(self, path: object) -> bool:
         return path in self._index
 
-    def add(self, record: Mapping[str, Any]) -> None:
-        path = record["path"]
+    def add(self, record: ItemRecord) -> None:
+        path = record.path
         if path in self._index:
             self.counts.add(self.get(path), sign=-1)
-        line = manifest_line(record)
+        line = record.to_json()
         self._file.seek(self._end)
         self._file.write(line)
         self._index[path] = (self._end, len(line))
         self._end += len(line)
         self.counts.add(record)
 
-    def get(self, path: str) -> dict[str, Any]:
+    def get(self, path: str) -> ItemRecord:
         """The record of ``path`` (KeyError when there is none)."""
-        return json.loads(self._line(path))
+        return ItemRecord.from_json(self._line(path))
 
     def _line(self, path: str) -> bytes:
         offset, length = self._index[path]
         self._file.seek(offset)
         return self._file.read(length)
 
-    def records(self) -> Iterator[dict[str, Any]]:
+    def records(self) -> Iterator[ItemRecord]:
         """This run's records, sorted by item path, read back one at a time."""
         for _, line in self._sorted_lines():
-            yield json.loads(line)
+            yield ItemRecord.from_json(line)
 
     def _sorted_lines(self) -> Iterator[tuple[str, bytes]]:
         for path in sorted(self._index):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import dataclasses
 import multiprocessing.context
 import multiprocessing.spawn
 import os
@@ -35,6 +36,7 @@ from polyburn.labels import semantic_dtype
 from polyburn.model import ItemRef
 from polyburn.pipeline import ClaimedItem, process_item, scan_labels, store_failed_record
 from polyburn.recipe import item_recipe, run_recipe
+from polyburn.records import ItemRecord
 from polyburn.sources import Source, open_source
 from polyburn.state import BatchClaim, batch_claim, records_of
 
@@ -97,7 +99,7 @@ def process_items(
     with batch_claim(destination.state, [ref.path for ref in refs]) as claim:
         previous = records_of(destination.state, claim.paths)
         held = set(claim.paths)
-        records: list[dict[str, Any] | None] = [
+        records: list[ItemRecord | None] = [
             _unchanged(ref, previous.get(ref.path), claim, plain, label_map, colours, k < previews)
             if ref.path in held
             else None
@@ -122,7 +124,7 @@ def process_items(
         for k, record in zip(todo, burned, strict=True):
             records[k] = record
         for attempt in range(1, ITEM_RETRIES + 1):
-            again = [k for k, record in enumerate(records) if record.get("transient")]
+            again = [k for k, record in enumerate(records) if record.transient]
             if not again:
                 break
             delay = config.settings().item_retry_delay
@@ -131,7 +133,10 @@ def process_items(
             redone = _run_jobs(redo, source, destination, workers)
             for k, record in zip(again, redone, strict=True):
                 records[k] = record
-    previews = {r["path"]: r.pop("preview") for r in records if "preview" in r}
+    previews = {}
+    for record in records:
+        if record.preview is not None:
+            previews[record.path], record.preview = record.preview, None
     return BatchRecords(records, unchanged=len(refs) - len(todo), previews=previews)
 
 
@@ -143,7 +148,7 @@ class BatchRecords(list):
 
     def __init__(
         self,
-        records: Sequence[dict[str, Any]] = (),
+        records: Sequence[ItemRecord] = (),
         unchanged: int = 0,
         previews: dict[str, dict[str, Any]] | None = None,
     ) -> None:
@@ -154,36 +159,33 @@ class BatchRecords(list):
 
 def _unchanged(
     ref: ItemRef,
-    previous: dict[str, Any] | None,
+    previous: ItemRecord | None,
     claim: BatchClaim,
     options: _Options,
     label_map: Mapping[str, int],
     colours: Mapping[str, tuple[int, int, int]] | None,
     preview: bool = False,
-) -> dict[str, Any] | None:
+) -> ItemRecord | None:
     """The item's stored record, as this run's, when burning the item again would change
     nothing: an ``ok`` record with the recipe digest the item has now (:mod:`polyburn.recipe`),
     not left unfinished by a writer, and no ``verify`` asked. None: burn it."""
-    if options.verify or not previous or previous.get("status") != "ok":
+    if options.verify or previous is None or not previous.ok:
         return None
-    if ref.path in claim.leases or not previous.get("recipe"):
+    if ref.path in claim.leases or not previous.recipe:
         return None
-    digest = item_recipe(
-        options.recipe, ref.revision, previous.get("labels", ()), label_map, colours
+    digest = item_recipe(options.recipe, ref.revision, previous.labels or (), label_map, colours)
+    if digest != previous.recipe:
+        return None
+    return dataclasses.replace(
+        previous,
+        outputs=[dict(o, written=False) for o in previous.outputs or ()],
+        retries=None,
+        io_retries=None,
+        preview={} if preview else None,  # asked for: none, nothing was burned
     )
-    if digest != previous["recipe"]:
-        return None
-    unchanged = dict(
-        previous, outputs=[dict(o, written=False) for o in previous.get("outputs", [])]
-    )
-    unchanged.pop("retries", None)
-    unchanged.pop("io_retries", None)
-    if preview:  # asked for: none, nothing was burned
-        unchanged["preview"] = {}
-    return unchanged
 
 
-def _claimed(claim: BatchClaim, previous: Mapping[str, dict], path: str) -> ClaimedItem:
+def _claimed(claim: BatchClaim, previous: Mapping[str, ItemRecord], path: str) -> ClaimedItem:
     key, owner = claim.handle()
     return ClaimedItem(key, owner, previous.get(path), claim.leases.get(path))
 
@@ -263,7 +265,7 @@ def _opened(cache: dict[str, Any], uri: str, open_uri: Callable[[str], Any]) -> 
 
 def _run_jobs(
     jobs: list[tuple], source: Source, destination: Destination, workers: int
-) -> list[dict[str, Any]]:
+) -> list[ItemRecord]:
     """The jobs' records: refs preloaded in bulk first (when the source can), items run
     ``destination.concurrent_items`` at a time per process (threads, for destinations that
     wait on the network), then ``destination.finish_batch`` on all the records."""
@@ -281,19 +283,19 @@ def _run_jobs(
     return records
 
 
-def _finish_batch(destination: Destination, records: list[dict[str, Any]]) -> None:
+def _finish_batch(destination: Destination, records: list[ItemRecord]) -> None:
     """``destination.finish_batch`` on the batch's records (their items still held); an item it
     failed (Dataloop: the masks its new ones replaced were not all deleted) gets that failed
     record stored over its ``ok`` one: a record never says ``ok`` for an item the run reports
     failed."""
-    was_ok = [record["status"] == "ok" for record in records]
+    was_ok = [record.ok for record in records]
     destination.finish_batch(records)
     for ok, record in zip(was_ok, records, strict=True):
-        if ok and record["status"] != "ok":
+        if ok and not record.ok:
             store_failed_record(destination.state, record)
 
 
-def _work_group(job: tuple) -> list[dict[str, Any]]:
+def _work_group(job: tuple) -> list[ItemRecord]:
     """A worker's share of a batch: ``(jobs, threads)``."""
     jobs, threads = job
     return _work_all(jobs, threads)
@@ -304,7 +306,7 @@ def _work_all(
     threads: int,
     source: Source | None = None,
     destination: Destination | None = None,
-) -> list[dict[str, Any]]:
+) -> list[ItemRecord]:
     if threads <= 1 or len(jobs) < 2:
         return [_work(job, source, destination) for job in jobs]
     with ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="polyburn-item") as pool:
@@ -324,7 +326,7 @@ def _pool_map(fn, jobs: list[tuple], workers: int, chunksize: int = 1) -> list:
 
 def _work(
     job: tuple, source: Source | None = None, destination: Destination | None = None
-) -> dict[str, Any]:
+) -> ItemRecord:
     """One item. In a worker process the source and destination are opened from their URIs
     once and reused."""
     ref, source_uri, destination_uri, options, label_map, colours, preview, retries, claimed = job

@@ -20,6 +20,7 @@ from polyburn.manifest import output_keys
 from polyburn.masks import ItemMasks, build_masks
 from polyburn.model import Item, ItemRef
 from polyburn.recipe import item_recipe
+from polyburn.records import ItemRecord
 from polyburn.sources import Source
 from polyburn.state import (
     ClaimCheck,
@@ -51,7 +52,7 @@ class ClaimedItem(NamedTuple):
 
     claim_key: str
     claim_owner: str
-    previous: dict[str, Any] | None
+    previous: ItemRecord | None
     """The item's stored record, read with the batch's records (None: it has none)."""
     stale_lease: str | None = None
     """The tag of the stale lease the item had (a writer died or failed half-way: its outputs
@@ -69,7 +70,7 @@ def process_item(
     preview: bool = False,
     retries: int = 0,
     claimed: ClaimedItem | None = None,
-) -> dict[str, Any]:
+) -> ItemRecord:
     """Load, repair, burn and publish one item; never raises for a problem of this item.
 
     Returns the item's manifest record: ``status`` ("ok" or "failed"), ``error`` (one line),
@@ -116,14 +117,14 @@ def process_item(
             output_keys(previous),
             preview,
             _stored_at(state, ref.path) if previous else None,
-            previous.get("revision"),
+            previous.revision if previous else None,
             holder.check,
-            previous if holder.trusted else None,
+            (previous or _NO_RECORD) if holder.trusted else None,
         )
         holder.check_still_held()
         _add_recipe(record, ref, options, label_map, colours)
         _store_record(state, record, previous, started, retries)
-        holder.done(unfinished=touched and record["status"] != "ok")
+        holder.done(unfinished=touched and not record.ok)
         return record
     except Exception as exc:  # noqa: BLE001 - the state store failed (lease, claim, record I/O)
         if holder is not None:
@@ -134,8 +135,8 @@ def process_item(
 class _Holder:
     """How a writer holds an item while it writes it, and what it knows of it then."""
 
-    previous: dict[str, Any]
-    """The item's stored record ({} when it has none)."""
+    previous: ItemRecord | None
+    """The item's stored record (None when it has none)."""
     trusted: bool
     """Whether that record may be trusted for what is stored (else each output is compared)."""
 
@@ -158,7 +159,7 @@ class _LeaseHolder(_Holder):
     def __init__(self, state, path: str) -> None:
         self.lease = ItemLease(state, path)
         self.lease.acquire()
-        self.previous = read_record(state, path) or {}
+        self.previous = read_record(state, path)
         self.trusted = False
         self.check = self.lease.check
 
@@ -184,7 +185,7 @@ class _ClaimHolder(_Holder):
 
     def __init__(self, state, path: str, claimed: ClaimedItem, verify: bool) -> None:
         self.state, self.path, self.claimed = state, path, claimed
-        self.previous = claimed.previous or {}
+        self.previous = claimed.previous
         self.trusted = not (verify or claimed.stale_lease)
         self.check = ClaimCheck(state, claimed.claim_key, claimed.claim_owner).check
 
@@ -203,36 +204,36 @@ class _ClaimHolder(_Holder):
 
 
 def _store_record(
-    state, record: dict[str, Any], previous: Mapping[str, Any], started: float, retries: int
+    state, record: ItemRecord, previous: ItemRecord | None, started: float, retries: int
 ) -> None:
     """Store the item's record, unless the stored one already says the same: only the timing,
     retry counts and whether this run wrote the outputs would differ (a re-run of an unchanged
-    item then writes nothing at all)."""
-    if record["status"] != "ok":
+    item then writes nothing at all). What only travels with the record (its preview, the
+    destination's cleanup) is never stored (:meth:`~polyburn.records.ItemRecord.to_json`)."""
+    if not record.ok and previous is not None:
         _keep_previous_outputs(record, previous)
-    stored = _stored(_finish(record, started, retries))
-    if stored["status"] != "ok":
-        mark_failed(state, stored)
-    if not previous or _lasting(stored) != _lasting(previous):
-        write_record(state, stored)
+    _finish(record, started, retries)
+    if not record.ok:
+        mark_failed(state, record)
+    if previous is None or _lasting(record) != _lasting(previous):
+        write_record(state, record)
 
 
-def store_failed_record(state, record: Mapping[str, Any]) -> None:
+def store_failed_record(state, record: ItemRecord) -> None:
     """Store ``record``, failed after its ``ok`` record was stored (a batch's last step failed
     for it), with its failure mark first (:func:`~polyburn.state.mark_failed`)."""
-    stored = _stored(record)
-    mark_failed(state, stored)
-    write_record(state, stored)
+    mark_failed(state, record)
+    write_record(state, record)
 
 
 _PER_RUN = ("seconds", "retries", "io_retries")
 
 
-def _lasting(record: Mapping[str, Any]) -> dict[str, Any]:
+def _lasting(record: ItemRecord) -> dict[str, Any]:
     """What a record says about the item and its stored outputs, without what only describes
     the run that wrote it (time taken, retries, which outputs it wrote)."""
-    lasting = {k: v for k, v in record.items() if k not in _PER_RUN}
-    outputs = record.get("outputs")
+    lasting = {k: v for k, v in record.to_dict().items() if k not in _PER_RUN}
+    outputs = lasting.get("outputs")
     if isinstance(outputs, list):
         lasting["outputs"] = [
             {k: v for k, v in o.items() if k != "written"} if isinstance(o, dict) else o
@@ -242,7 +243,7 @@ def _lasting(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _add_recipe(
-    record: dict[str, Any],
+    record: ItemRecord,
     ref: ItemRef,
     options: MaskOptions,
     label_map: Mapping[str, int],
@@ -251,35 +252,40 @@ def _add_recipe(
     """Give an ``ok`` record its recipe digest (:mod:`polyburn.recipe`): a later run with the
     same digest for the item skips it. A failed item gets none: it is always tried again."""
     run = getattr(options, "recipe", None)
-    if record["status"] == "ok" and run:
-        digest = item_recipe(run, ref.revision, record.get("labels", ()), label_map, colours)
+    if record.ok and run:
+        digest = item_recipe(run, ref.revision, record.labels or (), label_map, colours)
         if digest:
-            record["recipe"] = digest
+            record.recipe = digest
 
 
 def _state_failed(
     ref: ItemRef, exc: Exception, started: float, retries: int, preview: bool = False
-) -> dict[str, Any]:
-    failed = {"item": ref.item_id, "path": ref.path, "status": "ok", "error": None}
+) -> ItemRecord:
+    failed = ItemRecord(ref.path, ref.item_id)
     if preview:  # asked for: none, the item failed
-        failed["preview"] = {}
+        failed.preview = {}
     _fail(failed, ref, exc)
     return _finish(failed, started, retries)
 
 
+_NO_RECORD = ItemRecord("", status="")
+"""A trusted record that trusts nothing: the item has no stored record, so none of its outputs
+is known to be stored (:func:`known_outputs` gives {}), and none is compared either."""
+
+
 def known_outputs(
-    previous: Mapping[str, Any] | None, revision: str | None
+    previous: ItemRecord | None, revision: str | None
 ) -> dict[str, tuple[str, int]] | None:
     """What a trusted previous record says is stored for ``revision`` (key → sha256, size):
     its outputs when it is an ``ok`` record of that revision, else nothing (every output is
     sent); None when there is no record to trust (``previous`` None: compare with the store)."""
     if previous is None:
         return None
-    if previous.get("status") != "ok" or previous.get("revision") != revision:
+    if not previous.ok or previous.revision != revision:
         return {}
     return {
         o["key"]: (o.get("sha256"), o.get("bytes"))
-        for o in previous.get("outputs", [])
+        for o in previous.outputs or ()
         if isinstance(o, dict) and "key" in o
     }
 
@@ -296,8 +302,8 @@ def _burn(
     stored_at: Callable[[], float | None] | None = None,
     stored_revision: str | None = None,
     check_lease: Callable[[], None] | None = None,
-    trusted: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, Any], bool]:
+    trusted: ItemRecord | None = None,
+) -> tuple[ItemRecord, bool]:
     """The record of one item and whether its outputs at the destination started to change.
 
     An item the source read ahead (a bulk read, ``item.read_at``) is read again here when its
@@ -306,17 +312,12 @@ def _burn(
     newer version since, and the last writer must have read the newest one. ``check_lease``
     raises when another run took the item over (a video item calls it after each frame).
     ``trusted`` is the previous record when it may be trusted for what is stored
-    (:func:`known_outputs`); an empty mapping when there is none to trust but nothing can be
+    (:func:`known_outputs`); ``_NO_RECORD`` when there is none to trust but nothing can be
     stored either.
     """
-    record: dict[str, Any] = {
-        "item": ref.item_id,
-        "path": ref.path,
-        "status": "ok",
-        "error": None,
-    }
+    record = ItemRecord(ref.path, ref.item_id)
     if preview:  # asked for: stays empty when the item writes no mask
-        record["preview"] = {}
+        record.preview = {}
     touched = False
     try:
         item = source.load(ref, options.max_pixels)
@@ -324,7 +325,7 @@ def _burn(
             when = stored_at()
             if when is not None and when >= item.read_at - READ_AHEAD_MARGIN:
                 item = source.load(dataclasses.replace(ref, data=""), options.max_pixels)
-        record.update(_describe(item))
+        _describe(record, item)
         known = known_outputs(trusted, item.revision) if trusted is not None else None
         if item.video is not None:  # frame by frame
             video = VideoBurn(item, destination, options, label_map, colours)
@@ -332,11 +333,11 @@ def _burn(
             video.run(previous_keys, record, check_lease, known, preview)
             return record, touched
         shapes, repairs, problems = repair_item(item)
-        record["repairs"] = [r.as_dict() for r in repairs]
-        record["problems"] += [p.as_dict() for p in problems]
-        record["shapes"] = len(shapes)
+        record.repairs = [r.as_dict() for r in repairs]
+        record.problems += [p.as_dict() for p in problems]
+        record.shapes = len(shapes)
         if destination is not None and not shapes and options.skip_empty:
-            record.update(skipped_empty=True, outputs=[])  # nothing to burn: no mask at all
+            record.skipped_empty, record.outputs = True, []  # nothing to burn: no mask at all
             if previous_keys:
                 touched = True
                 destination.remove(sorted(previous_keys))
@@ -350,38 +351,37 @@ def _burn(
                 options.draw_order,
                 options.instance_id,
             )
-            record["repairs"] += [r.as_dict() for r in masks.repairs]
+            record.repairs += [r.as_dict() for r in masks.repairs]
             pal = palette(label_map, colours)
             retried = destination.retries_in_this_thread()
             touched = True
             outputs = destination.publish_item(item, masks, options.format, pal, known)
             if destination.retries_in_this_thread() > retried:
-                record["io_retries"] = destination.retries_in_this_thread() - retried
-            record["outputs"] = [o.as_dict() for o in outputs]
-            cleanup = destination.take_cleanup(item.path)
-            if cleanup:
-                record["cleanup"] = cleanup
+                record.io_retries = destination.retries_in_this_thread() - retried
+            record.outputs = [o.as_dict() for o in outputs]
+            record.cleanup = destination.take_cleanup(item.path) or None
             stale = sorted(set(previous_keys) - {o.key for o in outputs})
             if stale:
                 destination.remove(stale)
             if preview:
-                record["preview"] = _preview(ref, source, masks, pal, label_map)
+                record.preview = _preview(ref, source, masks, pal, label_map)
     except Exception as exc:  # noqa: BLE001 - one item never takes the run down
         _fail(record, ref, exc)
     return record, touched
 
 
-def _fail(record: dict[str, Any], ref: ItemRef, exc: Exception) -> None:
+def _fail(record: ItemRecord, ref: ItemRef, exc: Exception) -> None:
     """Mark ``record`` failed with a one-line error; a transient error is marked for a retry."""
+    record.status = "failed"
     if isinstance(exc, TransientError):  # worth another try: the caller decides
-        record.update(status="failed", error=f"{ref.path}: {exc}", transient=True)
+        record.error, record.transient = f"{ref.path}: {exc}", True
     elif isinstance(exc, ItemError):
-        record.update(status="failed", error=str(exc))
+        record.error = str(exc)
     elif isinstance(exc, PolyburnError):
-        record.update(status="failed", error=f"{ref.path}: {exc}")
+        record.error = f"{ref.path}: {exc}"
     else:
         log.debug("unexpected error on %s", ref.path, exc_info=True)
-        record.update(status="failed", error=f"{ref.path}: {type(exc).__name__}: {exc}")
+        record.error = f"{ref.path}: {type(exc).__name__}: {exc}"
 
 
 def _stored_at(state, path: str) -> Callable[[], float | None]:
@@ -394,26 +394,20 @@ def _stored_at(state, path: str) -> Callable[[], float | None]:
     return when
 
 
-def _finish(record: dict[str, Any], started: float, retries: int) -> dict[str, Any]:
-    record["seconds"] = round(time.perf_counter() - started, 4)
-    record["polyburn_version"] = version()  # which polyburn wrote the item's outputs
+def _finish(record: ItemRecord, started: float, retries: int) -> ItemRecord:
+    record.seconds = round(time.perf_counter() - started, 4)
+    record.polyburn_version = version()  # which polyburn wrote the item's outputs
     if retries:
-        record["retries"] = retries
+        record.retries = retries
     return record
 
 
-def _keep_previous_outputs(record: dict[str, Any], previous: Mapping[str, Any]) -> None:
+def _keep_previous_outputs(record: ItemRecord, previous: ItemRecord) -> None:
     """A failed item still has what an earlier run stored for it: keep those outputs listed (as
     not written by this run), so a later run still removes the ones it no longer produces."""
-    kept = [dict(o, written=False) for o in previous.get("outputs", []) if isinstance(o, dict)]
+    kept = [dict(o, written=False) for o in previous.outputs or () if isinstance(o, dict)]
     if kept:
-        record["outputs"] = kept
-
-
-def _stored(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The record as stored at the destination: without the preview (made for the run's
-    artifacts) and the Dataloop destination's pending cleanup (for the batch's last step)."""
-    return {k: v for k, v in record.items() if k not in ("preview", "cleanup")}
+        record.outputs = kept
 
 
 def _preview(
@@ -436,19 +430,18 @@ def _preview(
         return {}
 
 
-def _describe(item: Item) -> dict[str, Any]:
-    return {
-        "item": item.item_id,
-        "revision": item.revision,
-        "width": item.width,
-        "height": item.height,
-        "annotations": len(item.annotations) if item.video is None else len(item.video.tracks),
-        "skipped": item.skipped,
-        "problems": [p.as_dict() for p in item.problems],
-        "subset": item.subset,
-        "labels": sorted(_labels_of(item)),
-        "file_name": file_name(item),
-    }
+def _describe(record: ItemRecord, item: Item) -> None:
+    """What the item is, read: into ``record``."""
+    record.item = item.item_id
+    record.revision = item.revision
+    record.width = item.width
+    record.height = item.height
+    record.annotations = len(item.annotations) if item.video is None else len(item.video.tracks)
+    record.skipped = item.skipped
+    record.problems = [p.as_dict() for p in item.problems]
+    record.subset = item.subset
+    record.labels = sorted(_labels_of(item))
+    record.file_name = file_name(item)
 
 
 def _labels_of(item: Item) -> set[str]:

@@ -58,8 +58,9 @@ from polyburn.destinations.base import (
 from polyburn.errors import TransientError
 from polyburn.keys import safe_relpath
 from polyburn.labels import dump_label_map, extend_label_map, parse_label_map
-from polyburn.manifest import RecordSpool, iter_manifest, manifest_line
+from polyburn.manifest import RecordSpool, iter_manifest
 from polyburn.processes import host_name, pid_alive
+from polyburn.records import ItemRecord, json_line
 
 log = logging.getLogger("polyburn.state")
 
@@ -95,19 +96,19 @@ def lease_key(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------- records
-def read_record(store: FileDestination, path: str) -> dict[str, Any] | None:
+def read_record(store: FileDestination, path: str) -> ItemRecord | None:
     """The item's stored record, or None (no record, or one that does not parse)."""
     return _parse_record(store.get(record_key(path)))
 
 
-def write_record(store: FileDestination, record: Mapping[str, Any]) -> None:
-    """Store ``record`` (a manifest record with a ``path``) as its item's record."""
-    store.put_record(record_key(record["path"]), manifest_line(record))
+def write_record(store: FileDestination, record: ItemRecord) -> None:
+    """Store ``record`` as its item's record (its manifest line)."""
+    store.put_record(record_key(record.path), record.to_json())
 
 
-def create_record(store: FileDestination, record: Mapping[str, Any]) -> bool:
+def create_record(store: FileDestination, record: ItemRecord) -> bool:
     """Store ``record`` as its item's record only if the item has none; False if it has."""
-    return store.create(record_key(record["path"]), manifest_line(record)) is not None
+    return store.create(record_key(record.path), record.to_json()) is not None
 
 
 def forget_items(store: FileDestination, paths: Iterable[str]) -> None:
@@ -122,12 +123,12 @@ def failed_key(path: str) -> str:
     return f"{FAILED}{safe_relpath(path)}.json"
 
 
-def mark_failed(store: FileDestination, record: Mapping[str, Any]) -> None:
+def mark_failed(store: FileDestination, record: ItemRecord) -> None:
     """Mark the item of a failed ``record`` as failed, before its record is stored: a run that
     only asks the source for changed items (incremental) still finds it by listing the marks,
     and tries it again, so its watermark may move on past a failure."""
-    mark = {"item": record.get("item"), "path": record["path"]}
-    store.put_record(failed_key(record["path"]), manifest_line(mark))
+    mark = {"item": record.item, "path": record.path}
+    store.put_record(failed_key(record.path), json_line(mark))
 
 
 def failed_marks(store: FileDestination) -> dict[str, str | None]:
@@ -135,7 +136,8 @@ def failed_marks(store: FileDestination) -> dict[str, str | None]:
     then a read per mark (failures are few)."""
     keys = [e.key for e in store.entries(FAILED) if e.key.endswith(".json")]
     marks = {}
-    for mark in _read_many(store, keys):
+    for data in _get_many(store, keys):
+        mark = _parse_json(data)
         if isinstance(mark.get("path"), str):
             marks[mark["path"]] = mark.get("item")
     return marks
@@ -144,26 +146,26 @@ def failed_marks(store: FileDestination) -> dict[str, str | None]:
 def clear_failed_marks(store: FileDestination, paths: Iterable[str]) -> list[str]:
     """Remove the marks of these items whose stored record is ``ok`` now (read again, so a run
     that failed the item since keeps its mark); returns the paths cleared."""
-    cleared = [r["path"] for r in read_records(store, paths) if r.get("status") == "ok"]
+    cleared = [r.path for r in read_records(store, paths) if r.ok]
     store.remove([failed_key(path) for path in cleared])
     return cleared
 
 
-def read_records(store: FileDestination, paths: Iterable[str]) -> Iterator[dict[str, Any]]:
+def read_records(store: FileDestination, paths: Iterable[str]) -> Iterator[ItemRecord]:
     """The stored records of these items (those that have one), read with a few threads."""
     yield from _read_many(store, [record_key(path) for path in paths])
 
 
 def find_records(
     store: FileDestination, paths: Iterable[str] = (), item_ids: Iterable[str] = ()
-) -> list[dict[str, Any]]:
+) -> list[ItemRecord]:
     """The records of the items with these paths, and of the items with these item ids. Paths
     cost one read each; item ids cost a read of every record (records are kept by path), so
     pass them only when some are asked for."""
     found = list(read_records(store, paths))
     wanted = set(item_ids)
     if wanted:
-        found += [r for r in _read_many(store, _record_keys(store)) if r.get("item") in wanted]
+        found += [r for r in _read_many(store, _record_keys(store)) if r.item in wanted]
     return found
 
 
@@ -189,14 +191,13 @@ def stale_record_keys(store: FileDestination, refs: Iterable[Any], before: float
     ]
 
 
-def _parse_record(data: bytes | None) -> dict[str, Any] | None:
+def _parse_record(data: bytes | None) -> ItemRecord | None:
     if data is None:
         return None
     try:
-        record = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return ItemRecord.from_json(data)
+    except ValueError:  # no JSON, no UTF-8, or no record
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("path"), str) else None
 
 
 # ---------------------------------------------------------------------------- leases
@@ -689,18 +690,23 @@ def _record_keys(store: FileDestination) -> list[str]:
     return [entry.key for entry in _record_entries(store)]
 
 
-def _read_many(store: FileDestination, keys: list[str]) -> Iterator[dict[str, Any]]:
-    """The records at ``keys`` that exist and parse, a thousand at a time (a store with
-    latency reads each thousand many at once: :meth:`FileDestination.get_many`)."""
+def _read_many(store: FileDestination, keys: list[str]) -> Iterator[ItemRecord]:
+    """The records at ``keys`` that exist and parse (:func:`_get_many`)."""
+    for data in _get_many(store, keys):
+        record = _parse_record(data)
+        if record is not None:
+            yield record
+
+
+def _get_many(store: FileDestination, keys: list[str]) -> Iterator[bytes]:
+    """The objects at ``keys`` that exist, a thousand at a time (a store with latency reads each
+    thousand many at once: :meth:`FileDestination.get_many`)."""
     chunk = 1000
     for start in range(0, len(keys), chunk):
-        for data in store.get_many(keys[start : start + chunk]).values():
-            record = _parse_record(data)
-            if record is not None:
-                yield record
+        yield from store.get_many(keys[start : start + chunk]).values()
 
 
-def records_of(store: FileDestination, paths: Iterable[str]) -> dict[str, dict[str, Any]]:
+def records_of(store: FileDestination, paths: Iterable[str]) -> dict[str, ItemRecord]:
     """The stored records of these items (path → record; items without one are left out),
     read together: what a batch reads before its items are burned. With a snapshot attached
     (:func:`attach_snapshot`), a record the snapshot holds as stored costs no read."""
@@ -708,7 +714,7 @@ def records_of(store: FileDestination, paths: Iterable[str]) -> dict[str, dict[s
     found = {}
     for key, data in store.get_many(list(keys), store.snapshot).items():
         record = _parse_record(data)
-        if record is not None and record["path"] == keys[key]:
+        if record is not None and record.path == keys[key]:
             found[keys[key]] = record
     return found
 
@@ -781,12 +787,8 @@ SNAPSHOT_BYTES_PER_ITEM = 4096
 
 
 def _line_path(line: bytes) -> str | None:
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    path = record.get("path") if isinstance(record, dict) else None
-    return path if isinstance(path, str) else None
+    record = _parse_record(line)
+    return record.path if record is not None else None
 
 
 def current_records(
@@ -816,7 +818,7 @@ def current_records(
         spool.add(record)
     if not migrated and snapshot.exists():
         for _, _, record in iter_manifest(snapshot):
-            if record["path"] not in spool:
+            if record.path not in spool:
                 spool.add(record)
     snapshot.unlink(missing_ok=True)
     return spool
@@ -833,7 +835,7 @@ def _take_snapshot_lines(
     shows the tag those bytes get), but for records ``already`` taken; return the keys taken."""
     taken = set()
     for _, line, record in iter_manifest(lines):
-        key = record_key(record["path"])
+        key = record_key(record.path)
         tag = listed.get(key)
         if key in already or key in taken or tag is None:
             continue
@@ -854,7 +856,7 @@ def migrate(store: FileDestination, scratch: Path) -> int:
     if store.read_file(MANIFEST_KEY, legacy):
         for _, line, record in iter_manifest(legacy):
             line = line if line.endswith(b"\n") else line + b"\n"
-            created += store.create(record_key(record["path"]), line) is not None
+            created += store.create(record_key(record.path), line) is not None
         legacy.unlink()
     store.put(LAYOUT_KEY, f"{LAYOUT}\n".encode(), "text/plain", {})
     return created

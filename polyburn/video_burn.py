@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from polyburn.destinations import Destination
     from polyburn.destinations.base import OutputRecord
     from polyburn.params import MaskOptions
+    from polyburn.records import ItemRecord
 
 
 class VideoBurn:
@@ -68,7 +69,7 @@ class VideoBurn:
     def run(
         self,
         previous_keys: Sequence[str],
-        record: dict[str, Any],
+        record: ItemRecord,
         check_lease: Callable[[], None] | None = None,
         known: Mapping[str, tuple[str, int]] | None = None,
         preview: bool = False,
@@ -82,9 +83,9 @@ class VideoBurn:
         ``known`` is what the item's trusted record says is stored (see
         :meth:`~polyburn.destinations.Destination.publish_item`)."""
         video, destination = self.video, self.destination
-        record["repairs"] = [r.as_dict() for r in video.repairs + self.repairs]
-        record["shapes"] = 0
-        record["video"] = {
+        record.repairs = [r.as_dict() for r in video.repairs + self.repairs]
+        record.shapes = 0
+        record.video = {
             "tracks": len(video.tracks),
             "frame_count": video.frame_count,
             "frame_count_source": video.count_source,
@@ -96,22 +97,22 @@ class VideoBurn:
                 self._shapes([(t, k) for t in video.tracks if k < len(t.states)], record)
             return
         if not video.tracks:  # only boxes, points...: nothing to burn, no frame written
-            record.update(skipped_empty=True, outputs=[])
+            record.skipped_empty, record.outputs = True, []
             if previous_keys:
                 destination.remove(sorted(previous_keys))
             return
         retried = destination.retries_in_this_thread()
         outputs = self._publish_frames(record, check_lease, known, preview)
         if destination.retries_in_this_thread() > retried:
-            record["io_retries"] = destination.retries_in_this_thread() - retried
-        record["outputs"] = [o.as_dict() for o in outputs]
+            record.io_retries = destination.retries_in_this_thread() - retried
+        record.outputs = [o.as_dict() for o in outputs]
         stale = sorted(set(previous_keys) - {o.key for o in outputs})
         if stale:
             destination.remove(stale)
 
     def _publish_frames(
         self,
-        record: dict[str, Any],
+        record: ItemRecord,
         check_lease: Callable[[], None] | None,
         known: Mapping[str, tuple[str, int]] | None,
         preview: bool,
@@ -149,8 +150,8 @@ class VideoBurn:
             outputs += destination.publish_item(
                 frame_item, masks, options.format, self.palette, known
             )
-            if preview and not record.get("preview"):  # the first frame written
-                record["preview"] = self._preview(masks, frame)
+            if preview and not record.preview:  # the first frame written
+                record.preview = self._preview(masks, frame)
             if check_lease is not None:
                 check_lease()
         return outputs
@@ -165,9 +166,7 @@ class VideoBurn:
         except Exception:  # noqa: BLE001 - a preview never fails an item
             return {}
 
-    def _shapes(
-        self, states: list[tuple[Track, int]], record: dict[str, Any]
-    ) -> list[Shape | None]:
+    def _shapes(self, states: list[tuple[Track, int]], record: ItemRecord) -> list[Shape | None]:
         """The repaired shape of each (track, state index) (None when hidden or rejected),
         repaired together as one item; their repairs and rejections go into ``record`` with
         each state's frame."""
@@ -182,7 +181,7 @@ class VideoBurn:
             except AnnotationRejected as rejected:
                 rejected.problem.frame = state.frame
                 rejected.problem.label = state.label
-                record["problems"].append(rejected.problem.as_dict())
+                record.problems.append(rejected.problem.as_dict())
                 continue
             parsed.append((annotation, state.frame))
         if not parsed:
@@ -192,9 +191,9 @@ class VideoBurn:
         frame_of = {a.annotation_id: frame for a, frame in parsed}  # ids are unique per item
         for report in (*repairs, *problems):
             report.frame = frame_of.get(report.annotation_id)
-        record["repairs"] += [r.as_dict() for r in repairs]
-        record["problems"] += [p.as_dict() for p in problems]
-        record["shapes"] += len(shapes)
+        record.repairs += [r.as_dict() for r in repairs]
+        record.problems += [p.as_dict() for p in problems]
+        record.shapes += len(shapes)
         by_annotation = {id(s.annotation): s for s in shapes}
         shape_of = {a.index: by_annotation.get(id(a)) for a, _ in parsed}
         return [shape_of.get(track.head.index) for track, _ in states]

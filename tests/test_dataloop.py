@@ -365,7 +365,7 @@ def test_write_back_replaces_instead_of_duplicating(fake_gate, tmp_path, caplog)
     colours = source.labels()
     for ref in source.list_items():
         record = process_item(ref, source, local, MaskOptions(**options), label_map, colours)
-        assert record["status"] == "ok"
+        assert record.status == "ok"
         semantic = decode_mask((tmp_path / f"local/semantic/{ref.path}.png").read_bytes(), "png")
         instance = decode_mask((tmp_path / f"local/instance/{ref.path}.png").read_bytes(), "png")
         written = ours(fake_gate, ref.item_id)
@@ -486,15 +486,15 @@ def test_a_failed_upload_batch_rolls_back_and_keeps_the_previous_masks(fake_gate
     ref = next(source.list_items())
     semantic, instance = MaskOptions(modes=["semantic"]), MaskOptions(modes=["instance"])
 
-    assert process_item(ref, source, destination, semantic, {"dot": 1})["status"] == "ok"
+    assert process_item(ref, source, destination, semantic, {"dot": 1}).status == "ok"
     before = ours(fake_gate, item["id"])
     assert len(before) == 1
 
     uploads = rf"/items/{item['id']}/annotations$"
     fake_gate.inject(uploads, "http500", times=None, method="POST", after=1)
     record = process_item(ref, source, destination, instance, {"dot": 1})
-    assert record["status"] == "failed"
-    assert "upload 20 masks" in record["error"] and "gave up after 5 attempts" in record["error"]
+    assert record.status == "failed"
+    assert "upload 20 masks" in record.error and "gave up after 5 attempts" in record.error
     assert ours(fake_gate, item["id"]) == before  # first batch rolled back, old mask kept
     fake_gate.clear_faults()
 
@@ -507,16 +507,16 @@ def test_a_failed_upload_batch_rolls_back_and_keeps_the_previous_masks(fake_gate
 
     monkeypatch.setattr(api, "request", short_reply)
     record = process_item(ref, source, destination, instance, {"dot": 1})
-    assert record["status"] == "failed"
-    assert "Dataloop stored 99 of 100 masks" in record["error"]
+    assert record.status == "failed"
+    assert "Dataloop stored 99 of 100 masks" in record.error
     assert ours(fake_gate, item["id"]) == before
     monkeypatch.setattr(api, "request", real)
 
     record = process_item(ref, source, destination, instance, {"dot": 1})
-    assert record["status"] == "ok" and record["cleanup"] == [before[0]["id"]]
+    assert record.status == "ok" and record.cleanup == [before[0]["id"]]
     assert len(ours(fake_gate, item["id"])) == 121  # the old mask stays until its batch ends
     destination.finish_batch([record])
-    assert record["status"] == "ok" and "cleanup" not in record
+    assert record.status == "ok" and record.cleanup is None
     assert len(ours(fake_gate, item["id"])) == 120
 
 
@@ -544,7 +544,7 @@ def test_write_back_is_one_binary_annotation_per_object_carrying_its_object_id(f
     ref = next(source.list_items())
 
     record = process_item(ref, source, destination, MaskOptions(modes=["instance"]), label_map)
-    assert record["status"] == "ok" and record["repairs"] == []
+    assert record.status == "ok" and record.repairs == []
     human = theirs(fake_gate, item["id"])
     left, pole, right, sedan = human
     expected = {
@@ -566,7 +566,7 @@ def test_write_back_is_one_binary_annotation_per_object_carrying_its_object_id(f
         assert np.array_equal(mask, union), object_id
         assert marker["key"] == f"instance/{object_id}"
         assert marker["sourceAnnotations"] == [m["id"] for m in members]
-    assert [o["key"] for o in record["outputs"]] == [
+    assert [o["key"] for o in record.outputs] == [
         "instance/objects/2",
         "instance/objects/7",
         "instance/objects/8",
@@ -584,7 +584,7 @@ def test_another_dataset_receives_masks_by_filename(fake_gate):
         record = process_item(
             ref, source, destination, MaskOptions(), {"car": 1, "car.sedan": 2, "road": 3}
         )
-        assert record["status"] == "ok"
+        assert record.status == "ok"
     assert all(not ours(fake_gate, it["id"]) for it in items)
     assert all(ours(fake_gate, c["id"]) for c in copies)
     with pytest.raises(ConfigError, match="source is not a Dataloop dataset"):
@@ -837,13 +837,13 @@ def test_a_video_item_is_not_written_back_and_fails_with_one_line(fake_gate):
         ref.path: process_item(ref, source, destination, MaskOptions(), label_map)
         for ref in source.list_items()
     }
-    assert records["clips/drive"]["status"] == "failed"
-    assert records["clips/drive"]["error"].startswith(
+    assert records["clips/drive"].status == "failed"
+    assert records["clips/drive"].error.startswith(
         "clips/drive: video item: per-frame masks cannot be written back to Dataloop"
     )
-    assert "\n" not in records["clips/drive"]["error"]
+    assert "\n" not in records["clips/drive"].error
     assert ours(fake_gate, clip["id"]) == []
-    assert records["still"]["status"] == "ok" and len(ours(fake_gate, still["id"])) == 1
+    assert records["still"].status == "ok" and len(ours(fake_gate, still["id"])) == 1
 
 
 def test_a_video_read_through_dtlpy_burns_the_same_frames_as_its_export(fake_gate, tmp_path):
@@ -864,7 +864,7 @@ def test_a_video_read_through_dtlpy_burns_the_same_frames_as_its_export(fake_gat
         """Each output: a mask's bytes, an instance table's rows without the annotation ids
         (the gate gives items and annotations ids of its own)."""
         record = process_item(ref, source, LocalDestination(folder), options, label_map)
-        assert record["status"] == "ok", record["error"]
+        assert record.status == "ok", record.error
         outputs = {}
         for key in output_keys(record):
             data = (folder / key).read_bytes()

@@ -183,12 +183,12 @@ def test_replaced_masks_go_in_one_bulk_delete_and_a_partial_count_fails_its_item
 
     records = publish()
     destination.finish_batch(records)
-    assert all(r["status"] == "ok" and "cleanup" not in r for r in records)
-    first = {r["item"]: sorted(a["id"] for a in ours(fake_gate, r["item"])) for r in records}
+    assert all(r.status == "ok" and r.cleanup is None for r in records)
+    first = {r.item: sorted(a["id"] for a in ours(fake_gate, r.item)) for r in records}
 
     shift_polygons(fake_gate, ds)
     records = publish()
-    stale = {r["item"]: r["cleanup"] for r in records}
+    stale = {r.item: r.cleanup for r in records}
     assert all(stale[i] and set(stale[i]) <= set(first[i]) for i in stale)  # old ids only
     every = sorted(a for ids in stale.values() for a in ids)
     fake_gate.short_deletes(len(every) - 2)  # the server leaves the last 2 (and says so)
@@ -201,19 +201,19 @@ def test_replaced_masks_go_in_one_bulk_delete_and_a_partial_count_fails_its_item
     hit = {i for i, ids in stale.items() if set(ids) & set(every[-2:])}
     assert hit and len(hit) < len(records)
     for record in records:
-        assert "cleanup" not in record
-        if record["item"] in hit:
-            assert record["status"] == "failed"
-            assert "did not delete the masks it replaced" in record["error"]
-            assert record["error"].startswith(record["path"])
+        assert record.cleanup is None
+        if record.item in hit:
+            assert record.status == "failed"
+            assert "did not delete the masks it replaced" in record.error
+            assert record.error.startswith(record.path)
         else:
-            assert record["status"] == "ok"
+            assert record.status == "ok"
 
     records = publish()  # the next run removes what was left
     destination.finish_batch(records)
-    assert all(r["status"] == "ok" for r in records)
+    assert all(r.status == "ok" for r in records)
     for record in records:
-        keys = [a["metadata"]["user"]["polyburn"]["key"] for a in ours(fake_gate, record["item"])]
+        keys = [a["metadata"]["user"]["polyburn"]["key"] for a in ours(fake_gate, record.item)]
         assert len(keys) == len(set(keys)) > 0
 
 
@@ -230,7 +230,7 @@ def test_requests_in_flight_are_bounded_per_process(fake_gate, monkeypatch):
         records = process_items(refs, source, destination, MaskOptions(), LABELS, workers=1)
     finally:
         fake_gate.latency = 0.0
-    assert all(r["status"] == "ok" for r in records)
+    assert all(r.status == "ok" for r in records)
     assert len(fake_gate.requests_to(UPLOADS, "POST")) == len(refs)  # one upload per item
     assert 2 <= fake_gate.max_in_flight <= 3
     assert len(fake_gate.requests) == len(refs) + 1  # + the batch's annotation query
@@ -301,24 +301,24 @@ def test_an_item_read_ahead_is_read_again_when_another_run_stored_a_newer_versio
     destination = LocalDestination(tmp_path / "masks")
     options = MaskOptions(modes=["semantic"])
     fresh = process_item(ref, source, destination, options, LABELS)  # run B, reads it now
-    assert fresh["status"] == "ok"
+    assert fresh.status == "ok"
 
     fake_gate.clear_requests()
     late = process_item(ahead, source, destination, options, LABELS)  # run A, later
-    assert late["status"] == "ok" and late["revision"] == fresh["revision"]
+    assert late.status == "ok" and late.revision == fresh.revision
     assert fake_gate.requests_to(ITEM_GETS, "GET")  # it read the item again
     stored = read_record(destination.state, ref.path)  # the newest revision's outputs
-    assert stored["revision"] == fresh["revision"]
-    assert [dict(o, written=None) for o in stored["outputs"]] == [
-        dict(o, written=None) for o in fresh["outputs"]
+    assert stored.revision == fresh.revision
+    assert [dict(o, written=None) for o in stored.outputs] == [
+        dict(o, written=None) for o in fresh.outputs
     ]
-    assert [o["written"] for o in late["outputs"]] == [False] * len(fresh["outputs"])
+    assert [o["written"] for o in late.outputs] == [False] * len(fresh.outputs)
 
     other = LocalDestination(tmp_path / "other")
-    assert process_item(unchanged, source, other, options, LABELS)["status"] == "ok"
+    assert process_item(unchanged, source, other, options, LABELS).status == "ok"
     fake_gate.clear_requests()
     again = process_item(unchanged, source, other, options, LABELS)  # its own record: same run
-    assert again["status"] == "ok" and not fake_gate.requests
+    assert again.status == "ok" and not fake_gate.requests
 
 
 def test_an_item_its_batch_fails_after_publishing_has_a_failed_record(fake_gate):
@@ -330,16 +330,14 @@ def test_an_item_its_batch_fails_after_publishing_has_a_failed_record(fake_gate)
     write_label_map(destination, LABELS)
     options = MaskOptions(modes=["semantic"])
     refs = list(source.list_items())
-    assert all(
-        r["status"] == "ok" for r in process_items(refs, source, destination, options, LABELS)
-    )
+    assert all(r.status == "ok" for r in process_items(refs, source, destination, options, LABELS))
     shift_polygons(fake_gate, ds)
     fake_gate.short_deletes(2)  # the server deletes 2 of the replaced masks, leaves the rest
     records = process_items(list(source.list_items()), source, destination, options, LABELS)
-    failed = [r for r in records if r["status"] == "failed"]
-    assert failed and all("did not delete the masks it replaced" in r["error"] for r in failed)
+    failed = [r for r in records if r.status == "failed"]
+    assert failed and all("did not delete the masks it replaced" in r.error for r in failed)
     for record in records:
-        stored = read_record(destination.state, record["path"])
-        assert stored["status"] == record["status"]
-        assert stored.get("error") == record.get("error")
-    assert set(failed_marks(destination.state)) == {r["path"] for r in failed}
+        stored = read_record(destination.state, record.path)
+        assert stored.status == record.status
+        assert stored.error == record.error
+    assert set(failed_marks(destination.state)) == {r.path for r in failed}

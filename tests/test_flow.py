@@ -370,10 +370,10 @@ def test_instance_id_option_reaches_the_burn_workers(tmp_path, instance_id):
     records = parallel.process_items(
         list(source.list_items()), source, dest, options, {"car": 1}, workers=2
     )
-    assert [r["status"] for r in records] == ["ok"] * 3
+    assert [r.status for r in records] == ["ok"] * 3
     row = {"object": [40, 40, 40, 0, 40, 40, 40, 41], "shape": [1, 1, 1, 0, 2, 2, 2, 3]}
     for n in range(3):
         instance = decode_mask((tmp_path / f"masks/instance/img_{n}.png").read_bytes(), "png")
         assert (instance == row[instance_id]).all()
-    kinds = [[r["kind"] for r in record["repairs"]] for record in records]
+    kinds = [[r["kind"] for r in record.repairs] for record in records]
     assert kinds == ([["object_id_unusable"]] if instance_id == "object" else [[]]) * 3

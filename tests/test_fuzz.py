@@ -146,8 +146,8 @@ def test_corpus_of_past_failures(path, tmp_path):
     source = LocalSource(tmp_path)
     (ref,) = list(source.list_items())
     record = process_item(ref, source, None, MaskOptions(max_pixels=10**6), {})
-    assert record["status"] in ("ok", "failed")
-    assert record["error"] is None or "\n" not in record["error"]
+    assert record.status in ("ok", "failed")
+    assert record.error is None or "\n" not in record.error
 
 
 def test_deeply_nested_rings_are_rejected_not_recursed(tmp_path):

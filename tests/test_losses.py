@@ -18,6 +18,7 @@ from polyburn.cli import main
 from polyburn.losses import MAX_LISTED_LOSSES, RejectionLog
 from polyburn.manifest import RunCounts
 from polyburn.params import MaskOptions, RunParameters
+from polyburn.records import ItemRecord
 from polyburn.report import LISTED_LOSSES, failures_markdown, losses_text, write_json_summary
 
 HOSTILE_REJECTS = LISTED_LOSSES + 5  # more than a summary names
@@ -74,16 +75,16 @@ def _manifest(dest: Path) -> dict[str, dict]:
     return {record["path"]: record for record in map(json.loads, lines)}
 
 
-def _record(path: str, problems: int = 0, shapes: int = 1, **extra) -> dict:
+def _record(path: str, problems: int = 0, shapes: int = 1, **extra) -> ItemRecord:
     problem = {"annotation": "a", "field": "coordinates", "label": "car", "reason": "degenerate"}
-    return {
-        "path": path,
-        "status": "ok",
-        "error": None,
-        "shapes": shapes,
-        "problems": [dict(problem, annotation=f"{path}-{k}") for k in range(problems)],
+    return ItemRecord(
+        path,
+        status="ok",
+        error=None,
+        shapes=shapes,
+        problems=[dict(problem, annotation=f"{path}-{k}") for k in range(problems)],
         **extra,
-    }
+    )
 
 
 @pytest.mark.usefixtures("prefect_api")

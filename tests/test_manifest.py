@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tracemalloc
@@ -17,9 +18,10 @@ from polyburn.manifest import (
     iter_manifest,
     manifest_line,
 )
+from polyburn.records import ItemRecord
 
 
-def record(path: str, status: str = "ok", **extra) -> dict:
+def record(path: str, status: str = "ok", **extra) -> ItemRecord:
     base = {
         "item": f"id-{path}",
         "path": path,
@@ -32,7 +34,7 @@ def record(path: str, status: str = "ok", **extra) -> dict:
         "skipped": {"point": 1},
         "outputs": [{"key": f"semantic/{path}.png", "written": True}],
     }
-    return base | extra
+    return ItemRecord.from_dict(base | extra)
 
 
 def lines(path: Path) -> list[dict]:
@@ -47,7 +49,7 @@ def test_spool_writes_records_sorted_by_path_and_counts_them(tmp_path):
         manifest = spool.write_manifest(tmp_path / "m.jsonl")
         counts = spool.counts.as_dict(1.5)
     assert [r["path"] for r in lines(manifest)] == ["a/1", "b/2", "c"]
-    assert lines(manifest) == sorted(records, key=lambda r: r["path"])
+    assert lines(manifest) == sorted((r.to_dict() for r in records), key=lambda r: r["path"])
     assert counts["annotations"] == 9 and counts["shapes"] == 6 and counts["seconds"] == 1.5
     assert counts["items"] == 3 and counts["ok"] == 2 and counts["failed"] == 1
     assert counts["repairs_by_kind"] == {"clipped": 3, "made_valid": 3}
@@ -65,7 +67,7 @@ def test_a_record_added_again_replaces_the_first_in_manifest_and_counts(tmp_path
         spool.add(record("x", retries=1))
         manifest = spool.write_manifest(tmp_path / "m.jsonl")
         counts = spool.counts.as_dict(0)
-        assert len(spool) == 2 and spool.get("x")["status"] == "ok"
+        assert len(spool) == 2 and spool.get("x").status == "ok"
     assert [r["status"] for r in lines(manifest)] == ["ok", "ok"]
     assert counts["failed"] == 0 and counts["failures"] == [] and counts["items"] == 2
     assert counts["repairs"] == 4 and counts["item_retries"] == 1
@@ -74,7 +76,7 @@ def test_a_record_added_again_replaces_the_first_in_manifest_and_counts(tmp_path
 def test_torn_and_foreign_lines_of_a_manifest_are_skipped(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(manifest_line(record("a")) + b"not json\n[1, 2]\n{}\n" + b'{"path": "b"}')
-    assert [r["path"] for _, _, r in iter_manifest(path)] == ["a", "b"]
+    assert [r.path for _, _, r in iter_manifest(path)] == ["a", "b"]
 
 
 def test_failures_listed_are_capped_but_all_counted(tmp_path):
@@ -92,7 +94,7 @@ def test_spool_memory_does_not_hold_the_records(tmp_path):
     with RecordSpool(tmp_path) as spool:
         tracemalloc.start()
         for k in range(2000):
-            spool.add(big | {"path": f"{k:06d}"})
+            spool.add(dataclasses.replace(big, path=f"{k:06d}"))
         held, _ = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         size = spool._file.seek(0, os.SEEK_END)

@@ -179,9 +179,9 @@ def check_one_version(destination: LocalDestination, path: str, problems: list[s
         record = read_record(destination.state, path)
         if record is None:
             return
-        objects = {o["key"]: (destination.root / o["key"]).read_bytes() for o in record["outputs"]}
+        objects = {o["key"]: (destination.root / o["key"]).read_bytes() for o in record.outputs}
         try:
-            check_records_match_bytes([record], objects)
+            check_records_match_bytes([record.to_dict()], objects)
         except AssertionError as exc:
             problems.append(f"record and bytes differ: {exc}")
         ids = semantic_values(objects, path) - {0}
@@ -340,12 +340,12 @@ def test_batch_and_item_writers_of_one_item_never_mix_their_outputs(tmp_path):
     def by_batch() -> None:
         while time.monotonic() < stop:
             (record,) = process_items([ref0], versions[0], destination, options, label_map)
-            writes[0] += record["status"] == "ok"
+            writes[0] += record.status == "ok"
 
     def by_item() -> None:
         while time.monotonic() < stop:
             record = process_item(ref1, versions[1], destination, options, label_map)
-            writes[1] += record["status"] == "ok"
+            writes[1] += record.status == "ok"
 
     def check() -> None:
         while time.monotonic() < stop:
@@ -412,8 +412,8 @@ def test_a_writer_whose_lease_was_taken_over_stores_no_record(tmp_path, monkeypa
 
     monkeypatch.setattr(source, "load", stalled_load)
     record = process_item(ref, source, destination, MaskOptions(modes=MODES), label_map)
-    assert record["status"] == "failed" and record.get("transient")
-    assert "took the item over" in record["error"]
+    assert record.status == "failed" and record.transient
+    assert "took the item over" in record.error
     assert destination.state.get_tagged(record_key(ref.path)) is None
     assert destination.state.get_tagged(lease_key(ref.path))[0] == b'{"owner": "another run"}'
 
@@ -475,8 +475,8 @@ def test_two_writers_of_one_item_never_mix_their_outputs(tmp_path):
     def write(source, ref) -> None:
         while time.monotonic() < stop:
             record = process_item(ref, source, destination, options, label_map)
-            if record["status"] != "ok":
-                problems.append(record["error"])
+            if record.status != "ok":
+                problems.append(record.error)
 
     def check() -> None:
         while time.monotonic() < stop:

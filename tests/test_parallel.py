@@ -37,7 +37,7 @@ def test_workers_outlive_the_thread_that_started_them(tmp_path):
         time.sleep(1.0)  # a worker signalled when its spawning thread ended is gone by now
         second = batch()
         assert {process.pid for process in parallel._pool._processes.values()} == workers
-        assert len(refs) >= 4 and all(r["status"] == "ok" for r in first[0] + second)
+        assert len(refs) >= 4 and all(r.status == "ok" for r in first[0] + second)
     finally:
         if parallel._pool is not None:
             parallel._discard_pool(parallel._pool)

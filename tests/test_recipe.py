@@ -3,6 +3,7 @@ items it skips, and the items a run burns once more (with the run's own workers)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -81,18 +82,18 @@ def test_a_colour_change_reburns_only_the_items_with_that_label(export, tmp_path
     destination = LocalDestination(tmp_path / "masks")
     label_map = settle_label_map(destination.state, parallel.collect_labels(refs, source, 10**8))
     first = parallel.process_items(refs, source, destination, MaskOptions(), label_map)
-    assert first.unchanged == 0 and all(r["status"] == "ok" for r in first)
-    images = [r for r in first if "crossing" not in r["path"]]
-    assert all(r["recipe"] for r in images)
+    assert first.unchanged == 0 and all(r.status == "ok" for r in first)
+    images = [r for r in first if "crossing" not in r.path]
+    assert all(r.recipe for r in images)
 
     burned = _burned_paths(monkeypatch)
     again = parallel.process_items(refs, source, destination, MaskOptions(), label_map)
     assert again.unchanged == len(refs) and burned == []
-    assert [r["recipe"] for r in again] == [r["recipe"] for r in first]
-    assert all(not o["written"] for r in again for o in r["outputs"])
+    assert [r.recipe for r in again] == [r.recipe for r in first]
+    assert all(not o["written"] for r in again for o in r.outputs)
 
     label = "road"
-    carry = sorted(r["path"] for r in first if label in r["labels"])
+    carry = sorted(r.path for r in first if label in r.labels)
     assert 0 < len(carry) < len(refs)
     colours = {label: (1, 2, 3)}
     third = parallel.process_items(refs, source, destination, MaskOptions(), label_map, colours)
@@ -101,8 +102,8 @@ def test_a_colour_change_reburns_only_the_items_with_that_label(export, tmp_path
     assert third.unchanged == len(refs) - len(carry)
     # the re-burned items' records now hold the new digest
     for path in carry:
-        assert read_record(destination.state, path)["recipe"] != next(
-            r["recipe"] for r in first if r["path"] == path
+        assert read_record(destination.state, path).recipe != next(
+            r.recipe for r in first if r.path == path
         )
 
 
@@ -114,13 +115,12 @@ def test_verify_or_a_failed_record_burns_the_item_again(export, tmp_path, monkey
     label_map = settle_label_map(destination.state, parallel.collect_labels(refs, source, 10**8))
     parallel.process_items(refs, source, destination, MaskOptions(), label_map)
     stored = read_record(destination.state, refs[1].path)
-    failed = dict(stored, status="failed", error="x")
-    failed.pop("recipe")
+    failed = dataclasses.replace(stored, status="failed", error="x", recipe=None)
     write_record(destination.state, failed)  # as a failed run left it
     burned = _burned_paths(monkeypatch)
     records = parallel.process_items(refs, source, destination, MaskOptions(), label_map, None, 1)
     assert burned == [refs[1].path]  # the failed one
-    assert records.unchanged == 3 and records[1]["status"] == "ok"
+    assert records.unchanged == 3 and records[1].status == "ok"
     assert records.previews == {refs[0].path: {}}  # asked for one: nothing burned, no picture
     burned.clear()
     verify = MaskOptions(verify=True)
@@ -148,7 +148,7 @@ def test_a_full_run_after_one_new_label_burns_only_the_items_that_carry_it(
     assert second["cached_batches"] == 0 and second["failed"] == 0
     assert second["unchanged_items"] == second["items"] - 1
     assert burned == ["street/scene_002"]
-    assert "kiosk" in read_record(LocalDestination(destination).state, "street/scene_002")["labels"]
+    assert "kiosk" in read_record(LocalDestination(destination).state, "street/scene_002").labels
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -188,7 +188,7 @@ def test_the_watermark_moves_past_a_failed_item_which_every_later_run_tries_agai
 
     first = polygons_to_masks_params(params)
     assert (first["items"], first["failed"]) == (13, 1)
-    assert read_record(state, "street/scene_003")["status"] == "failed"
+    assert read_record(state, "street/scene_003").status == "failed"
     mark = Variable.get(name)
     assert mark is not None  # moved on although an item failed
 
@@ -201,5 +201,5 @@ def test_the_watermark_moves_past_a_failed_item_which_every_later_run_tries_agai
     item.write_text(good)
     third = polygons_to_masks_params(params)
     assert (third["items"], third["failed"]) == (1, 0)
-    assert read_record(state, "street/scene_003")["status"] == "ok"
+    assert read_record(state, "street/scene_003").status == "ok"
     assert polygons_to_masks_params(params)["items"] == 0  # its mark is gone with the failure

@@ -596,7 +596,7 @@ def test_hostile_item_names_stay_under_the_prefix(weed_server, s3_bucket, s3_env
         path: process_item(ItemRef("", path, path), source, destination, options, label_map)
         for path in hostile
     }
-    failed = {p: r["error"] for p, r in records.items() if r["status"] != "ok"}
+    failed = {p: r.error for p, r in records.items() if r.status != "ok"}
     assert set(failed) == {"./.", hostile[-1]}
     assert "item path has no file name" in failed["./."]
     assert "S3 allows 1024" in failed[hostile[-1]]
@@ -610,7 +610,7 @@ def test_hostile_item_names_stay_under_the_prefix(weed_server, s3_bucket, s3_env
         assert not {".", "..", ""} & set(parts), key
         assert not any(ord(c) < 0x20 or c in "\x7f\\" for c in key), key
         assert all(len(p.encode()) <= 255 for p in parts), key  # fits a file name
-    written = sum(len(r.get("outputs", [])) for r in records.values())
+    written = sum(len(r.outputs or []) for r in records.values())
     kept = [k for k in keys if k.startswith(f"{PREFIX}/.polyburn/records/")]
     assert len(kept) == len(records) - len(failed)  # a record per item that got one
     # canary + write-check + every output + the records, nothing else
@@ -815,7 +815,7 @@ def test_the_dataset_command_assembles_the_same_files_on_s3_as_in_a_folder(
     for destination in (S3Destination.from_uri(uri), LocalDestination(tmp_path / "local")):
         write_label_map(destination, label_map)
         for ref in refs:
-            assert process_item(ref, source, destination, options, label_map)["status"] == "ok"
+            assert process_item(ref, source, destination, options, label_map).status == "ok"
     assert main(["dataset", uri]) == 0
     assert main(["dataset", str(tmp_path / "local")]) == 0
     on_s3 = {

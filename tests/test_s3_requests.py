@@ -8,6 +8,7 @@ core of the burn task, in this process, so the destination's in-flight window ca
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import threading
@@ -23,6 +24,7 @@ from polyburn.manifest import manifest_line
 from polyburn.parallel import process_items
 from polyburn.params import MaskOptions
 from polyburn.pipeline import scan_labels
+from polyburn.records import ItemRecord
 from polyburn.sources import open_source
 from polyburn.state import (
     CLAIMS,
@@ -64,14 +66,14 @@ def requests_by_kind(proxy, bucket: str) -> dict[str, int]:
     return counts
 
 
-def check_stored_matches_records(weed_server, bucket: str, records: list[dict]) -> None:
+def check_stored_matches_records(weed_server, bucket: str, records: list[ItemRecord]) -> None:
     objects = stored(weed_server, bucket)
     masks = {k for k in objects if k.startswith("semantic/")}
-    assert masks == {o["key"] for r in records for o in r["outputs"]}  # nothing lost or extra
+    assert masks == {o["key"] for r in records for o in r.outputs}  # nothing lost or extra
     for record in records:
-        stored_record = json.loads(objects[f"{RECORDS}{record['path']}.json"])
-        assert stored_record["outputs"] == record["outputs"]
-        for output in record["outputs"]:
+        stored_record = json.loads(objects[f"{RECORDS}{record.path}.json"])
+        assert stored_record["outputs"] == record.outputs
+        for output in record.outputs:
             assert hashlib.sha256(objects[output["key"]]).hexdigest() == output["sha256"]
 
 
@@ -87,7 +89,7 @@ def test_a_batch_costs_two_requests_per_item_and_a_rerun_writes_nothing(
 
     fault_proxy.clear()
     records = process_items(refs, source, destination, OPTIONS, label_map)
-    assert all(r["status"] == "ok" for r in records)
+    assert all(r.status == "ok" for r in records)
     counts = requests_by_kind(fault_proxy, s3_bucket)
     assert counts.pop("PUT semantic") == ITEMS and counts.pop("PUT records") == ITEMS
     assert sum(counts.values()) <= 8, counts  # the claim and one listing of the records
@@ -96,7 +98,7 @@ def test_a_batch_costs_two_requests_per_item_and_a_rerun_writes_nothing(
 
     fault_proxy.clear()
     again = process_items(refs, source, destination, OPTIONS, label_map)
-    assert all(r["status"] == "ok" and not r["outputs"][0]["written"] for r in again)
+    assert all(r.status == "ok" and not r.outputs[0]["written"] for r in again)
     counts = requests_by_kind(fault_proxy, s3_bucket)
     assert "PUT semantic" not in counts and "HEAD semantic" not in counts
     assert counts["GET records"] == ITEMS  # read together, before the items were burned
@@ -105,7 +107,7 @@ def test_a_batch_costs_two_requests_per_item_and_a_rerun_writes_nothing(
     fault_proxy.clear()
     verify = MaskOptions(modes=["semantic"], verify=True)
     verified = process_items(refs, source, destination, verify, label_map)
-    assert all(not r["outputs"][0]["written"] for r in verified)
+    assert all(not r.outputs[0]["written"] for r in verified)
     counts = requests_by_kind(fault_proxy, s3_bucket)
     assert counts["HEAD semantic"] == ITEMS and "PUT semantic" not in counts
     assert destination.state.entries(CLAIMS) == []
@@ -124,7 +126,7 @@ def test_throttling_and_resets_shrink_the_requests_in_flight_and_lose_nothing(
     throttled = fault_proxy.add("http503", times=10, match=r"^PUT .*/semantic/")
     reset = fault_proxy.add("reset", times=4, match=r"^PUT .*/semantic/")
     records = process_items(refs, source, destination, OPTIONS, label_map)
-    assert all(r["status"] == "ok" for r in records), [r["error"] for r in records]
+    assert all(r.status == "ok" for r in records), [r.error for r in records]
     assert throttled.hits == 10 and reset.hits == 4
     mask_puts = [k for k in proxied(fault_proxy, "PUT", s3_bucket) if k.startswith("semantic/")]
     assert len(mask_puts) == ITEMS + 14
@@ -166,7 +168,7 @@ def test_a_snapshot_reads_only_the_records_written_since_the_last_one(
     process_items(edited, source, destination, OPTIONS, label_map)
     fault_proxy.clear()
     with current_records(destination.state, tmp_path) as spool:
-        lines = [json.dumps(r, sort_keys=True) for r in spool.records()]
+        lines = [json.dumps(r.to_dict(), sort_keys=True) for r in spool.records()]
     read = [k for k in proxied(fault_proxy, "GET", s3_bucket) if k.startswith(RECORDS)]
     assert sorted(read) == sorted(f"{RECORDS}{ref.path}.json" for ref in refs[3:5])
     objects = stored(weed_server, s3_bucket)
@@ -245,7 +247,7 @@ def test_each_burn_process_opens_the_destination_once_for_all_its_threads(
     source, refs, destination, label_map = open_batch(export, s3_bucket)
     fault_proxy.clear()
     records = process_items(refs, source, destination, OPTIONS, label_map, workers=2)
-    assert all(r["status"] == "ok" for r in records)
+    assert all(r.status == "ok" for r in records)
     checks = [k for k in proxied(fault_proxy, "PUT", s3_bucket) if k == ".polyburn/write-check"]
     assert 1 <= len(checks) <= 2
 
@@ -283,7 +285,7 @@ def test_a_rerun_takes_the_records_the_snapshot_holds_and_reads_only_the_others(
     source, refs, destination, label_map = open_batch(export, s3_bucket)
     first = process_items(refs, source, destination, OPTIONS, label_map)
     write_snapshot(destination.state, tmp_path)
-    changed = dict(first[3], retries=1)  # stored again since the snapshot: other bytes
+    changed = dataclasses.replace(first[3], retries=1)  # stored since the snapshot: other bytes
     write_record(destination.state, changed)
 
     fault_proxy.clear()
@@ -294,6 +296,6 @@ def test_a_rerun_takes_the_records_the_snapshot_holds_and_reads_only_the_others(
     assert counts.pop("GET records") == 1 and counts.pop("GET manifest.jsonl") == 1
     assert not any(kind.startswith(("PUT semantic", "PUT records")) for kind in counts)
     assert len(fault_proxy.seen) <= 0.2 * ITEMS, counts
-    assert [r["outputs"] for r in again] == [
-        [dict(o, written=False) for o in r["outputs"]] for r in first
+    assert [r.outputs for r in again] == [
+        [dict(o, written=False) for o in r.outputs] for r in first
     ]

@@ -57,12 +57,12 @@ def test_records_and_manifest_lines_name_the_version_and_older_records_are_still
     labels = {label: k for k, label in enumerate(sorted(found), 1)}
     for path in ("street/scene_001", "street/scene_002", "clips/crossing_001"):
         record = process_item(refs[path], source, destination, options, labels)
-        assert record["status"] == "ok", record["error"]
-        assert record["polyburn_version"] == DECLARED
-        assert read_record(destination.state, path)["polyburn_version"] == DECLARED
+        assert record.status == "ok", record.error
+        assert record.polyburn_version == DECLARED
+        assert read_record(destination.state, path).polyburn_version == DECLARED
     # a record as polyburn 0.1.0 stored it: no version field, and none is made up for it
-    older = dict(read_record(destination.state, "street/scene_002"))
-    del older["polyburn_version"]
+    older = read_record(destination.state, "street/scene_002")
+    older.polyburn_version = None
     write_record(destination.state, older)
 
     assert main(["manifest", str(dest)]) == 0

@@ -119,7 +119,7 @@ def test_states_hold_between_snapshots_hide_reappear_and_end_inclusively(tmp_pat
     person = track("b", ring(20, 10, 30, 20), frame=2, end=4, label="person", oid=5)
     record = burn(tmp_path, {"clips/v": video([car, person])})["clips/v"]
     root = tmp_path / "masks"
-    assert record["status"] == "ok" and record["problems"] == []
+    assert record.status == "ok" and record.problems == []
     assert frames_written(root) == list(range(0, 10))  # span: first frame 0 .. endFrame 9
     want_car = {f: box(0, 0, 8, 8) for f in (0, 1, 2)}
     want_car |= {f: box(4, 4, 12, 12) for f in (3, 4)}  # held from frame 3
@@ -137,7 +137,7 @@ def test_states_hold_between_snapshots_hide_reappear_and_end_inclusively(tmp_pat
         assert (instance[semantic == 2] == 5).all(), f
     assert (root / "binary/truck/clips/v/000007.png").exists()
     assert not (root / "binary/truck/clips/v/000006.png").exists()
-    assert record["video"] == {
+    assert record.video == {
         "tracks": 2,
         "frame_count": None,
         "frame_count_source": None,
@@ -154,7 +154,7 @@ def test_frames_all_writes_every_frame_and_a_rerun_with_span_removes_the_extra_o
     assert len(output_keys(first)) == 8 * 3 + 3  # semantic, instance png + json; car in 3..5
     second = burn(tmp_path, {"clips/v": item}, frames="span")["clips/v"]
     assert frames_written(root) == [3, 4, 5]
-    assert {o["key"] for o in second["outputs"]} <= set(output_keys(first))
+    assert {o["key"] for o in second.outputs} <= set(output_keys(first))
 
 
 @pytest.mark.parametrize(
@@ -195,9 +195,7 @@ def test_instance_ids_are_numbered_once_per_video(tmp_path):
             for annotation in row["annotations"]:
                 seen.setdefault(annotation, set()).add(row["id"])
     assert seen == {"big": {40}, "none": {41}, "bad": {42}, "p1": {9}, "p2": {9}}
-    assert [(r["kind"], r["annotation"]) for r in record["repairs"]] == [
-        ("object_id_unusable", "bad")
-    ]
+    assert [(r["kind"], r["annotation"]) for r in record.repairs] == [("object_id_unusable", "bad")]
 
 
 def test_per_frame_masks_equal_the_oracles_frames_burned_as_images(tmp_path):
@@ -209,7 +207,7 @@ def test_per_frame_masks_equal_the_oracles_frames_burned_as_images(tmp_path):
     frames = {
         p: i for p, i in load_export(EXAMPLES / "export", frames=True).items() if "clips/" in p
     }
-    assert len(frames) == 16 and record["video"]["frames"] == [0, 15]
+    assert len(frames) == 16 and record.video["frames"] == [0, 15]
     for path, image in frames.items():
         assert (mask(root, f"semantic/{path}.png") == expected_semantic(image, LABELS)).all(), path
         expected, members = expected_instance(image)
@@ -224,8 +222,8 @@ def test_a_box_only_video_writes_nothing_and_counts_as_skipped(tmp_path):
         {**track("p1", [{"x": 1, "y": 1}], end=30), "type": "point"},
     ]
     record = burn(tmp_path, {"clips/v": video(boxes)})["clips/v"]
-    assert record["status"] == "ok" and record["skipped_empty"] is True
-    assert record["outputs"] == [] and record["skipped"] == {"box": 1, "point": 1}
+    assert record.status == "ok" and record.skipped_empty is True
+    assert record.outputs == [] and record.skipped == {"box": 1, "point": 1}
     assert not (tmp_path / "masks" / "semantic").exists()
 
 
@@ -254,8 +252,8 @@ def test_hostile_frame_data_is_reported_per_annotation_and_never_crashes(tmp_pat
         track("e", ring(24, 8, 28, 12), frame=1, end=-3),  # negative endFrame
     ]
     record = burn(tmp_path, {"clips/v": video(annotations, nb_frames=12)})["clips/v"]
-    assert record["status"] == "ok", record["error"]
-    problems = {(p["annotation"], p.get("frame"), p["reason"]) for p in record["problems"]}
+    assert record.status == "ok", record.error
+    problems = {(p["annotation"], p.get("frame"), p["reason"]) for p in record.problems}
     reasons = " | ".join(sorted(r for _, _, r in problems))
     for text in ("frame -4 is negative", "is beyond the video's last frame 11", "2.5", "'3'"):
         assert text in reasons
@@ -263,7 +261,7 @@ def test_hostile_frame_data_is_reported_per_annotation_and_never_crashes(tmp_pat
     lines = [rejection_line(r) for r in rejections_of(record)]
     assert any(line.startswith("clips/v annotation a (car) frame 4 [") for line in lines)
     assert any(a == "b" and "first frame 'x'" in r for a, _, r in problems)
-    kinds = {(r["kind"], r["annotation"]) for r in record["repairs"]}
+    kinds = {(r["kind"], r["annotation"]) for r in record.repairs}
     assert kinds >= {
         ("snapshots_unordered", "a"),
         ("duplicate_snapshot", "a"),
@@ -359,8 +357,8 @@ def test_a_video_asked_for_a_preview_shows_its_first_written_frame(tmp_path):
     masks = tmp_path / "masks"
     options = MaskOptions(modes=MODES)
     record = process_item(ref, source, LocalDestination(masks), options, LABELS, preview=True)
-    preview = record["preview"]
-    assert record["status"] == "ok" and frames_written(masks, path="v")[0] == 3
+    preview = record.preview
+    assert record.status == "ok" and frames_written(masks, path="v")[0] == 3
     assert preview["frame"] == 3
 
     def picture(data: str, scale: int) -> np.ndarray:
@@ -405,10 +403,10 @@ def test_validate_reports_every_state_without_writing(tmp_path):
     source = LocalSource(tmp_path / "export")
     (ref,) = source.list_items()
     record = process_item(ref, source, None, MaskOptions(), LABELS)
-    assert record["status"] == "ok" and "outputs" not in record
-    assert [(p["annotation"], p["frame"]) for p in record["problems"]] == [("a", 3)]
-    assert [(r["kind"], r["frame"]) for r in record["repairs"]] == [("clipped", 6)]
-    assert record["shapes"] == 2
+    assert record.status == "ok" and "outputs" not in record.to_dict()
+    assert [(p["annotation"], p["frame"]) for p in record.problems] == [("a", 3)]
+    assert [(r["kind"], r["frame"]) for r in record.repairs] == [("clipped", 6)]
+    assert record.shapes == 2
 
 
 def test_the_frames_choice_reaches_the_burn_jobs_the_cache_key_and_the_cli(tmp_path):
@@ -424,7 +422,7 @@ def test_the_frames_choice_reaches_the_burn_jobs_the_cache_key_and_the_cli(tmp_p
     source, destination = LocalSource(tmp_path / "export"), LocalDestination(tmp_path / "m")
     options = MaskOptions(frames="all")
     (record,) = process_items(list(source.list_items()), source, destination, options, LABELS)
-    assert record["video"]["frames"] == [0, 5]
+    assert record.video["frames"] == [0, 5]
     assert frames_written(tmp_path / "m", path="v") == list(range(6))
 
     def key(options: MaskOptions) -> str | None:
@@ -444,7 +442,7 @@ def test_a_video_stops_when_another_run_took_its_lease_over(tmp_path, monkeypatc
     from polyburn.state import ItemLease, lease_key
 
     record = burn(tmp_path, {"clips/v": video([track("a", ring(0, 0, 8, 8), end=5)])})["clips/v"]
-    assert record["status"] == "ok" and frames_written(tmp_path / "masks") == list(range(6))
+    assert record.status == "ok" and frames_written(tmp_path / "masks") == list(range(6))
     assert not (tmp_path / "masks" / lease_key("clips/v")).exists()  # released at the end
 
     monkeypatch.setenv("POLYBURN_LEASE_SECONDS", "0.3")

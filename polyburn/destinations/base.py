@@ -14,6 +14,7 @@ from polyburn.formats import in_order
 from polyburn.keys import safe_relpath
 from polyburn.masks import ItemMasks
 from polyburn.model import Item
+from polyburn.records import ItemRecord
 
 KnownBytes = Callable[[str, str], "bytes | None"]
 """``known(key, tag)``: the bytes of ``key`` when they are known for that stored tag, else None."""
@@ -111,12 +112,13 @@ class Destination(ABC):
     def take_cleanup(self, path: str) -> Any:
         """Work :meth:`publish_item` left for :meth:`finish_batch` for the item at ``path``
         (popped; None when there is none). :func:`~polyburn.pipeline.process_item` puts it in the
-        item's record as ``cleanup``, so it reaches the process that runs the batch."""
+        item's record as ``cleanup`` (never stored), so it reaches the process that runs the
+        batch."""
         return None
 
-    def finish_batch(self, records: list[dict[str, Any]]) -> None:  # noqa: B027 - optional
+    def finish_batch(self, records: list[ItemRecord]) -> None:  # noqa: B027 - optional
         """After every item of a batch was published: do the ``cleanup`` the records carry (and
-        remove that field); an item whose cleanup failed gets ``status`` "failed"."""
+        clear it); an item whose cleanup failed gets ``status`` "failed"."""
 
     def recover(self) -> None:  # noqa: B027 - optional for destinations
         """Clean up what a killed earlier run left behind (temp files, unfinished uploads)."""

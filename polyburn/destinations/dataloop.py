@@ -75,6 +75,7 @@ from polyburn.keys import safe_relpath, safe_segment
 from polyburn.labels import parse_label_map
 from polyburn.masks import ItemMasks
 from polyburn.model import Item
+from polyburn.records import ItemRecord
 from polyburn.sources.dataloop import DEFAULT_COLOUR, get_dataset, parse_dataset_uri
 
 log = logging.getLogger("polyburn.dataloop")
@@ -82,7 +83,6 @@ log = logging.getLogger("polyburn.dataloop")
 TOOL = "polyburn"
 UPLOAD_BATCH = 100
 DELETE_BATCH = 1000  # ids in one bulk delete
-CLEANUP = "cleanup"  # the record field carrying replaced annotation ids to finish_batch
 
 
 @dataclass
@@ -179,15 +179,16 @@ class DataloopDestination(Destination):
         with self._cleanup_lock:
             return self._cleanup.pop(path, None)
 
-    def finish_batch(self, records: list[dict[str, Any]]) -> None:
+    def finish_batch(self, records: list[ItemRecord]) -> None:
         """Delete the replaced annotations the records carry (``cleanup``), one bulk delete per
         :data:`DELETE_BATCH` ids; an item whose old annotations are not all gone fails (its
         new masks stay; the next run removes the old ones)."""
-        owners: dict[str, dict[str, Any]] = {}
+        owners: dict[str, ItemRecord] = {}
         for record in records:
-            for annotation_id in record.pop(CLEANUP, None) or ():
+            for annotation_id in record.cleanup or ():
                 owners[annotation_id] = record
-        failed: dict[int, tuple[dict[str, Any], str, bool]] = {}
+            record.cleanup = None
+        failed: dict[int, tuple[ItemRecord, str, bool]] = {}
         ids = sorted(owners)
         for start in range(0, len(ids), DELETE_BATCH):
             chunk = ids[start : start + DELETE_BATCH]
@@ -200,13 +201,13 @@ class DataloopDestination(Destination):
                 record = owners[annotation_id]
                 failed.setdefault(id(record), (record, reason, transient))
         for record, reason, transient in failed.values():
-            record.update(
-                status="failed",
-                error=f"{record.get('path')}: Dataloop did not delete the masks it replaced "
-                f"({reason}); the next run removes them",
+            record.status = "failed"
+            record.error = (
+                f"{record.path}: Dataloop did not delete the masks it replaced ({reason}); the "
+                "next run removes them"
             )
             if transient:
-                record["transient"] = True
+                record.transient = True
 
     def _bulk_delete(self, ids: list[str]) -> list[str]:
         """Delete polyburn's annotations ``ids`` in one query; returns the ids still there."""

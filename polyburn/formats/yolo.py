@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import shapely
@@ -37,6 +37,7 @@ from polyburn.model import Item, Shape
 if TYPE_CHECKING:
     from polyburn.destinations.base import FileDestination
     from polyburn.manifest import RecordSpool
+    from polyburn.records import ItemRecord
 
 __all__ = [
     "DECIMALS",
@@ -482,7 +483,7 @@ class Yolo(OutputFormat):
                 for s in counts
             }
             for record in spool.records():
-                images = _images(record) if record.get("status") == "ok" else []
+                images = _images(record) if record.ok else []
                 any_labels = any_labels or bool(images)
                 split = _SPLIT_OF.get(subset_of(record))
                 if split:
@@ -502,13 +503,13 @@ class Yolo(OutputFormat):
         return {f"yolo/{split}.txt": n for split, n in counts.items()}
 
 
-def _images(record: Mapping[str, Any]) -> list[str]:
+def _images(record: ItemRecord) -> list[str]:
     """The image paths (under ``yolo/images/``) of the label files a record lists: the item's
     file's extension for an image item, ``.jpg`` for a video's frames (``ffmpeg`` names them
     ``<frame:06d>.jpg``, :func:`polyburn.coco.frame_image`)."""
-    keys = [o["key"] for o in record.get("outputs", []) if str(o.get("key", "")).startswith(LABELS)]
-    suffix = PurePosixPath(str(record.get("file_name") or "")).suffix or ".jpg"
-    frames = record.get("video") is not None
+    keys = [o["key"] for o in record.outputs or () if str(o.get("key", "")).startswith(LABELS)]
+    suffix = PurePosixPath(str(record.file_name or "")).suffix or ".jpg"
+    frames = record.video is not None
     return [key[len(LABELS) : -len(".txt")] + (".jpg" if frames else suffix) for key in keys]
 
 
