@@ -51,8 +51,8 @@ per item by method and by what they touch (mask, record, lease, list, ...) for t
 the re-run, plus the marginal requests per item, and peak RSS, and where the 2 cores went:
 the marginal CPU milliseconds per item of the measured process, of the S3 server, of the Prefect
 server and of the latency proxy (``marginal_cpu_ms_per_item``; read from ``/proc`` around each
-run), which tells a run bound by the round trip from one bound by CPU that the harness shares. Results go to
-``bench/results/<--name>.json`` (default ``s3_latency``).
+run), which tells a run bound by the round trip from one bound by CPU that the harness shares.
+Results go to ``bench/results/<--name>.json`` (default ``s3_latency``).
 
 awscli pins botocore exactly, so it never goes into the project's venv: by default this script
 creates ``bench/.awscli-venv`` (``python -m venv`` + ``pip install awscli``, about 15 s, once;
