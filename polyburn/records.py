@@ -219,16 +219,33 @@ class RunSummary:
     shards: list[dict[str, Any]] | None = None
     removed_items: list[str] | None = None
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunSummary:
+        """The summary :meth:`as_dict` gave (the flow's result): a field whose key is absent
+        keeps its default (the run-level ones None), keys this polyburn does not know are
+        left out. ``from_dict(s.as_dict()).as_dict() == s.as_dict()``."""
+        return cls(**{k: v for k, v in data.items() if k in _SUMMARY_FIELDS})
+
     def as_dict(self) -> dict[str, Any]:
         """The summary as JSON-ready data; run-level fields left unset are left out."""
-        summary = asdict(self)
-        for optional in ("label_map", "retries", "cached_batches", "unchanged_items"):
-            if summary[optional] is None:
-                del summary[optional]
-        for optional in ("polyburn_version", "shards", "removed_items"):
-            if summary[optional] is None:
-                del summary[optional]
-        return summary
+        data = asdict(self)
+        for name in _RUN_LEVEL:
+            if getattr(self, name) is None:
+                del data[name]
+        return data
+
+
+_SUMMARY_FIELDS = frozenset(f.name for f in fields(RunSummary))
+_RUN_LEVEL = (
+    "label_map",
+    "retries",
+    "cached_batches",
+    "unchanged_items",
+    "polyburn_version",
+    "shards",
+    "removed_items",
+)
+"""The fields of a :class:`RunSummary` that :meth:`~RunSummary.as_dict` leaves out when None."""
 
 
 @dataclass
