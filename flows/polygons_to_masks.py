@@ -628,7 +628,7 @@ def _remove_vanished(destination, params: RunParameters, refs: list[ItemRef]) ->
 def _report(summary: RunSummary, params: RunParameters, tally: RunTally, logger) -> None:
     """The run's artifacts (summary table, failures, previews) and log lines."""
     previews = [tally.previews[p] for p in sorted(tally.previews)]
-    _publish_artifacts(summary.as_dict(), params, previews)
+    _publish_artifacts(summary, params, previews)
     logger.info(
         "%d items: %d ok, %d failed; %d annotations, %d repairs, %d rejected; %d batches "
         "cached, %d items unchanged",
@@ -739,7 +739,7 @@ def _burn_again(
     return again
 
 
-def _publish_artifacts(summary: dict, params: RunParameters, previews) -> None:
+def _publish_artifacts(summary: RunSummary, params: RunParameters, previews) -> None:
     manifest = f"{params.destination.rstrip('/')}/{MANIFEST_KEY}"
     create_table_artifact(
         key="polyburn-summary", table=summary_table(summary), description="Run counts"

@@ -14,6 +14,7 @@ from PIL import Image
 
 if TYPE_CHECKING:
     from polyburn.masks import ItemMasks
+    from polyburn.records import RunSummary
 
 PREVIEW_WIDTH = 320
 LISTED_LOSSES = 20
@@ -21,29 +22,35 @@ LISTED_LOSSES = 20
 counted, and all of them are in the manifest."""
 
 
-def summary_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Rows of (metric, value) for a Prefect table artifact."""
+def summary_table(summary: RunSummary) -> list[dict[str, Any]]:
+    """Rows of (metric, value) for a Prefect table artifact; a run-level count the run did not
+    have shows 0 (the version: empty)."""
     rows = [
-        ("items", summary["items"]),
-        ("items ok", summary["ok"]),
-        ("items failed", summary["failed"]),
-        ("annotations", summary["annotations"]),
-        ("shapes burned", summary["shapes"]),
-        ("repairs", summary["repairs"]),
-        *((f"repairs: {kind}", n) for kind, n in summary["repairs_by_kind"].items()),
-        ("annotations rejected", summary["rejected"]),
-        ("items with nothing to burn", summary.get("empty_items", 0)),
-        ("items left without masks (skip_empty)", summary.get("empty_items_skipped", 0)),
-        *((f"skipped: {kind}", n) for kind, n in summary["skipped_by_type"].items()),
-        ("files written", summary["outputs_written"]),
-        ("batches from cache", summary.get("cached_batches", 0)),
-        ("task retries", summary.get("retries", 0)),
-        ("item retries (transient errors)", summary.get("item_retries", 0)),
-        ("client retries (destination requests)", summary.get("io_retries", 0)),
-        ("duration (s)", summary["seconds"]),
-        ("polyburn version", summary.get("polyburn_version", "")),
+        ("items", summary.items),
+        ("items ok", summary.ok),
+        ("items failed", summary.failed),
+        ("annotations", summary.annotations),
+        ("shapes burned", summary.shapes),
+        ("repairs", summary.repairs),
+        *((f"repairs: {kind}", n) for kind, n in summary.repairs_by_kind.items()),
+        ("annotations rejected", summary.rejected),
+        ("items with nothing to burn", summary.empty_items),
+        ("items left without masks (skip_empty)", summary.empty_items_skipped),
+        *((f"skipped: {kind}", n) for kind, n in summary.skipped_by_type.items()),
+        ("files written", summary.outputs_written),
+        ("batches from cache", _or(summary.cached_batches, 0)),
+        ("task retries", _or(summary.retries, 0)),
+        ("item retries (transient errors)", summary.item_retries),
+        ("client retries (destination requests)", summary.io_retries),
+        ("duration (s)", summary.seconds),
+        ("polyburn version", _or(summary.polyburn_version, "")),
     ]
     return [{"metric": metric, "value": value} for metric, value in rows]
+
+
+def _or(value: Any, unset: Any) -> Any:
+    """``value``, or ``unset`` when it is None (a run-level field the run did not set)."""
+    return unset if value is None else value
 
 
 def at_frame(entry: Mapping[str, Any]) -> str:
@@ -71,19 +78,19 @@ def empty_line(entry: Mapping[str, Any]) -> str:
     return f"{entry['path']} ({', '.join(had) or 'no annotation'})"
 
 
-def losses_text(summary: Mapping[str, Any], manifest: str, limit: int = LISTED_LOSSES) -> list[str]:
+def losses_text(summary: RunSummary, manifest: str, limit: int = LISTED_LOSSES) -> list[str]:
     """The summary's lines naming each rejected annotation (the first ``limit``, then how many
     more) and the items with nothing to burn (the first ``limit``)."""
-    lines = [f"REJECTED {rejection_line(r)}" for r in summary["rejections"][:limit]]
-    more = summary["rejected"] - min(limit, len(summary["rejections"]))
+    lines = [f"REJECTED {rejection_line(r)}" for r in summary.rejections[:limit]]
+    more = summary.rejected - min(limit, len(summary.rejections))
     if more > 0:
         lines.append(f"... and {more} more rejected annotations, see the manifest {manifest}")
-    empty = summary.get("empty_items", 0)
+    empty = summary.empty_items
     if empty:
-        names = ", ".join(empty_line(e) for e in summary["empty"][:limit])
-        rest = empty - min(limit, len(summary["empty"]))
+        names = ", ".join(empty_line(e) for e in summary.empty[:limit])
+        rest = empty - min(limit, len(summary.empty))
         tail = f" and {rest} more" if rest > 0 else ""
-        skipped = summary.get("empty_items_skipped", 0)
+        skipped = summary.empty_items_skipped
         if not skipped:
             what = "all-background masks written; --skip-empty leaves them out"
         elif skipped >= empty:
@@ -95,18 +102,18 @@ def losses_text(summary: Mapping[str, Any], manifest: str, limit: int = LISTED_L
 
 
 def failures_markdown(
-    summary: Mapping[str, Any], manifest: str, limit: int = 200, listed: int = LISTED_LOSSES
+    summary: RunSummary, manifest: str, limit: int = 200, listed: int = LISTED_LOSSES
 ) -> str:
     """A markdown report of failed items with their one-line reasons, every rejected annotation
     (the first ``listed``, then how many more) and the items with nothing to burn, linking the
     manifest."""
     lines = [
-        f"# polyburn: {summary['ok']} ok, {summary['failed']} failed of {summary['items']} items",
+        f"# polyburn: {summary.ok} ok, {summary.failed} failed of {summary.items} items",
         "",
         f"Manifest (every item, repair and rejection): `{manifest}`",
         "",
     ]
-    failures = summary["failures"]
+    failures = summary.failures
     if not failures:
         lines.append("No item failed.")
     else:
@@ -115,22 +122,22 @@ def failures_markdown(
             lines.append(f"| `{failure['path']}` | {_cell(failure['error'])} |")
         if len(failures) > limit:
             lines.append(f"\n… and {len(failures) - limit} more in the manifest.")
-    lines += ["", f"## Rejected annotations: {summary['rejected']}", ""]
-    if summary["rejections"]:
+    lines += ["", f"## Rejected annotations: {summary.rejected}", ""]
+    if summary.rejections:
         lines += ["| item | annotation | label | reason |", "|---|---|---|---|"]
-        for r in summary["rejections"][:listed]:
+        for r in summary.rejections[:listed]:
             field = f" [{r['field']}]" if r.get("field") else ""
             lines.append(
                 f"| `{r['path']}` | `{r['annotation']}`{at_frame(r)} | "
                 f"{_cell(r.get('label') or '')} | {_cell(r['reason'])}{_cell(field)} |"
             )
-    more = summary["rejected"] - min(listed, len(summary["rejections"]))
+    more = summary.rejected - min(listed, len(summary.rejections))
     if more > 0:
         lines.append(f"\n… and {more} more, see the manifest.")
-    empty = summary.get("empty_items", 0)
+    empty = summary.empty_items
     lines += ["", f"## Items with nothing to burn: {empty}", ""]
     if empty:
-        skipped = summary.get("empty_items_skipped", 0)
+        skipped = summary.empty_items_skipped
         if not skipped:
             lines.append("All-background masks written for them; skip_empty leaves them out.")
         elif skipped >= empty:
@@ -140,8 +147,8 @@ def failures_markdown(
                 f"{skipped} left without masks (videos, or skip_empty), the rest all-background."
             )
         lines.append("")
-        lines += [f"* `{_cell(empty_line(e))}`" for e in summary["empty"][:listed]]
-        rest = empty - min(listed, len(summary["empty"]))
+        lines += [f"* `{_cell(empty_line(e))}`" for e in summary.empty[:listed]]
+        rest = empty - min(listed, len(summary.empty))
         if rest > 0:
             lines.append(f"\n… and {rest} more, see the manifest.")
     return "\n".join(lines) + "\n"
@@ -154,7 +161,8 @@ def _cell(text: Any) -> str:
 def write_json_summary(
     summary: Mapping[str, Any], rejections: Iterable[Mapping[str, Any]], out: TextIO
 ) -> None:
-    """Write ``summary`` as one indented JSON object whose ``rejections`` is every entry of
+    """Write ``summary`` (:meth:`RunSummary.as_dict <polyburn.records.RunSummary.as_dict>`, the
+    CLI's ``--json``) as one indented JSON object whose ``rejections`` is every entry of
     ``rejections``, streamed one at a time (a run's rejections need not fit in memory)."""
     head = {key: value for key, value in summary.items() if key != "rejections"}
     fields = json.dumps(head, indent=2)[1:-1].rstrip()

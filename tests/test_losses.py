@@ -229,7 +229,7 @@ def test_the_failures_markdown_lists_rejections_then_counts_the_rest():
     counts = RunCounts()
     counts.add(_record("a", problems=LISTED_LOSSES + 7))
     counts.add(_record("b", shapes=0, skipped={"point": 1}))
-    summary = counts.as_dict(1.0)
+    summary = counts.summary(1.0)
     markdown = failures_markdown(summary, "masks/manifest.jsonl")
     rows = [line for line in markdown.splitlines() if line.startswith("| `a` |")]
     assert len(rows) == LISTED_LOSSES

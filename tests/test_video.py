@@ -457,14 +457,15 @@ def test_a_video_stops_when_another_run_took_its_lease_over(tmp_path, monkeypatc
 
 
 def test_the_summary_says_which_empty_items_got_no_masks():
+    from polyburn.records import RunSummary
     from polyburn.report import failures_markdown, losses_text
 
-    summary = {"rejections": [], "rejected": 0, "empty_items": 2, "empty_items_skipped": 1}
-    summary["empty"] = [
+    summary = RunSummary(rejections=[], rejected=0, empty_items=2, empty_items_skipped=1)
+    summary.empty = [
         {"path": "clips/v", "skipped": {"box": 1}, "rejected": 0, "skipped_empty": True},
         {"path": "still", "skipped": {"point": 1}, "rejected": 0, "skipped_empty": False},
     ]
     (line,) = losses_text(summary, "masks/manifest.jsonl")
     assert line.startswith("NOTHING TO BURN in 2 item(s), 1 left without masks (videos")
-    summary |= {"ok": 2, "failed": 0, "items": 2, "failures": []}
+    summary.ok, summary.failed, summary.items, summary.failures = 2, 0, 2, []
     assert "1 left without masks (videos, or skip_empty)" in failures_markdown(summary, "m")
