@@ -16,10 +16,13 @@ import time
 from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from polyburn import formats, version
 from polyburn.errors import ConfigError, PolyburnError
+
+if TYPE_CHECKING:
+    from polyburn.records import RunSummary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,6 +274,7 @@ def _run(args: argparse.Namespace) -> int:
     from flows.polygons_to_masks import polygons_to_masks_params
     from polyburn import progress
     from polyburn.losses import RejectionLog
+    from polyburn.records import RunSummary
     from polyburn.report import write_json_summary
 
     bar = None if args.no_progress or not sys.stderr.isatty() else _ProgressBar()
@@ -286,20 +290,21 @@ def _run(args: argparse.Namespace) -> int:
         if bar:
             bar.close()
     try:
-        summary = state.result(raise_on_failure=False)
+        result = state.result(raise_on_failure=False)
     except Exception as exc:  # noqa: BLE001 - the flow crashed before producing a summary
         print(f"polyburn: run failed: {exc}", file=sys.stderr)
         return 2
-    if not isinstance(summary, dict):
-        print(f"polyburn: run failed: {state.message or summary}", file=sys.stderr)
+    if not isinstance(result, dict):
+        print(f"polyburn: run failed: {state.message or result}", file=sys.stderr)
         return 2
+    summary = RunSummary.from_dict(result)  # the flow's result is the summary's dict form
     if rejections is not None:
         with closing(rejections):
-            every = rejections if rejections.taken else summary["rejections"]
-            write_json_summary(summary, every, sys.stdout)
+            every = rejections if rejections.taken else summary.rejections
+            write_json_summary(summary.as_dict(), every, sys.stdout)
     else:
         _print_summary(summary, params.destination, time.perf_counter() - started)
-    return 1 if summary["failed"] else 0
+    return 1 if summary.failed else 0
 
 
 def _check_before_prefect(params) -> None:
@@ -319,20 +324,20 @@ def _check_before_prefect(params) -> None:
         open_destination(resolve_destination_uri(params.destination, params.source))
 
 
-def _print_summary(summary: dict, destination: str, seconds: float) -> None:
+def _print_summary(summary: RunSummary, destination: str, seconds: float) -> None:
     from polyburn.destinations.base import MANIFEST_KEY
     from polyburn.report import losses_text
 
     print(
-        f"{summary['items']} items: {summary['ok']} ok, {summary['failed']} failed | "
-        f"{summary['annotations']} annotations, {summary['repairs']} repairs, "
-        f"{summary['rejected']} rejected, {sum(summary['skipped_by_type'].values())} skipped "
-        f"(not polygon/binary) | {summary['outputs_written']} files written | {seconds:.1f} s"
+        f"{summary.items} items: {summary.ok} ok, {summary.failed} failed | "
+        f"{summary.annotations} annotations, {summary.repairs} repairs, "
+        f"{summary.rejected} rejected, {sum(summary.skipped_by_type.values())} skipped "
+        f"(not polygon/binary) | {summary.outputs_written} files written | {seconds:.1f} s"
     )
-    if summary["repairs_by_kind"]:
-        kinds = ", ".join(f"{k} {v}" for k, v in summary["repairs_by_kind"].items())
+    if summary.repairs_by_kind:
+        kinds = ", ".join(f"{k} {v}" for k, v in summary.repairs_by_kind.items())
         print(f"repairs: {kinds}")
-    for failure in summary["failures"]:
+    for failure in summary.failures:
         print(f"FAILED {failure['error']}")
     manifest = f"{destination.rstrip('/')}/{MANIFEST_KEY}"
     for line in losses_text(summary, manifest):
