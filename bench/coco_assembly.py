@@ -38,6 +38,7 @@ from polyburn.coco import instance_annotations  # noqa: E402
 from polyburn.destinations.base import LABEL_MAP_KEY  # noqa: E402
 from polyburn.labels import dump_label_map  # noqa: E402
 from polyburn.manifest import manifest_line  # noqa: E402
+from polyburn.records import ItemRecord  # noqa: E402
 from polyburn.state import LAYOUT, LAYOUT_KEY, record_key  # noqa: E402
 
 LABELS = {"building": 1, "car": 2, "person": 3, "road": 4, "tree": 5}
@@ -100,7 +101,7 @@ def build(dest: Path, items: int) -> float:
         }
         record_file = dest / record_key(path)
         record_file.parent.mkdir(parents=True, exist_ok=True)
-        record_file.write_bytes(manifest_line(record))
+        record_file.write_bytes(manifest_line(ItemRecord.from_dict(record)))
     return time.perf_counter() - started
 
 

@@ -80,6 +80,11 @@ def polyburn_run(env: dict, source: Path, dest: Path, labels: Path) -> dict:
     )
 
 
+def _status(record) -> str:
+    """A record's status: an ItemRecord's, or a dict's (polyburn before typed records)."""
+    return record["status"] if isinstance(record, dict) else record.status
+
+
 def core_path(source: Path, dest: Path, workers: int = 2) -> float:
     """Wall seconds of the Prefect-free core over an export: every item in one call of
     ``polyburn.parallel.process_items`` on the same process pool the flow uses (started
@@ -94,7 +99,7 @@ def core_path(source: Path, dest: Path, workers: int = 2) -> float:
     process_items(refs[:4], src, dst, options, LABELS, workers=workers)  # start the pool
     started = time.perf_counter()
     records = process_items(refs, src, dst, options, LABELS, workers=workers)
-    assert all(r["status"] == "ok" for r in records)
+    assert all(_status(r) == "ok" for r in records)
     return time.perf_counter() - started
 
 

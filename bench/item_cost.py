@@ -101,7 +101,8 @@ _POOL_SCRIPT = textwrap.dedent(
             rates.append(len(refs) / (time.perf_counter() - started))
             if pids:
                 cpu.append(1000 * (sum(cpu_seconds(pid) for pid in pids) - before) / len(refs))
-            assert all(r["status"] == "ok" for r in records), records[:1]
+            statuses = [r["status"] if isinstance(r, dict) else r.status for r in records]
+            assert set(statuses) == {"ok"}, records[:1]
 
         def status(pid):
             fields = {}
@@ -145,6 +146,11 @@ _IMPORT_SCRIPT = textwrap.dedent(
                       "imported": sorted(m for m in heavy if m in sys.modules)}))
     """
 )
+
+
+def _status(record) -> str:
+    """A record's status: an ItemRecord's, or a dict's (the ``before`` tree may predate them)."""
+    return record["status"] if isinstance(record, dict) else record.status
 
 
 def median_ms(samples: list[float]) -> float:
@@ -217,7 +223,7 @@ def stage_costs(export: Path, work: Path, rounds: int) -> dict[str, float]:
             record = process_item(ref, source, destination, options, LABELS)
             times["process_item"].append(clock() - t0)
             times["process_item_cpu"].append(time.process_time() - c0)
-            assert record["status"] == "ok", record
+            assert _status(record) == "ok", record
     result = {f"{k}_ms": median_ms(v) for k, v in times.items()}
     result["stages_sum_ms"] = sum(
         result[f"{k}_ms"]

@@ -70,7 +70,7 @@ def template_record() -> dict:
         label_map = {label: k + 1 for k, label in enumerate(labels)}
         destination = LocalDestination(Path(work) / "dest")
         (record,) = process_items(refs, source, destination, MaskOptions(), label_map)
-    return record
+    return record if isinstance(record, dict) else record.to_dict()
 
 
 def record_for(template: dict, k: int) -> dict:
@@ -83,9 +83,10 @@ def fill(client, items: int, template: dict) -> list[bytes]:
     """Store ``items`` records, the label map, the layout marker and the manifest; return the
     records' lines."""
     from polyburn.manifest import manifest_line
+    from polyburn.records import ItemRecord
     from polyburn.state import LAYOUT, LAYOUT_KEY, record_key
 
-    lines = [manifest_line(record_for(template, k)) for k in range(items)]
+    lines = [manifest_line(ItemRecord.from_dict(record_for(template, k))) for k in range(items)]
 
     def put(k: int) -> None:
         path = json.loads(lines[k])["path"]
@@ -126,6 +127,7 @@ def main() -> None:
     from polyburn.cli import main as polyburn
     from polyburn.destinations.s3 import S3Destination
     from polyburn.manifest import manifest_line
+    from polyburn.records import ItemRecord
     from polyburn.state import record_key, write_snapshot
 
     runs = []
@@ -171,7 +173,7 @@ def main() -> None:
                 )
             )
             changed = [
-                manifest_line(dict(json.loads(lines[k]), seconds=1.0))
+                manifest_line(ItemRecord.from_dict(dict(json.loads(lines[k]), seconds=1.0)))
                 for k in range(0, args.items, max(1, args.items // max(1, args.changed)))
             ][: args.changed]
 

@@ -142,6 +142,7 @@ def run_items(
             pool.map(lambda ref: process_item(ref, source, destination, options, label_map), refs)
         )
     seconds = time.perf_counter() - started
+    records = [r if isinstance(r, dict) else r.to_dict() for r in records]  # typed or not
     failed = [r["error"] for r in records if r["status"] != "ok"]
     if failed:
         raise RuntimeError(f"{len(failed)} items failed, first: {failed[0]}")

@@ -159,6 +159,7 @@ def measure(frames: int, every: int) -> dict:
         destination = LocalDestination(root / "video-masks")
         started, cpu = time.perf_counter(), time.process_time()
         record = process_item(ref, source, destination, options, labels)
+        record = record if isinstance(record, dict) else record.to_dict()  # typed or not
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
         stored = next((root / "video-masks" / ".polyburn" / "records").rglob("*.json"))
         assert record["status"] == "ok", record["error"]
