@@ -29,6 +29,12 @@ def write_results(
     print(f"wrote {results.relative_to(root)}")
 
 
+def record_dict(record) -> dict:
+    """An item record as a dict: an ItemRecord's ``to_dict()``, or the dict itself from a
+    polyburn older than typed records (``--before`` / ``--label before`` runs other trees)."""
+    return record if isinstance(record, dict) else record.to_dict()
+
+
 def run_timed(command: list[str], env: dict | None = None, **popen: object) -> dict:
     """Run an external command (not Python's: e.g. ``aws``) and return its exit ``code``, its
     ``wall`` seconds, its ``cpu`` seconds and its ``peak_rss_mb``, from ``wait4`` (the process

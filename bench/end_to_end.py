@@ -32,6 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _measure import record_dict  # noqa: E402
+
 from tests.support.generate import write_export  # noqa: E402
 from tests.support.prefect_server import start_prefect_server  # noqa: E402
 
@@ -80,11 +82,6 @@ def polyburn_run(env: dict, source: Path, dest: Path, labels: Path) -> dict:
     )
 
 
-def _status(record) -> str:
-    """A record's status: an ItemRecord's, or a dict's (polyburn before typed records)."""
-    return record["status"] if isinstance(record, dict) else record.status
-
-
 def core_path(source: Path, dest: Path, workers: int = 2) -> float:
     """Wall seconds of the Prefect-free core over an export: every item in one call of
     ``polyburn.parallel.process_items`` on the same process pool the flow uses (started
@@ -99,7 +96,7 @@ def core_path(source: Path, dest: Path, workers: int = 2) -> float:
     process_items(refs[:4], src, dst, options, LABELS, workers=workers)  # start the pool
     started = time.perf_counter()
     records = process_items(refs, src, dst, options, LABELS, workers=workers)
-    assert all(_status(r) == "ok" for r in records)
+    assert all(record_dict(r)["status"] == "ok" for r in records)
     return time.perf_counter() - started
 
 

@@ -47,6 +47,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from _measure import record_dict  # bench/ is the script's folder, first on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -148,11 +150,6 @@ _IMPORT_SCRIPT = textwrap.dedent(
 )
 
 
-def _status(record) -> str:
-    """A record's status: an ItemRecord's, or a dict's (the ``before`` tree may predate them)."""
-    return record["status"] if isinstance(record, dict) else record.status
-
-
 def median_ms(samples: list[float]) -> float:
     return 1000 * statistics.median(samples)
 
@@ -223,7 +220,7 @@ def stage_costs(export: Path, work: Path, rounds: int) -> dict[str, float]:
             record = process_item(ref, source, destination, options, LABELS)
             times["process_item"].append(clock() - t0)
             times["process_item_cpu"].append(time.process_time() - c0)
-            assert _status(record) == "ok", record
+            assert record_dict(record)["status"] == "ok", record
     result = {f"{k}_ms": median_ms(v) for k, v in times.items()}
     result["stages_sum_ms"] = sum(
         result[f"{k}_ms"]

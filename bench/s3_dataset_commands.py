@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _measure import write_results  # noqa: E402
+from _measure import record_dict, write_results  # noqa: E402
 from latency_proxy import LatencyProxy  # noqa: E402
 
 from tests.support.weed import WeedServer  # noqa: E402
@@ -70,7 +70,7 @@ def template_record() -> dict:
         label_map = {label: k + 1 for k, label in enumerate(labels)}
         destination = LocalDestination(Path(work) / "dest")
         (record,) = process_items(refs, source, destination, MaskOptions(), label_map)
-    return record if isinstance(record, dict) else record.to_dict()
+    return record_dict(record)
 
 
 def record_for(template: dict, k: int) -> dict:

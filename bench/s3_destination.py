@@ -54,6 +54,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _measure import record_dict  # noqa: E402
+
 from polyburn.destinations.base import FileDestination  # noqa: E402
 from polyburn.destinations.local import LocalDestination  # noqa: E402
 from polyburn.destinations.s3 import S3Destination  # noqa: E402
@@ -142,7 +144,7 @@ def run_items(
             pool.map(lambda ref: process_item(ref, source, destination, options, label_map), refs)
         )
     seconds = time.perf_counter() - started
-    records = [r if isinstance(r, dict) else r.to_dict() for r in records]  # typed or not
+    records = [record_dict(r) for r in records]
     failed = [r["error"] for r in records if r["status"] != "ok"]
     if failed:
         raise RuntimeError(f"{len(failed)} items failed, first: {failed[0]}")

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _measure import record_dict  # bench/ is the script's folder, first on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 W, H, OBJECTS = 320, 240, 20
 
@@ -159,7 +161,7 @@ def measure(frames: int, every: int) -> dict:
         destination = LocalDestination(root / "video-masks")
         started, cpu = time.perf_counter(), time.process_time()
         record = process_item(ref, source, destination, options, labels)
-        record = record if isinstance(record, dict) else record.to_dict()  # typed or not
+        record = record_dict(record)
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
         stored = next((root / "video-masks" / ".polyburn" / "records").rglob("*.json"))
         assert record["status"] == "ok", record["error"]
