@@ -13,6 +13,7 @@ import pytest
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials as BotoCredentials
+from botocore.credentials import ReadOnlyCredentials
 
 from polyburn.destinations import sigv4
 from polyburn.destinations.s3_put import LeanPut
@@ -87,7 +88,7 @@ def test_signed_headers_are_botocores_for_every_kind_of_request(frozen_botocore,
             urlsplit(full_url).path,
             headers,
             None if payload == "UNSIGNED-PAYLOAD" else hashlib.sha256(BODY).hexdigest(),
-            sigv4.Credentials(*credentials),
+            ReadOnlyCredentials(*credentials),
             keys,
             TIMESTAMP,
         )
@@ -98,11 +99,16 @@ def test_signed_headers_are_botocores_for_every_kind_of_request(frozen_botocore,
 def test_a_wrong_secret_or_day_changes_the_signature():
     keys = sigv4.SigningKeys("us-east-1")
     args = ("PUT", "h", "/b/k", {"Content-Type": "x"}, "0" * 64)
-    one = sigv4.sign(*args, sigv4.Credentials("A", "s1"), keys, TIMESTAMP)["Authorization"]
-    other = sigv4.sign(*args, sigv4.Credentials("A", "s2"), keys, TIMESTAMP)["Authorization"]
-    later = sigv4.sign(*args, sigv4.Credentials("A", "s1"), keys, "20261206T000000Z")
+    one = sigv4.sign(*args, ReadOnlyCredentials("A", "s1", None), keys, TIMESTAMP)["Authorization"]
+    other = sigv4.sign(*args, ReadOnlyCredentials("A", "s2", None), keys, TIMESTAMP)[
+        "Authorization"
+    ]
+    later = sigv4.sign(*args, ReadOnlyCredentials("A", "s1", None), keys, "20261206T000000Z")
     assert one != other and one != later["Authorization"]
-    assert sigv4.sign(*args, sigv4.Credentials("A", "s1"), keys, TIMESTAMP)["Authorization"] == one
+    assert (
+        sigv4.sign(*args, ReadOnlyCredentials("A", "s1", None), keys, TIMESTAMP)["Authorization"]
+        == one
+    )
 
 
 class _Client:

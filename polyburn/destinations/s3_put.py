@@ -218,7 +218,7 @@ class LeanPut:
             self._base_path + url[len(self.base_url) :],
             given,
             payload,
-            sigv4.Credentials(frozen.access_key, frozen.secret_key, frozen.token),
+            frozen,
             self._keys,
             time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
         )

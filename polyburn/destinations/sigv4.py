@@ -29,21 +29,17 @@ import hashlib
 import hmac
 import threading
 from collections.abc import Mapping
-from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from botocore.auth import SIGNED_HEADERS_BLACKLIST, UNSIGNED_PAYLOAD
+from botocore.credentials import ReadOnlyCredentials
 
 _NOT_SIGNED = frozenset(SIGNED_HEADERS_BLACKLIST)
 _ALGORITHM = "AWS4-HMAC-SHA256"
-
-
-class Credentials(NamedTuple):
-    """One frozen set of credentials (botocore's ``get_frozen_credentials()`` has these)."""
-
-    access_key: str
-    secret_key: str
-    token: str | None = None
+_SET_HERE = frozenset(
+    {"authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256"}
+)
+"""Headers :func:`sign` writes itself: one given is replaced."""
 
 
 class SigningKeys:
@@ -93,7 +89,7 @@ def sign(
     path: str,
     headers: Mapping[str, str],
     payload_sha256: str | None,
-    credentials: Credentials,
+    credentials: ReadOnlyCredentials,
     keys: SigningKeys,
     timestamp: str,
 ) -> dict[str, str]:
@@ -106,8 +102,7 @@ def sign(
     ``X-Amz-Security-Token`` given is replaced), then ``X-Amz-Date``, ``X-Amz-Security-Token``
     (with a session token), ``X-Amz-Content-SHA256`` and ``Authorization``.
     """
-    replaced = {"authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256"}
-    signed = {k: v for k, v in headers.items() if k.lower() not in replaced}
+    signed = {k: v for k, v in headers.items() if k.lower() not in _SET_HERE}
     signed["X-Amz-Date"] = timestamp
     if credentials.token:
         signed["X-Amz-Security-Token"] = credentials.token
@@ -142,4 +137,4 @@ def sign(
     return signed
 
 
-__all__ = ["Credentials", "SigningKeys", "host_of", "sign"]
+__all__ = ["SigningKeys", "host_of", "sign"]
