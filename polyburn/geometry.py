@@ -56,9 +56,11 @@ def repair_item(item: Item) -> tuple[list[Shape], list[Repair], list[Problem]]:
         inside = valid & (xmin >= 0) & (ymin >= 0) & (xmax <= item.width) & (ymax <= item.height)
         image = shapely.box(0, 0, item.width, item.height)
         # Valid polygons reaching outside the image (their bounds say so: the image does not
-        # contain them) are clipped for the record, all in one call.
+        # contain them) are clipped for the record, all in one call. GEOS's rectangle clipping
+        # gives a valid polygon's area inside the image as the general overlay does, ~10x
+        # faster; the far polygons whose clipped shape is burned are clipped exactly (_clip).
         outside = np.flatnonzero(valid & ~inside)
-        clipped = shapely.intersection(polygons[outside], image)
+        clipped = shapely.clip_by_rect(polygons[outside], 0, 0, item.width, item.height)
         areas_before = shapely.area(polygons[outside])
         areas_after = shapely.area(clipped)
         slot = np.cumsum(valid & ~inside) - 1  # polygon k's entry in clipped, when valid
@@ -75,7 +77,7 @@ def repair_item(item: Item) -> tuple[list[Shape], list[Repair], list[Problem]]:
                         clipped[j],
                         float(areas_before[j]),
                         float(areas_after[j]),
-                        bool(far[k] > SAFE_COORDINATE),
+                        image if far[k] > SAFE_COORDINATE else None,
                         annotation,
                         repairs,
                     )
@@ -273,19 +275,23 @@ def _clip(
     clipped: shapely.Geometry,
     area_before: float,
     area_after: float,
-    far: bool,
+    far: shapely.Polygon | None,
     annotation: Annotation,
     repairs: list[Repair],
 ) -> shapely.Geometry:
     """Step 6 for a valid polygon reaching outside the image: what :func:`_finish` does, from
-    the intersection and areas computed for all such polygons at once."""
+    the rectangle clipping and areas computed for all such polygons at once. ``far``: the image,
+    when the polygon has coordinates beyond ``SAFE_COORDINATE`` and its exact intersection
+    with the image is burned instead of it."""
     inside = _polygonal(clipped)
-    if inside.is_empty:
-        raise _Rejected("polygon lies entirely outside the image")
+    if far is not None:  # the clipped shape is burned: clip it exactly
+        inside = _polygonal(shapely.intersection(polygon, far))
     if inside is not clipped:
         area_after = float(inside.area)
+    if inside.is_empty or area_after <= 0.0:
+        raise _Rejected("polygon lies entirely outside the image")
     repairs.append(Repair("clipped", annotation.annotation_id, area_before, area_after))
-    return inside if far else polygon
+    return polygon if far is None else inside
 
 
 def _finish(

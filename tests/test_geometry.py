@@ -105,6 +105,40 @@ def test_clipping_is_recorded_and_wholly_outside_is_rejected():
     assert len(shapes) == 1
 
 
+
+def test_clipped_areas_match_the_exact_intersection_with_the_image():
+    """The record's clipped area comes from GEOS's rectangle clipping: it must agree with the
+    general overlay (shapely.intersection) for valid polygons, holes included, and a polygon
+    touching the image only along an edge or at a corner has no area inside: rejected."""
+    rng = np.random.default_rng(7)
+    rings = []
+    for _ in range(60):
+        cx, cy = rng.uniform(-30, 130, 2)
+        angles = np.sort(rng.uniform(0, 2 * np.pi, 24))
+        radii = rng.uniform(10, 40, 24)
+        exterior = np.c_[cx + radii * np.cos(angles), cy + radii * np.sin(angles)]
+        hole = np.c_[cx + 4 * np.cos(angles[::3]), cy + 4 * np.sin(angles[::3])]
+        rings.append([exterior, hole])
+    edge = [(100, 10), (120, 10), (120, 30), (100, 30)]  # shares the image's right edge
+    corner = [(100, 100), (120, 100), (120, 120)]  # touches the corner (100, 100) only
+    shapes, repairs, problems = repair_item(item_of(*rings, [edge], [corner]))
+    image = shapely.box(0, 0, 100, 100)
+    expected = {}
+    for k, (exterior, hole) in enumerate(rings):
+        polygon = shapely.make_valid(shapely.Polygon(exterior, [hole]))
+        if not image.contains(polygon):
+            expected[f"a{k}"] = (polygon.area, polygon.intersection(image).area)
+    clipped = {
+        r.annotation_id: (r.area_before, r.area_after) for r in repairs if r.kind == "clipped"
+    }
+    assert set(clipped) == {aid for aid, (_, after) in expected.items() if after > 0}
+    for aid, areas in clipped.items():
+        assert areas == pytest.approx(expected[aid], rel=1e-9)
+    outside = {aid for aid, (_, after) in expected.items() if after == 0}
+    assert {p.annotation_id for p in problems} == outside | {"a60", "a61"}
+    assert 10 < len(clipped) < len(expected)  # the draw has both kinds and some inside
+    assert len(shapes) == 62 - len(outside) - 2
+
 def test_every_broken_annotation_is_reported_and_the_rest_survive():
     shapes, repairs, problems = repair_item(
         item_of(
