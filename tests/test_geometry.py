@@ -105,7 +105,6 @@ def test_clipping_is_recorded_and_wholly_outside_is_rejected():
     assert len(shapes) == 1
 
 
-
 def test_clipped_areas_match_the_exact_intersection_with_the_image():
     """The record's clipped area comes from GEOS's rectangle clipping: it must agree with the
     general overlay (shapely.intersection) for valid polygons, holes included, and a polygon
@@ -138,6 +137,7 @@ def test_clipped_areas_match_the_exact_intersection_with_the_image():
     assert {p.annotation_id for p in problems} == outside | {"a60", "a61"}
     assert 10 < len(clipped) < len(expected)  # the draw has both kinds and some inside
     assert len(shapes) == 62 - len(outside) - 2
+
 
 def test_every_broken_annotation_is_reported_and_the_rest_survive():
     shapes, repairs, problems = repair_item(
