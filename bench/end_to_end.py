@@ -10,7 +10,10 @@ items (1920x1080, 50 star polygons x 30 vertices, some with holes), semantic PNG
   on the same 2-process pool, already started): the orchestration overhead is the share of
   ``polyburn run``'s marginal wall time not explained by the core's;
 * the Dataloop-documented loop (``dl.Segmentation.from_polygon`` per annotation + ``np.where``
-  into the canvas, the loop bug fixed) writing the same palette PNGs with PIL, on 200 items;
+  into the canvas, the loop bug fixed) writing the same palette PNGs with PIL, on ``--loop-items``
+  items right after each pair of runs: this machine's speed drifts by tens of percent over
+  minutes, so each pair's marginal rate is divided by the loop rate measured beside it, and the
+  speed-up reported is the median of those per-pair ratios (``pairs`` lists them);
 * Prefect's own fixed cost (a trivial flow in a fresh process) against polyburn's on one item;
 * scaling: 1k / 5k / 20k items — seconds per item and peak RSS must stay flat.
 """
@@ -37,7 +40,7 @@ from _measure import record_dict  # noqa: E402
 from tests.support.generate import write_export  # noqa: E402
 from tests.support.prefect_server import start_prefect_server  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "end_to_end.json"
+RESULTS = ROOT / "bench" / "results"
 LABELS = {"building": 1, "car": 2, "person": 3, "road": 4, "tree": 5}
 
 
@@ -137,6 +140,8 @@ def main() -> None:
     # 5: every flow run ends with Prefect joining its heartbeat thread, which sleeps in 1 s steps,
     # so each wall time carries 0-1 s of noise; the 200/2,000 difference is only ~4 s.
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--loop-items", type=int, default=100, help="items of each loop run")
+    parser.add_argument("--name", default="end_to_end", help="bench/results/<name>.json")
     parser.add_argument("--quick", action="store_true", help="100/400 items, no scaling")
     args = parser.parse_args()
     if args.quick:
@@ -164,53 +169,75 @@ def main() -> None:
             "polyburn_one_item_s": statistics.median(single),
             "polyburn_added_s": statistics.median(single) - statistics.median(trivial),
         }
-        for n in sorted({args.small, args.large, *scaling}):
-            source = export_of(work, everything, n)
-            runs = [
-                polyburn_run(env, source, work / f"out-{n}-{k}", labels)
-                for k in range(args.repeats if n <= args.large else 1)
-            ]
-            wall = statistics.median(r["wall"] for r in runs)
-            results["items"][n] = {
-                "wall_s": wall,
-                "items_per_s": n / wall,
-                "cpu_utilisation": statistics.median(r["cpu_utilisation"] for r in runs),
-                "cpu_main_s": statistics.median(r["cpu_main"] for r in runs),
-                "cpu_workers_s": statistics.median(r["cpu_workers"] for r in runs),
-                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-                "peak_rss_worker_mb": max(r["peak_rss_worker_mb"] for r in runs),
-                "peak_rss_total_mb": max(r["peak_rss_total_mb"] for r in runs),
-                "workers": runs[0]["workers"],
-                "ms_per_item": 1000 * wall / n,
-            }
+        small_source = export_of(work, everything, args.small)
+        large_source = export_of(work, everything, args.large)
+        runs: dict[int, list[dict]] = {args.small: [], args.large: []}
+        pairs = []
+        for k in range(args.repeats):
+            for n, source in ((args.small, small_source), (args.large, large_source)):
+                runs[n].append(polyburn_run(env, source, work / f"out-{n}-{k}", labels))
+            small_wall, large_wall = runs[args.small][-1]["wall"], runs[args.large][-1]["wall"]
+            marginal = (args.large - args.small) / (large_wall - small_wall)
+            loop = dataloop_documented(small_source, work / f"baseline-{k}", args.loop_items)
+            pairs.append(
+                {
+                    "marginal_items_per_s": marginal,
+                    "dataloop_documented_items_per_s": loop,
+                    "speedup": marginal / loop,
+                }
+            )
+            print(f"pair {k}: {pairs[-1]}", flush=True)
+        for n in scaling:
+            if n not in runs:
+                runs[n] = [
+                    polyburn_run(env, export_of(work, everything, n), work / f"out-{n}", labels)
+                ]
+        for n in sorted(runs):
+            results["items"][n] = _size_figures(n, runs[n])
             print(n, results["items"][n], flush=True)
         small, large = results["items"][args.small], results["items"][args.large]
         marginal = (args.large - args.small) / (large["wall_s"] - small["wall_s"])
         core = statistics.median(
-            core_path(export_of(work, everything, args.large), work / f"core-{k}")
-            for k in range(args.repeats)
+            core_path(large_source, work / f"core-{k}") for k in range(args.repeats)
         )
         core_small = statistics.median(
-            core_path(export_of(work, everything, args.small), work / f"core-s{k}")
-            for k in range(args.repeats)
+            core_path(small_source, work / f"core-s{k}") for k in range(args.repeats)
         )
         core_marginal = (args.large - args.small) / (core - core_small)
-        baseline = dataloop_documented(
-            export_of(work, everything, args.small), work / "baseline", args.small
-        )
+        results["pairs"] = pairs
         results["summary"] = {
             "marginal_items_per_s": marginal,
             "fixed_startup_s": large["wall_s"] - args.large / marginal,
             "core_items_per_s_marginal": core_marginal,
             "orchestration_overhead_share": 1 - marginal / core_marginal,
-            "dataloop_documented_items_per_s": baseline,
-            "speedup_vs_dataloop_documented": marginal / baseline,
+            "dataloop_documented_items_per_s": statistics.median(
+                p["dataloop_documented_items_per_s"] for p in pairs
+            ),
+            "speedup_vs_dataloop_documented": statistics.median(p["speedup"] for p in pairs),
         }
     finally:
         server.stop()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    target = RESULTS / f"{args.name}.json"
+    target.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+
+
+def _size_figures(n: int, runs: list[dict]) -> dict:
+    """Medians (peaks: maxima) over the runs of one size."""
+    wall = statistics.median(r["wall"] for r in runs)
+    return {
+        "wall_s": wall,
+        "items_per_s": n / wall,
+        "cpu_utilisation": statistics.median(r["cpu_utilisation"] for r in runs),
+        "cpu_main_s": statistics.median(r["cpu_main"] for r in runs),
+        "cpu_workers_s": statistics.median(r["cpu_workers"] for r in runs),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "peak_rss_worker_mb": max(r["peak_rss_worker_mb"] for r in runs),
+        "peak_rss_total_mb": max(r["peak_rss_total_mb"] for r in runs),
+        "workers": runs[0]["workers"],
+        "ms_per_item": 1000 * wall / n,
+        "runs": len(runs),
+    }
 
 
 if __name__ == "__main__":
