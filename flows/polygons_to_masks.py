@@ -35,7 +35,7 @@ from polyburn.batching import batches_of
 from polyburn.destinations import resolve_destination_uri
 from polyburn.destinations.base import MANIFEST_KEY
 from polyburn.instances import InstanceIds
-from polyburn.manifest import RecordSpool, output_keys, unpack_records
+from polyburn.manifest import RecordSpool, output_keys, unpack_lines
 from polyburn.model import ItemRef
 from polyburn.params import (
     FLAT_FIELDS,
@@ -345,7 +345,7 @@ def summarize(
     """The run summary: the records' counts, plus the label map, retries, cached batches,
     unchanged items, shards, removed items and the polyburn version."""
     if params.shard_of is None:  # every rejection, for the CLI's --json
-        progress.report_records(spool.records())
+        progress.report_records(spool.records_with_problems())
     summary = spool.counts.summary(time.perf_counter() - run.started)
     summary.label_map = labels.label_map
     summary.retries = burned.tally.retries
@@ -695,9 +695,10 @@ class RunTally:
         self.retries += result.attempts - 1
         self.cached += cached
         self.unchanged += result.unchanged
-        for record in unpack_records(result.records):
+        for line, record in unpack_lines(result.records):
             path = record.path
             if cached:
+                line = None  # changed below: encoded again
                 for output in record.outputs or ():
                     output["written"] = False
                 if not record.ok:
@@ -709,7 +710,7 @@ class RunTally:
                 self.unwritten_outputs.pop(path, None)
             if path in result.previews:  # the item's latest preview
                 self.previews[path] = _preview_entry(record, result.previews[path])
-            self.spool.add(record)
+            self.spool.add(record, line)
 
 
 def _preview_entry(

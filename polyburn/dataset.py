@@ -152,7 +152,7 @@ def _fragments(
 
 
 def _with_fragment(spool: RecordSpool) -> Iterator[tuple[ItemRecord, str]]:
-    for record in spool.records():
+    for record in spool.records(mentioning=COCO_FRAGMENTS):
         if record.ok:
             for key in fragment_keys(record):
                 yield record, key

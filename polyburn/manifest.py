@@ -47,7 +47,13 @@ def pack_records(records: Iterable[ItemRecord]) -> bytes:
 
 def unpack_records(packed: bytes) -> list[ItemRecord]:
     """The records of :func:`pack_records`, in order."""
-    return [ItemRecord.from_json(line) for line in zlib.decompress(packed).splitlines()]
+    return [record for _, record in unpack_lines(packed)]
+
+
+def unpack_lines(packed: bytes) -> list[tuple[bytes, ItemRecord]]:
+    """The manifest lines of :func:`pack_records` with their records, in order."""
+    lines = zlib.decompress(packed).splitlines(keepends=True)
+    return [(line, ItemRecord.from_json(line)) for line in lines]
 
 
 def iter_manifest(path: str | os.PathLike) -> Iterator[tuple[int, bytes, ItemRecord]]:
@@ -147,6 +153,7 @@ class RecordSpool:
             prefix="polyburn-records-", dir=directory
         )
         self._index: dict[str, tuple[int, int]] = {}
+        self._with_problems: set[str] = set()
         self._end = 0
         self.counts = RunCounts()
 
@@ -165,16 +172,26 @@ class RecordSpool:
     def __contains__(self, path: object) -> bool:
         return path in self._index
 
-    def add(self, record: ItemRecord) -> None:
+    def add(self, record: ItemRecord, line: bytes | None = None) -> None:
+        """Add ``record`` (replacing an earlier record of its path). ``line``: its manifest line
+        when at hand (the bytes it was read from or stored as), kept instead of encoding the
+        record again; bytes that are not one line are not used."""
         path = record.path
         if path in self._index:
             self.counts.add(self.get(path), sign=-1)
-        line = record.to_json()
+        if line is None or b"\n" in line[:-1]:
+            line = record.to_json()
+        elif not line.endswith(b"\n"):
+            line += b"\n"
         self._file.seek(self._end)
         self._file.write(line)
         self._index[path] = (self._end, len(line))
         self._end += len(line)
         self.counts.add(record)
+        if record.problems:
+            self._with_problems.add(path)
+        else:
+            self._with_problems.discard(path)
 
     def get(self, path: str) -> ItemRecord:
         """The record of ``path`` (KeyError when there is none)."""
@@ -185,10 +202,29 @@ class RecordSpool:
         self._file.seek(offset)
         return self._file.read(length)
 
-    def records(self) -> Iterator[ItemRecord]:
-        """This run's records, sorted by item path, read back one at a time."""
+    def records(self, mentioning: str | None = None) -> Iterator[ItemRecord]:
+        """This run's records, sorted by item path, read back one at a time.
+
+        With ``mentioning``, only the records whose manifest line contains that text, which is
+        checked before a line is parsed: a pass that wants, say, the records listing an output
+        under some key prefix parses only those (a record listing one contains the prefix). The
+        text must be one JSON writes as is (no quote, backslash or control character); raises
+        ValueError otherwise."""
+        if mentioning is None:
+            for _, line in self._sorted_lines():
+                yield ItemRecord.from_json(line)
+            return
+        if '"' in mentioning or "\\" in mentioning or not mentioning.isprintable():
+            raise ValueError(f"{mentioning!r} is not written as is in JSON")
+        needle = mentioning.encode("utf-8")
         for _, line in self._sorted_lines():
-            yield ItemRecord.from_json(line)
+            if needle in line:
+                yield ItemRecord.from_json(line)
+
+    def records_with_problems(self) -> Iterator[ItemRecord]:
+        """The records that list rejected annotations (``problems``), sorted by item path."""
+        for path in sorted(self._with_problems):
+            yield ItemRecord.from_json(self._line(path))
 
     def _sorted_lines(self) -> Iterator[tuple[str, bytes]]:
         for path in sorted(self._index):

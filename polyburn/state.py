@@ -692,10 +692,16 @@ def _record_keys(store: FileDestination) -> list[str]:
 
 def _read_many(store: FileDestination, keys: list[str]) -> Iterator[ItemRecord]:
     """The records at ``keys`` that exist and parse (:func:`_get_many`)."""
+    for _, record in _read_stored(store, keys):
+        yield record
+
+
+def _read_stored(store: FileDestination, keys: list[str]) -> Iterator[tuple[bytes, ItemRecord]]:
+    """``(bytes, record)`` of the records at ``keys`` that exist and parse."""
     for data in _get_many(store, keys):
         record = _parse_record(data)
         if record is not None:
-            yield record
+            yield data, record
 
 
 def _get_many(store: FileDestination, keys: list[str]) -> Iterator[bytes]:
@@ -814,8 +820,8 @@ def current_records(
         taken |= _take_snapshot_lines(store, lines, listed, spool, taken)
     if (reuses_lines or not migrated) and store.read_file(MANIFEST_KEY, snapshot):
         taken |= _take_snapshot_lines(store, snapshot, listed, spool, taken)
-    for record in _read_many(store, [key for key in listed if key not in taken]):
-        spool.add(record)
+    for data, record in _read_stored(store, [key for key in listed if key not in taken]):
+        spool.add(record, data)
     if not migrated and snapshot.exists():
         for _, _, record in iter_manifest(snapshot):
             if record.path not in spool:
@@ -839,8 +845,9 @@ def _take_snapshot_lines(
         tag = listed.get(key)
         if key in already or key in taken or tag is None:
             continue
-        if tag == store.content_tag(line.rstrip(b"\n") + b"\n"):
-            spool.add(record)
+        stored = line.rstrip(b"\n") + b"\n"
+        if tag == store.content_tag(stored):
+            spool.add(record, stored)
             taken.add(key)
     return taken
 

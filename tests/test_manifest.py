@@ -183,3 +183,54 @@ def test_packed_records_round_trip_and_are_small():
     assert unpack_records(packed) == records
     assert len(packed) * 5 < sum(len(manifest_line(r)) for r in records)
     assert unpack_records(pack_records([])) == []
+
+
+def test_spool_passes_read_only_the_records_a_pass_asks_for(tmp_path):
+    """``records(mentioning=...)`` yields exactly the records whose line holds the text (those
+    listing an output under a prefix); ``records_with_problems`` those with rejections, kept
+    right when a record is replaced."""
+    coco = {"outputs": [{"key": "coco/items/b.json", "written": True}]}
+    with RecordSpool(tmp_path) as spool:
+        spool.add(record("c"))
+        spool.add(record("b", **coco))
+        spool.add(record("a", "failed"))
+        spool.add(record("d", "failed"))
+        spool.add(record("d"))  # replaced: no problems any more
+        assert [r.path for r in spool.records(mentioning="coco/items/")] == ["b"]
+        assert [r.path for r in spool.records(mentioning="semantic/")] == ["a", "c", "d"]
+        assert [r.path for r in spool.records()] == ["a", "b", "c", "d"]
+        assert [r.path for r in spool.records_with_problems()] == ["a"]
+        with pytest.raises(ValueError):
+            list(spool.records(mentioning='"path": "b"'))
+
+
+def test_spool_keeps_the_line_it_is_given_unless_it_is_not_one_line(tmp_path):
+    """A record's stored bytes go into the manifest as they are (no second encoding), a
+    newline added when missing; bytes spanning several lines are encoded again."""
+    stored = b'{"item": "i", "path": "a", "status": "ok", "error": null, "z_newer": 1}'
+    pretty = b'{\n  "item": "j",\n  "path": "b",\n  "status": "ok",\n  "error": null\n}\n'
+    with RecordSpool(tmp_path) as spool:
+        spool.add(ItemRecord.from_json(stored), stored)
+        spool.add(ItemRecord.from_json(pretty), pretty)
+        manifest = spool.write_manifest(tmp_path / "m.jsonl").read_bytes()
+    assert manifest.splitlines(keepends=True) == [
+        stored + b"\n",
+        manifest_line(ItemRecord.from_json(pretty)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "key", ["../x", "a/../../x", "/etc/passwd", "", ".", "a/..", "../dest-sibling/f"]
+)
+def test_local_destination_keys_never_leave_its_folder(tmp_path, key):
+    destination = LocalDestination(tmp_path / "dest")
+    with pytest.raises(ValueError, match="escapes"):
+        destination.put(key, b"x", "text/plain", {})
+
+
+def test_local_destination_keys_map_to_files_and_back(tmp_path):
+    destination = LocalDestination(tmp_path / "dest")
+    destination.put("a/b/c.png", b"1", "image/png", {"m": "1"})
+    destination.put("a/./d/../e.txt", b"2", "text/plain", {"m": "1"})
+    assert (tmp_path / "dest" / "a" / "b" / "c.png").read_bytes() == b"1"
+    assert [e.key for e in destination.entries("a/")] == ["a/b/c.png", "a/e.txt"]

@@ -482,7 +482,7 @@ class Yolo(OutputFormat):
                 s: stack.enter_context(open(scratch / f"yolo-{s}.txt", "w", encoding="utf-8"))
                 for s in counts
             }
-            for record in spool.records():
+            for record in spool.records(mentioning=LABELS):
                 images = _images(record) if record.ok else []
                 any_labels = any_labels or bool(images)
                 split = _SPLIT_OF.get(subset_of(record))
