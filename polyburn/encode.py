@@ -33,6 +33,34 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BINARY_PALETTE = [0, 0, 0, 255, 255, 255] + [0, 0, 0] * 254
 
 
+def scanline_mask(height: int, width: int, dtype: np.dtype) -> np.ndarray:
+    """A zero (height, width) mask; a uint8 one is ``rows[:, 1:]`` of a zero (height, width + 1)
+    buffer, so each row has a spare zero byte before it: PNG's per-row filter byte ("None"), and
+    :func:`encode_mask` compresses the buffer as it is instead of copying the mask into one."""
+    if np.dtype(dtype).itemsize != 1:
+        return np.zeros((height, width), dtype)
+    return np.zeros((height, width + 1), dtype)[:, 1:]
+
+
+def row_buffer(mask: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """``(buffer, k)`` when ``mask`` is ``buffer[:, k:]`` of a C-contiguous 2-D ``buffer`` of
+    its dtype (as :func:`scanline_mask` makes them), else None."""
+    base = mask.base
+    if (
+        not isinstance(base, np.ndarray)
+        or mask.ndim != 2
+        or base.ndim != 2
+        or base.dtype != mask.dtype
+        or not base.flags.c_contiguous
+        or base.shape[0] != mask.shape[0]
+        or mask.strides != base.strides
+    ):
+        return None
+    k = base.shape[1] - mask.shape[1]
+    start = mask.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    return (base, k) if k >= 0 and start == k * mask.itemsize else None
+
+
 def encode_mask(mask: np.ndarray, fmt: Format, palette: Sequence[int] | None = None) -> bytes:
     """Encode a 2-D uint8 or uint16 mask.
 
@@ -82,9 +110,7 @@ def _png(mask: np.ndarray, palette: Sequence[int] | None) -> bytes:
     """
     height, width = mask.shape
     depth = 8 * mask.itemsize
-    rows = np.empty((height, 1 + width * mask.itemsize), dtype=np.uint8)
-    rows[:, 0] = 0  # filter type "None" on every row
-    rows[:, 1:].view(f">u{mask.itemsize}")[:] = mask
+    rows = _scanlines(mask)
     colour_type = 3 if palette is not None and mask.dtype == np.uint8 else 0
     chunks = [_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0))]
     if colour_type == 3:
@@ -92,6 +118,19 @@ def _png(mask: np.ndarray, palette: Sequence[int] | None) -> bytes:
     chunks.append(_chunk(b"IDAT", _deflate.compress(rows, PNG_COMPRESS_LEVEL)))
     chunks.append(_chunk(b"IEND", b""))
     return _PNG_SIGNATURE + b"".join(chunks)
+
+
+def _scanlines(mask: np.ndarray) -> np.ndarray:
+    """The PNG rows of ``mask``: a filter byte 0 ("None") before each row of big-endian samples;
+    the mask's own buffer when it already is that (:func:`scanline_mask`), else a copy."""
+    found = row_buffer(mask) if mask.dtype == np.uint8 else None
+    if found is not None and found[1] == 1 and not found[0][:, 0].any():
+        return found[0]
+    height, width = mask.shape
+    rows = np.empty((height, 1 + width * mask.itemsize), dtype=np.uint8)
+    rows[:, 0] = 0  # filter type "None" on every row
+    rows[:, 1:].view(f">u{mask.itemsize}")[:] = mask
+    return rows
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -118,7 +157,7 @@ def _tif(mask: np.ndarray, palette: Sequence[int] | None) -> bytes:
     with warnings.catch_warnings(), MemoryFile() as memfile:
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with memfile.open(**profile) as dataset:
-            dataset.write(mask, 1)
+            dataset.write(np.ascontiguousarray(mask), 1)
             if palette is not None and mask.dtype == np.uint8:
                 dataset.write_colormap(
                     1, {i: tuple(palette[3 * i : 3 * i + 3]) + (255,) for i in range(256)}

@@ -160,9 +160,11 @@ def _crossing(dy, x1, y1, dx, dyy):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _burn_kernel(out, coords, ring_offsets, poly_ring_offsets, values, row_begin, row_end):
-    """Paint every polygon into out[row_begin:row_end] (rows outside are left untouched)."""
-    nrows, ncols = out.shape
+def _burn_kernel(out, coords, ring_offsets, poly_ring_offsets, values, row_begin, row_end, col0):
+    """Paint every polygon into out[row_begin:row_end, col0:] (pixel column x is out[:, col0 +
+    x]; rows and columns outside are left untouched)."""
+    nrows = out.shape[0]
+    ncols = out.shape[1] - col0
     npoly = poly_ring_offsets.shape[0] - 1
 
     # Work arrays sized for the largest polygon (edges <= vertices + one closing edge per ring).
@@ -340,7 +342,7 @@ def _burn_kernel(out, coords, ring_offsets, poly_ring_offsets, values, row_begin
                     if x1e > ncols:
                         x1e = ncols
                     if x0 < x1e:
-                        out[y, x0:x1e] = value
+                        out[y, col0 + x0 : col0 + x1e] = value
 
         for i in range(nh):
             x0 = h_a[i]
@@ -350,7 +352,7 @@ def _burn_kernel(out, coords, ring_offsets, poly_ring_offsets, values, row_begin
             if x1e > ncols:
                 x1e = ncols
             if x0 < x1e:
-                out[h_row[i], x0:x1e] = value
+                out[h_row[i], col0 + x0 : col0 + x1e] = value
     return out
 
 
@@ -378,9 +380,12 @@ def burn_polygons(
     ring_offsets: np.ndarray,
     polygon_ring_offsets: np.ndarray,
     values: np.ndarray,
+    column_offset: int = 0,
 ) -> np.ndarray:
     """Paint polygons into `out` (2-D, C-contiguous, any unsigned/signed int dtype) in order, later
-    wins.
+    wins. With ``column_offset`` k, the image is ``out[:, k:]`` (pixel column x is out[:, k + x])
+    and the first k columns are left as they are: a mask burned into a row buffer with room for
+    a prefix per row (a PNG scanline's filter byte) needs no copy to be encoded.
 
     coords: float64 (M, 2) x, y vertices in pixel space ((0,0) = top-left corner of pixel (0,0));
     rings may be closed or not. ring_offsets: int64 (R+1,) ring r =
@@ -399,6 +404,8 @@ def burn_polygons(
         raise TypeError(f"out must have an integer dtype, not {out.dtype}")
     if not (out.flags.c_contiguous and out.flags.writeable):
         raise ValueError("out must be C-contiguous and writeable")
+    if not 0 <= column_offset <= out.shape[1]:
+        raise ValueError(f"column_offset must be within 0..{out.shape[1]}, not {column_offset}")
     coords = np.ascontiguousarray(coords, dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise ValueError(f"coords must have shape (M, 2), not {coords.shape}")
@@ -410,11 +417,13 @@ def burn_polygons(
     values = np.asarray(values)
     if values.shape != (max(npoly, 0),):
         raise ValueError(f"values must have shape ({max(npoly, 0)},), not {values.shape}")
-    if npoly <= 0 or out.size == 0:
+    if npoly <= 0 or out.shape[0] == 0 or out.shape[1] == column_offset:
         return out
     values = np.ascontiguousarray(values.astype(out.dtype, copy=False))
     _check_offsets(coords.shape[0], ring_offsets, polygon_ring_offsets)
-    _burn_kernel(out, coords, ring_offsets, polygon_ring_offsets, values, 0, out.shape[0])
+    _burn_kernel(
+        out, coords, ring_offsets, polygon_ring_offsets, values, 0, out.shape[0], column_offset
+    )
     return out
 
 

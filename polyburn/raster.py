@@ -23,6 +23,7 @@ import numpy as np
 import shapely
 
 from polyburn import settings as config
+from polyburn.encode import row_buffer, scanline_mask
 from polyburn.model import Shape
 
 DrawOrder = Literal["file", "area"]
@@ -64,7 +65,7 @@ def burn(
         raise ValueError("shapes and values differ in length")
     dtype = np.dtype(dtype)
     check_values_fit(values, dtype, "burn value")
-    out = np.zeros((height, width), dtype=dtype)
+    out = scanline_mask(height, width, dtype)  # uint8: ready to be a PNG's rows, no copy
     run: list[tuple[shapely.Geometry, int]] = []
     for shape, value in zip(shapes, values, strict=True):
         if shape.geometry is not None:
@@ -93,9 +94,26 @@ def burn_geometries(
         values = np.fromiter((value for _, value in pairs), dtype=np.int64, count=len(pairs))
         coords, ring_offsets, polygon_ring_offsets = _kernel.polygons_to_arrays(polygons)
         if not _kernel.needs_reference(coords):
-            _kernel.burn_polygons(out, coords, ring_offsets, polygon_ring_offsets, values[index])
+            canvas, offset = _contiguous_canvas(out)
+            _kernel.burn_polygons(
+                canvas, coords, ring_offsets, polygon_ring_offsets, values[index], offset
+            )
+            if offset == 0 and canvas is not out:  # burned a copy: put it back
+                out[...] = canvas
             return out
-    return _rasterize(out, pairs)
+    if out.flags.c_contiguous:
+        return _rasterize(out, pairs)
+    out[...] = _rasterize(np.ascontiguousarray(out), pairs)
+    return out
+
+
+def _contiguous_canvas(out: np.ndarray) -> tuple[np.ndarray, int]:
+    """(C-contiguous array, column offset k) whose columns from k on are ``out``: out itself
+    (k = 0), the row buffer ``out`` is a view of (:func:`~polyburn.encode.scanline_mask`, k >
+    0), or else a copy of ``out`` (k = 0, not ``out``: the caller writes it back)."""
+    if out.flags.c_contiguous:
+        return out, 0
+    return row_buffer(out) or (np.ascontiguousarray(out), 0)
 
 
 def _rasterize(out: np.ndarray, pairs: Sequence[tuple[shapely.Geometry, int]]) -> np.ndarray:

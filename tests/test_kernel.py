@@ -497,8 +497,27 @@ def test_row_bands_compose_to_the_full_burn():
     full = kernel_burn(polys, values, (30, 30))
     banded = np.zeros((30, 30), np.uint8)
     for a, b in [(0, 7), (7, 8), (8, 21), (21, 30)]:
-        kernel._burn_kernel(banded, coords, rings, pro, values, a, b)
+        kernel._burn_kernel(banded, coords, rings, pro, values, a, b, 0)
     np.testing.assert_array_equal(banded, full)
+
+
+@pytest.mark.parametrize("offset", [1, 3])
+def test_column_offset_burns_the_image_beside_the_row_prefix(offset):
+    """With column_offset k the image is out[:, k:], pixel for pixel the plain burn, clipped
+    at the same edges, and the k prefix columns keep what they held."""
+    rng = np.random.default_rng(5)
+    polys = make_scene("half_grid", rng, 30, 30) + make_scene("rectilinear", rng, 30, 30)
+    polys.append(shapely.box(-5, 2, 40, 6))  # reaches past both sides
+    coords, rings, pro = kernel.polygons_to_arrays(polys)
+    values = np.arange(1, len(polys) + 1, dtype=np.uint8)
+    full = kernel_burn(polys, values, (30, 30))
+    padded = np.zeros((30, 30 + offset), np.uint8)
+    padded[:, :offset] = 77
+    kernel.burn_polygons(padded, coords, rings, pro, values, column_offset=offset)
+    np.testing.assert_array_equal(padded[:, offset:], full)
+    assert (padded[:, :offset] == 77).all()
+    with pytest.raises(ValueError, match="column_offset"):
+        kernel.burn_polygons(padded, coords, rings, pro, values, column_offset=31 + offset)
 
 
 def test_needs_reference():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from polyburn.encode import FORMATS, decode_mask, encode_mask
+from polyburn.encode import FORMATS, decode_mask, encode_mask, row_buffer, scanline_mask
 from polyburn.errors import ConfigError, ItemError
 from polyburn.keys import item_path_from_filename, safe_relpath, safe_segment
 from polyburn.labels import (
@@ -134,3 +134,22 @@ def test_semantic_png_is_palette_mode_and_instance_png_is_16_bit():
 def test_encoder_refuses_other_dtypes():
     with pytest.raises(ValueError, match="uint8 or uint16"):
         encode_mask(np.zeros((2, 2), np.int32), "png")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_mask_burned_in_its_png_rows_encodes_as_a_plain_array(fmt):
+    """A uint8 mask of scanline_mask lives beside its PNG filter bytes and is encoded without a
+    copy; the bytes are the same as for the same ids in a plain array, in every format. A
+    buffer whose prefix byte is not zero (written by hand) falls back to the copy."""
+    rng = np.random.default_rng(1)
+    mask = scanline_mask(37, 53, np.uint8)
+    mask[...] = rng.integers(0, 4, (37, 53))
+    buffer, offset = row_buffer(mask)
+    assert offset == 1 and buffer.shape == (37, 54) and not buffer[:, 0].any()
+    palette = [k % 256 for k in range(768)]
+    plain = np.ascontiguousarray(mask)
+    assert encode_mask(mask, fmt, palette) == encode_mask(plain, fmt, palette)
+    buffer[3, 0] = 9
+    assert (decode_mask(encode_mask(mask, fmt, palette), fmt) == plain).all()
+    assert row_buffer(plain) is None and row_buffer(mask[1:]) is None
+    assert scanline_mask(5, 6, np.uint16).flags.c_contiguous  # only 1-byte masks get the prefix
