@@ -6,10 +6,17 @@ trivial-flow. Used by bench/end_to_end.py so each measurement is one fresh proce
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
+import os
 import resource
+import shutil
+import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 def write_results(
@@ -18,7 +25,6 @@ def write_results(
     """Write ``bench/results/<name>.json`` (what was measured, the machine, the runs, and the
     ``summary`` when one is given)."""
     import platform
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     out = {"what": what, "machine": {"python": platform.python_version(), **machine}}
@@ -27,6 +33,52 @@ def write_results(
     results = root / f"bench/results/{name}.json"
     results.write_text(json.dumps({**out, "runs": runs}, indent=1) + "\n")
     print(f"wrote {results.relative_to(root)}")
+
+
+def scratch_folder(prefix: str, parent: str | None = None, keep: bool = False) -> Path:
+    """A fresh folder for one benchmark's exports, outputs and servers, under ``parent`` (the
+    system's temp folder when None), removed when the process exits, also by an error or a
+    Ctrl-C, unless ``keep``: a run leaves up to gigabytes behind otherwise."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    if keep:
+        atexit.register(print, f"kept {folder}")
+    else:
+        atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def filesystem_figures(folder: Path, files: int = 500) -> dict:
+    """The filesystem under ``folder`` (mount point and type, from ``/proc/mounts``) and what
+    creating one file there costs: the median microseconds, wall, of creating a temp file,
+    writing 20 kB to it and renaming it into place, as a folder destination does twice per
+    item. On a journal-less ext4 that has just deleted many files this is several times what it
+    is elsewhere (the allocator skips recently deleted inodes), enough to move a folder run."""
+    probe = Path(tempfile.mkdtemp(prefix="fs-probe-", dir=folder))
+    data = b"\0" * 20_000
+    costs = []
+    try:
+        for k in range(files):
+            started = time.perf_counter()
+            fd, temp = tempfile.mkstemp(dir=probe, suffix=".tmp")
+            os.write(fd, data)
+            os.close(fd)
+            os.replace(temp, probe / f"{k}.png")
+            costs.append(time.perf_counter() - started)
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    mount, kind = "?", "?"
+    real = os.path.realpath(folder)
+    with contextlib.suppress(OSError), open("/proc/mounts") as mounts:
+        for line in mounts:
+            _, point, fstype, *_ = line.split()
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(mount if mount != "?" else ""):
+                mount, kind = point, fstype
+    return {
+        "mount": mount,
+        "type": kind,
+        "file_create_us": round(1e6 * statistics.median(costs), 1),
+    }
 
 
 def record_dict(record) -> dict:
@@ -39,7 +91,6 @@ def run_timed(command: list[str], env: dict | None = None, **popen: object) -> d
     """Run an external command (not Python's: e.g. ``aws``) and return its exit ``code``, its
     ``wall`` seconds, its ``cpu`` seconds and its ``peak_rss_mb``, from ``wait4`` (the process
     and the children it waited for). ``popen`` goes to :class:`subprocess.Popen` (stdout...)."""
-    import os
     import subprocess
 
     started = time.perf_counter()

@@ -46,7 +46,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +54,8 @@ import shapely
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _measure import scratch_folder  # noqa: E402  (bench/ is the script's folder)
 
 from polyburn import kernel  # noqa: E402
 
@@ -161,7 +162,8 @@ def steady_malloc() -> bool:
 
 
 def import_dtlpy():
-    os.environ.setdefault("DATALOOP_PATH", tempfile.mkdtemp(prefix="dtlpy-bench-"))
+    if "DATALOOP_PATH" not in os.environ:
+        os.environ["DATALOOP_PATH"] = str(scratch_folder("dtlpy-bench-"))
     import dtlpy as dl  # noqa: PLC0415
 
     return dl

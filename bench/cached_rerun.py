@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from _measure import write_results  # noqa: E402
+from _measure import scratch_folder, write_results  # noqa: E402
 
 BATCH_SIZE = 4
 TARGET_S = 10.0
@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="polyburn-bench-prefect-"))
+    os.environ.setdefault("PREFECT_HOME", str(scratch_folder("polyburn-bench-prefect-")))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from prefect.testing.utilities import prefect_test_harness

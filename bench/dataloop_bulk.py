@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _measure import scratch_folder  # noqa: E402  (bench/ is the script's folder)
+
 from tests.support.fake_gate import FakeGate, make_fake_jwt  # noqa: E402
 from tests.support.prefect_server import start_prefect_server  # noqa: E402
 
@@ -134,7 +136,7 @@ def main() -> None:
 
     gate = FakeGate().start()
     token = gate.allow_token(make_fake_jwt())
-    work = Path(tempfile.mkdtemp(prefix="polyburn-bench-dataloop-"))
+    work = scratch_folder("polyburn-bench-dataloop-")
     try:
         server = start_prefect_server(work / "prefect-home")
     except BaseException:

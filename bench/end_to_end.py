@@ -1,4 +1,4 @@
-"""End-to-end benchmark (run by hand): ``python bench/end_to_end.py [--quick]``.
+"""End-to-end benchmark (run by hand): ``python bench/end_to_end.py [--quick] [--work-dir DIR]``.
 
 Writes bench/results/end_to_end.json and prints a table. What it measures, on generated W1-like
 items (1920x1080, 50 star polygons x 30 vertices, some with holes), semantic PNGs to a folder:
@@ -15,7 +15,11 @@ items (1920x1080, 50 star polygons x 30 vertices, some with holes), semantic PNG
   minutes, so each pair's marginal rate is divided by the loop rate measured beside it, and the
   speed-up reported is the median of those per-pair ratios (``pairs`` lists them);
 * Prefect's own fixed cost (a trivial flow in a fresh process) against polyburn's on one item;
-* scaling: 1k / 5k / 20k items — seconds per item and peak RSS must stay flat.
+* scaling: 1k / 5k / 20k items — seconds per item and peak RSS must stay flat;
+* the filesystem everything is written to, and what one new file costs there, before and after
+  the pairs (``filesystem``): each item is two new files, and on some filesystems that cost
+  moves the figures by tens of percent. The scratch folder (under ``--work-dir``, else the temp
+  folder) is removed at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _measure import record_dict  # noqa: E402
+from _measure import filesystem_figures, record_dict, scratch_folder  # noqa: E402
 
 from tests.support.generate import write_export  # noqa: E402
 from tests.support.prefect_server import start_prefect_server  # noqa: E402
@@ -105,7 +109,7 @@ def core_path(source: Path, dest: Path, workers: int = 2) -> float:
 
 def dataloop_documented(source: Path, dest: Path, limit: int) -> float:
     """Items/s of the Dataloop-documented loop writing palette PNGs (the baseline)."""
-    os.environ.setdefault("DATALOOP_PATH", tempfile.mkdtemp())
+    os.environ.setdefault("DATALOOP_PATH", str(dest.parent / "dtlpy-home"))
     import dtlpy as dl
     from PIL import Image
 
@@ -143,13 +147,24 @@ def main() -> None:
     parser.add_argument("--loop-items", type=int, default=100, help="items of each loop run")
     parser.add_argument("--name", default="end_to_end", help="bench/results/<name>.json")
     parser.add_argument("--quick", action="store_true", help="100/400 items, no scaling")
+    parser.add_argument(
+        "--work-dir", help="where the run's scratch folder goes (default: the temp folder)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = parser.parse_args()
     if args.quick:
         args.small, args.large, args.scaling, args.repeats = 100, 400, "", 1
     scaling = [int(n) for n in args.scaling.split(",") if n]
-    biggest = max([args.large, *scaling])
+    work = scratch_folder("polyburn-bench-", args.work_dir, args.keep)
+    results = measure_all(args, scaling, work)
+    target = RESULTS / f"{args.name}.json"
+    target.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
 
-    work = Path(tempfile.mkdtemp(prefix="polyburn-bench-"))
+
+def measure_all(args: argparse.Namespace, scaling: list[int], work: Path) -> dict:
+    """Every figure of the benchmark, measured in ``work`` (see the module's docstring)."""
+    biggest = max([args.large, *scaling])
     print(f"generating {biggest} items in {work} ...", flush=True)
     everything = write_export(work / "all", biggest, seed=42)
     labels = work / "labels.json"
@@ -157,6 +172,8 @@ def main() -> None:
     server = start_prefect_server(work / "prefect-home")
     env = server.client_env({"PREFECT_LOGGING_LEVEL": "WARNING"})
     results: dict = {"items": {}, "machine": os.cpu_count()}
+    # Every item is two new files: what the filesystem charges for one is part of the figures.
+    results["filesystem"] = {"before": filesystem_figures(work)}
     try:
         one = export_of(work, everything, 1)
         polyburn_run(env, one, work / "warm", labels)  # numba cache, server warm-up
@@ -187,6 +204,7 @@ def main() -> None:
                 }
             )
             print(f"pair {k}: {pairs[-1]}", flush=True)
+        results["filesystem"]["after_pairs"] = filesystem_figures(work)
         for n in scaling:
             if n not in runs:
                 runs[n] = [
@@ -217,9 +235,7 @@ def main() -> None:
         }
     finally:
         server.stop()
-    target = RESULTS / f"{args.name}.json"
-    target.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    return results
 
 
 def _size_figures(n: int, runs: list[dict]) -> dict:

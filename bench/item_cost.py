@@ -42,12 +42,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
-from _measure import record_dict  # bench/ is the script's folder, first on sys.path
+from _measure import record_dict, scratch_folder  # bench/ is the script's folder, first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -270,7 +269,7 @@ def main() -> None:
 
     import polyburn
 
-    work = Path(tempfile.mkdtemp(prefix="polyburn-item-cost-"))
+    work = scratch_folder("polyburn-item-cost-")
     export = _generator().write_export(work / "export", args.items, seed=42)
     print(f"polyburn from {Path(polyburn.__file__).parent}; {args.items} items in {work}")
 

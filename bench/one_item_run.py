@@ -24,13 +24,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from _measure import scratch_folder  # noqa: E402
 from end_to_end import measure  # noqa: E402
 
 from tests.support.generate import write_export  # noqa: E402
@@ -132,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = sorted(int(n) for n in args.sizes.split(","))
     kinds = args.kinds.split(",")
-    work = Path(tempfile.mkdtemp(prefix="polyburn-bench-one-"))
+    work = scratch_folder("polyburn-bench-one-")
     export = write_export(work / "export", SEED_ITEMS, seed=7, **ITEM)
     server = start_prefect_server(work / "prefect-home")
     env = server.client_env({"PREFECT_LOGGING_LEVEL": "WARNING"})

@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _measure import write_results  # noqa: E402
+from _measure import scratch_folder, write_results  # noqa: E402
 
 from polyburn.destinations import s3 as current_s3  # noqa: E402
 from tests.support.weed import WeedServer  # noqa: E402
@@ -108,7 +108,7 @@ def load_baseline(ref: str) -> Any:
     PUT path of ``ref`` (``s3_put.py``, when ``ref`` has it) loaded the same way and imported by
     it; its imports of the rest of polyburn resolve to the working tree's, whose interfaces it
     uses."""
-    folder = Path(tempfile.mkdtemp(prefix="polyburn-s3-baseline-"))
+    folder = scratch_folder("polyburn-s3-baseline-")
 
     def load(name: str, source: str) -> Any:
         path = folder / f"{name}.py"

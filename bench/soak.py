@@ -12,12 +12,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _measure import scratch_folder  # noqa: E402  (bench/ is the script's folder)
 
 from tests.support.fault_proxy import FaultProxy  # noqa: E402
 from tests.support.generate import write_export  # noqa: E402
@@ -36,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--items", type=int, default=20_000)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="polyburn-soak-"))
+    work = scratch_folder("polyburn-soak-")
     os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
     os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

@@ -26,7 +26,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -35,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _measure import scratch_folder  # noqa: E402  (bench/ is the script's folder)
 
 from tests.support.prefect_server import free_port, start_prefect_server, stop_process  # noqa: E402
 from tests.support.processes import start_process, wait_healthy  # noqa: E402
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="polyburn-bench-webhook-"))
+    work = scratch_folder("polyburn-bench-webhook-")
     secret = uuid.uuid4().hex + uuid.uuid4().hex  # this run's only; never printed
 
     receivers = {"polyburn events (uvicorn/Starlette)": current_command}

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
+
+def _private_home(variable: str, prefix: str) -> None:
+    """Point ``variable`` at a fresh temp folder removed when the session ends, unless the
+    environment already sets it."""
+    if variable not in os.environ:
+        os.environ[variable] = folder = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, folder, True)
+
+
 # Keep Prefect's and dtlpy's state out of the user's home, before either is imported.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="polyburn-prefect-"))
-os.environ.setdefault("DATALOOP_PATH", tempfile.mkdtemp(prefix="polyburn-dtlpy-"))
+_private_home("PREFECT_HOME", "polyburn-prefect-")
+_private_home("DATALOOP_PATH", "polyburn-dtlpy-")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("POLYBURN_ITEM_RETRY_DELAY", "0.01")  # item-level retries, without waits
