@@ -11,9 +11,10 @@ items (1920x1080, 50 star polygons x 30 vertices, some with holes), semantic PNG
   ``polyburn run``'s marginal wall time not explained by the core's;
 * the Dataloop-documented loop (``dl.Segmentation.from_polygon`` per annotation + ``np.where``
   into the canvas, the loop bug fixed) writing the same palette PNGs with PIL, on ``--loop-items``
-  items right after each pair of runs: this machine's speed drifts by tens of percent over
-  minutes, so each pair's marginal rate is divided by the loop rate measured beside it, and the
-  speed-up reported is the median of those per-pair ratios (``pairs`` lists them);
+  items right before and right after each pair of runs: this machine's speed drifts by tens of
+  percent over minutes, so each pair's marginal rate is divided by the mean of the two loop
+  rates around it, and the speed-up reported is the median of those per-pair ratios (``pairs``
+  lists them);
 * Prefect's own fixed cost (a trivial flow in a fresh process) against polyburn's on one item;
 * scaling: 1k / 5k / 20k items — seconds per item and peak RSS must stay flat;
 * the filesystem everything is written to, and what one new file costs there, before and after
@@ -190,19 +191,25 @@ def measure_all(args: argparse.Namespace, scaling: list[int], work: Path) -> dic
         large_source = export_of(work, everything, args.large)
         runs: dict[int, list[dict]] = {args.small: [], args.large: []}
         pairs = []
+        loop_before = dataloop_documented(small_source, work / "baseline-0", args.loop_items)
         for k in range(args.repeats):
             for n, source in ((args.small, small_source), (args.large, large_source)):
                 runs[n].append(polyburn_run(env, source, work / f"out-{n}-{k}", labels))
             small_wall, large_wall = runs[args.small][-1]["wall"], runs[args.large][-1]["wall"]
             marginal = (args.large - args.small) / (large_wall - small_wall)
-            loop = dataloop_documented(small_source, work / f"baseline-{k}", args.loop_items)
+            loop_after = dataloop_documented(
+                small_source, work / f"baseline-{k + 1}", args.loop_items
+            )
+            loop = statistics.fmean((loop_before, loop_after))
             pairs.append(
                 {
                     "marginal_items_per_s": marginal,
                     "dataloop_documented_items_per_s": loop,
+                    "loop_before_and_after": [loop_before, loop_after],
                     "speedup": marginal / loop,
                 }
             )
+            loop_before = loop_after
             print(f"pair {k}: {pairs[-1]}", flush=True)
         results["filesystem"]["after_pairs"] = filesystem_figures(work)
         for n in scaling:
