@@ -51,8 +51,8 @@ def filesystem_figures(folder: Path, files: int = 500) -> dict:
     """The filesystem under ``folder`` (mount point and type, from ``/proc/mounts``) and what
     creating one file there costs: the median microseconds, wall, of creating a temp file,
     writing 20 kB to it and renaming it into place, as a folder destination does twice per
-    item. On a journal-less ext4 that has just deleted many files this is several times what it
-    is elsewhere (the allocator skips recently deleted inodes), enough to move a folder run."""
+    item. Where many files were just deleted it can be ten times what it is elsewhere (on this
+    VM's ext4, the inode allocator skips recently deleted inodes), enough to move a folder run."""
     probe = Path(tempfile.mkdtemp(prefix="fs-probe-", dir=folder))
     data = b"\0" * 20_000
     costs = []
@@ -66,16 +66,15 @@ def filesystem_figures(folder: Path, files: int = 500) -> dict:
             costs.append(time.perf_counter() - started)
     finally:
         shutil.rmtree(probe, ignore_errors=True)
-    mount, kind = "?", "?"
+    mount, kind = "", "?"  # the longest mount point holding the folder
     real = os.path.realpath(folder)
     with contextlib.suppress(OSError), open("/proc/mounts") as mounts:
         for line in mounts:
             _, point, fstype, *_ = line.split()
-            inside = real == point or real.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(mount if mount != "?" else ""):
+            if os.path.commonpath([real, point]) == point and len(point) >= len(mount):
                 mount, kind = point, fstype
     return {
-        "mount": mount,
+        "mount": mount or "?",
         "type": kind,
         "file_create_us": round(1e6 * statistics.median(costs), 1),
     }
