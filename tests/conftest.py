@@ -7,18 +7,12 @@ import os
 import shutil
 import tempfile
 
-
-def _private_home(variable: str, prefix: str) -> None:
-    """Point ``variable`` at a fresh temp folder removed when the session ends, unless the
-    environment already sets it."""
-    if variable not in os.environ:
-        os.environ[variable] = folder = tempfile.mkdtemp(prefix=prefix)
-        atexit.register(shutil.rmtree, folder, True)
-
-
-# Keep Prefect's and dtlpy's state out of the user's home, before either is imported.
-_private_home("PREFECT_HOME", "polyburn-prefect-")
-_private_home("DATALOOP_PATH", "polyburn-dtlpy-")
+# Keep Prefect's state out of the user's home, before Prefect is imported, and remove it when
+# the session ends. dtlpy's (DATALOOP_PATH) is isolated the same way by
+# tests.support.dataloop_client, imported below before anything imports dtlpy.
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = _PREFECT_HOME = tempfile.mkdtemp(prefix="polyburn-prefect-")
+    atexit.register(shutil.rmtree, _PREFECT_HOME, True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("POLYBURN_ITEM_RETRY_DELAY", "0.01")  # item-level retries, without waits

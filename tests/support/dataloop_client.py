@@ -5,9 +5,9 @@ environments and plaintext tokens, ``calls_counter.json`` and a DEBUG file log a
 default ``~/.dataloop``). :func:`isolate_dtlpy_home` therefore sets ``DATALOOP_PATH`` to a private
 temp dir and must run BEFORE the first ``import dtlpy`` anywhere in the process. It is called when
 this module is imported (so ``from tests.support.gate_fixtures import *`` in the root conftest is
-early enough). A ``DATALOOP_PATH`` already pointing into the temp dir (the root conftest sets one)
-is kept; anything else is replaced, and if dtlpy was imported too early it raises, so tests never
-write fake environments or tokens into a developer's real cookie.
+early enough). A ``DATALOOP_PATH`` already pointing into the temp dir is kept; anything else is
+replaced (the one made here is removed at exit), and if dtlpy was imported too early it raises,
+so tests never write fake environments or tokens into a developer's real cookie.
 
 dtlpy also installs DEBUG-level handlers on the ``"dtlpy"`` logger and leaves propagation on; we
 turn propagation off so pytest/Prefect root handlers do not print every COOKIE.read line.
@@ -36,10 +36,11 @@ _ISOLATED_ENV = "POLYBURN_TEST_DATALOOP_PATH"  # marks a DATALOOP_PATH we create
 def isolate_dtlpy_home() -> str:
     """Give dtlpy a private ``DATALOOP_PATH`` and return it. Idempotent.
 
-    An existing ``DATALOOP_PATH`` is kept only when it lies under the temp dir (e.g. set by the
-    root conftest); anything else (unset, ``~/.dataloop``, a developer's custom location) is
-    replaced by a fresh temp dir removed at exit. Must run before dtlpy is imported; if dtlpy is
-    already imported with a non-temp home, raises RuntimeError instead of touching real state.
+    An existing ``DATALOOP_PATH`` is kept only when it lies under the temp dir (e.g. one made
+    here, inherited by a child process); anything else (unset, ``~/.dataloop``, a developer's
+    custom location) is replaced by a fresh temp dir removed at exit. Must run before dtlpy is
+    imported; if dtlpy is already imported with a non-temp home, raises RuntimeError instead of
+    touching real state.
     """
     current = os.environ.get("DATALOOP_PATH")
     if current and (os.environ.get(_ISOLATED_ENV) == current or _under_tmp(current)):
